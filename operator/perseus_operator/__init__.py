@@ -1,0 +1,1 @@
+"""Perseus operator: EnergyPolicy reconciliation, the planner and the `perseus` CLI."""

@@ -1,0 +1,1 @@
+"""Subcommands of the `perseus` CLI, one module each."""

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Static checks: ruff (lint + format), mypy strict, import contracts. Assumes scripts/setup.sh ran.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=$PWD/.venv/bin:$PATH
+echo "==> ruff"; ruff check . && ruff format --check .
+echo "==> mypy --strict"; mypy operator/perseus_operator sidecar/perseus_sidecar profiles/perseus_profiles tests bench
+echo "==> import contracts"; lint-imports

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs the project with everything the demo and the tests need.
+# Usage: scripts/setup.sh            -> .venv with the project, dev tools and PyTorch (CPU build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.perseus-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "==> installing perseus-k8s and its dev dependencies into .venv (first time: a few minutes)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev,plot,torch]'
+  touch "$stamp"
+fi

@@ -1,0 +1,1 @@
+"""Perseus node agent: locks GPU clocks per instruction, measures energy, reports timings."""
