@@ -30,10 +30,14 @@ class Example:
         return parse_profile_csv(self.csv_text())
 
 
+A100 = "A100 80G SXM"
+
 EXAMPLES: dict[str, Example] = {
     e.name: e
     for e in (
-        Example("gpt3-175b-a100", "GPT-3 175B", "A100 80G SXM", "gpt3-175b+a100_sxm_bf16.csv", 83.64),
+        Example(
+            "gpt3-175b-a100", "GPT-3 175B", "A100 80G SXM", "gpt3-175b+a100_sxm_bf16.csv", 83.64
+        ),
         Example("bloom-176b-a100", "BLOOM 176B", "A100 80G SXM", "bloom+a100_sxm_bf16.csv", 83.64),
         Example("gpt3-175b-a40", "GPT-3 175B", "A40", "gpt3-175b+a40_bf16.csv", 70.38),
         Example("bloom-176b-a40", "BLOOM 176B", "A40", "bloom+a40_bf16.csv", 70.38),

@@ -36,7 +36,7 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Measurement:
-    """One profiled option: running the instruction at `frequency_mhz` takes `time_s`, `energy_j`."""
+    """One profiled option: at `frequency_mhz` the instruction takes `time_s` and `energy_j`."""
 
     frequency_mhz: int
     time_s: float
@@ -73,9 +73,7 @@ class StageProfile:
         for m in self.instruction_options(stage, instruction):
             if m.frequency_mhz == frequency_mhz:
                 return m
-        raise ProfileError(
-            f"stage {stage} {instruction} has no measurement at {frequency_mhz} MHz"
-        )
+        raise ProfileError(f"stage {stage} {instruction} has no measurement at {frequency_mhz} MHz")
 
     def select_stages(self, stages: Sequence[int]) -> StageProfile:
         """A profile of the given stages, renumbered 0..len-1 (e.g. (0, 1, 2, 7) -> 4 stages)."""
@@ -157,12 +155,11 @@ def _parse_rows(rows: Iterable[dict[str, str | None]]) -> StageProfile:
             raise ProfileError(f"{where}: frequency must be a positive integer MHz, got {freq_f}")
         m = Measurement(int(freq_f), time_s, energy_j)
         _check_measurement(m, f"{where} (stage {stage} {instr} at {m.frequency_mhz} MHz)")
-        key = (stage, INSTRUCTIONS.index(instr), m.frequency_mhz)  # type: ignore[arg-type]
+        key = (stage, INSTRUCTIONS.index(instr), m.frequency_mhz)
         previous = seen.get(key)
         if previous is not None and previous != m:
             raise ProfileError(
-                f"{where}: conflicting duplicate for stage {stage} {instr} at "
-                f"{m.frequency_mhz} MHz"
+                f"{where}: conflicting duplicate for stage {stage} {instr} at {m.frequency_mhz} MHz"
             )
         seen[key] = m
     if not seen:
