@@ -1,0 +1,257 @@
+"""EnergyPolicy spec and status: the source of truth for the CRD schema (`crd.py` renders it).
+
+Field limits here become the OpenAPI schema's ranges, enums and required lists, so the API server
+rejects most bad specs by itself. Rules a 1.20 structural schema cannot say (no CEL) live in
+:func:`cross_field_errors` and surface as a Failed condition with reason Invalid.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "Condition",
+    "EnergyPolicySpec",
+    "EnergyPolicyStatus",
+    "FrequencyRange",
+    "FrontierSummary",
+    "ImportProfile",
+    "LabelSelector",
+    "Measure",
+    "Mode",
+    "Phase",
+    "Pipeline",
+    "ProfileSource",
+    "SpecError",
+    "StragglerStatus",
+    "Stragglers",
+    "cross_field_errors",
+    "parse_spec",
+]
+
+GROUP = "perseus.dev"
+VERSION = "v1alpha1"
+KIND = "EnergyPolicy"
+PLURAL = "energypolicies"
+
+Mode = Literal["Optimize", "Observe"]
+Phase = Literal["Pending", "Profiling", "Planning", "Optimizing", "Degraded", "Completed", "Failed"]
+PHASES: tuple[str, ...] = (
+    "Pending",
+    "Profiling",
+    "Planning",
+    "Optimizing",
+    "Degraded",
+    "Completed",
+    "Failed",
+)
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+CONFIGMAP_KEY = r"^[-._a-zA-Z0-9]+$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, frozen=True, extra="forbid"
+    )
+
+
+class LabelSelector(_Model):
+    """Labels every pod of the training job carries (all must match)."""
+
+    match_labels: dict[str, str] = Field(min_length=1)
+
+    def as_query(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(self.match_labels.items()))
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels.items())
+
+
+class Pipeline(_Model):
+    """The job's shape: stages x dataParallel pipelines, each stage on tensorParallel GPUs."""
+
+    stages: int = Field(ge=1, le=256)
+    microbatches: int = Field(ge=1, le=4096)
+    schedule: Literal["1f1b"] = "1f1b"
+    data_parallel: int = Field(default=1, ge=1, le=4096)
+    tensor_parallel: int = Field(default=1, ge=1, le=64)
+
+    @property
+    def ranks(self) -> int:
+        return self.stages * self.data_parallel * self.tensor_parallel
+
+
+class FrequencyRange(_Model):
+    """SM clocks to profile: every supported clock in [minMHz, maxMHz], at least stepMHz apart."""
+
+    min_mhz: int = Field(alias="minMHz", ge=1, le=10000)
+    max_mhz: int = Field(alias="maxMHz", ge=1, le=10000)
+    step_mhz: int = Field(default=15, alias="stepMHz", ge=1, le=10000)
+
+
+class Measure(_Model):
+    """Profile through the sidecars: sweep clocks downwards from the maximum."""
+
+    frequencies: FrequencyRange | None = None
+    iterations_per_frequency: int = Field(default=3, ge=1, le=100)
+    early_stop_after: int = Field(
+        default=3,
+        ge=1,
+        le=50,
+        description="stop the sweep once energy rose at this many lower clocks in a row",
+    )
+
+
+class ImportProfile(_Model):
+    """A stage-profile CSV stored in a ConfigMap of the policy's namespace."""
+
+    config_map: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)
+    key: str = Field(default="profile.csv", min_length=1, max_length=253, pattern=CONFIGMAP_KEY)
+
+
+class ProfileSource(_Model):
+    """Exactly one of measure or import."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["measure"]}, {"required": ["import"]}]}
+    )
+
+    measure: Measure | None = None
+    import_: ImportProfile | None = Field(default=None, alias="import")
+
+
+class Stragglers(_Model):
+    """Straggler handling: a pipeline whose stage-0 span exceeds its plan's prediction by
+    `threshold` (a fraction) for `iterations` iterations in a row is a straggler."""
+
+    enabled: bool = True
+    threshold: float = Field(default=0.05, gt=0, le=1)
+    iterations: int = Field(default=3, ge=1, le=100)
+
+
+class EnergyPolicySpec(_Model):
+    """What to optimise and how."""
+
+    selector: LabelSelector
+    pipeline: Pipeline
+    mode: Mode = "Optimize"
+    suspend: bool = False
+    profile_key: str = Field(
+        default="default",
+        min_length=1,
+        max_length=63,
+        pattern=DNS_SUBDOMAIN,
+        description="names what makes a profile reusable (model, microbatch size, sequence length)",
+    )
+    profile: ProfileSource
+    blocking_power_w: float = Field(
+        alias="blockingPowerW", gt=0, le=2000, description="GPU power while waiting, watts"
+    )
+    stragglers: Stragglers = Stragglers()
+    max_slowdown: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="deliberate slowdown allowed with no straggler, as a fraction of all-max time",
+    )
+
+
+class SpecError(ValueError):
+    """A spec the operator cannot act on; the message is one line for the Invalid condition."""
+
+
+def parse_spec(raw: Any) -> EnergyPolicySpec:
+    """Validate a spec as read from the API server, as one readable line on failure."""
+    try:
+        spec = EnergyPolicySpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise SpecError(f"spec.{where}: {first['msg']}{more}") from None
+    errors = cross_field_errors(spec)
+    if errors:
+        raise SpecError("; ".join(errors))
+    return spec
+
+
+def cross_field_errors(spec: EnergyPolicySpec) -> list[str]:
+    """Rules spanning several fields, which a 1.20 structural schema cannot express."""
+    errors: list[str] = []
+    source = spec.profile
+    if (source.measure is None) == (source.import_ is None):
+        errors.append("spec.profile: set exactly one of measure or import")
+    if source.measure is not None and source.measure.frequencies is not None:
+        rng = source.measure.frequencies
+        if rng.min_mhz > rng.max_mhz:
+            errors.append(
+                f"spec.profile.measure.frequencies: minMHz ({rng.min_mhz}) exceeds"
+                f" maxMHz ({rng.max_mhz})"
+            )
+    return errors
+
+
+class Condition(_Model):
+    """A standard Kubernetes condition."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    type: Literal["Ready", "Profiled", "Planned", "ScheduleApplied"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(min_length=1)
+    message: str = ""
+    observed_generation: int | None = None
+    last_transition_time: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}
+    )
+
+
+class FrontierSummary(_Model):
+    """A few points of the planner's frontier: never the whole frontier (etcd size limits)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    plans: int
+    min_iteration_time_seconds: float
+    energy_at_min_time_joules: float
+    min_energy_iteration_time_seconds: float
+    min_energy_joules: float
+    baseline_iteration_time_seconds: float
+    baseline_energy_joules: float
+
+
+class StragglerStatus(_Model):
+    """The straggler being followed, if any: its pipeline (data rank) and pace."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    detected: bool
+    data_rank: int | None = None
+    iteration_time_seconds: float | None = None
+    slowdown_percent: float | None = None
+    since: str | None = None
+
+
+class EnergyPolicyStatus(_Model):
+    """What the operator observed and did; small by design."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    phase: Phase | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = []
+    expected_ranks: int | None = None
+    registered_ranks: int | None = None
+    profile_config_map: str | None = None
+    frontier: FrontierSummary | None = None
+    iteration_time_seconds: float | None = None
+    predicted_saving_percent: float | None = None
+    measured_saving_percent: float | None = None
+    straggler: StragglerStatus | None = None

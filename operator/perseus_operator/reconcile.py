@@ -1,0 +1,483 @@
+"""Pure reconcile logic: what the operator observed -> what it must do, and the status to write.
+
+No I/O here. The controller (`controller.py`) gathers an :class:`Observed` snapshot (pods, the
+sidecars of their nodes, the profile, the chosen plans, energy figures), calls :func:`decide`,
+executes the returned actions and writes the status. Conditions, phases and events are computed
+here, so every transition is unit-tested without a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from perseus_operator.model import EnergyPolicySpec, Phase
+
+__all__ = [
+    "Announce",
+    "ApplySchedule",
+    "CondSpec",
+    "Decision",
+    "Entry",
+    "EventSpec",
+    "FrontierView",
+    "NodeView",
+    "Observed",
+    "PlanView",
+    "PodView",
+    "ProfileView",
+    "RankView",
+    "RemoveSchedule",
+    "decide",
+    "events_between",
+    "merge_conditions",
+    "saving_percent",
+]
+
+CONDITION_TYPES = ("Ready", "Profiled", "Planned", "ScheduleApplied")
+Status = Literal["True", "False", "Unknown"]
+C = tuple[Status, str, str]
+"""A condition's (status, reason, message)."""
+UNKNOWN: C = ("Unknown", "NotYet", "")
+TERMINAL_POD_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    uid: str
+    phase: str
+    pod_ip: str | None
+    host_ip: str | None
+    node_name: str | None
+    host_network: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.phase == "Running" and bool(self.pod_ip) and bool(self.node_name)
+
+
+@dataclass(frozen=True)
+class RankView:
+    data_rank: int
+    pipeline_rank: int
+    tensor_rank: int
+    pod: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stage of one pipeline: instruction order and clocks, as pushed to a sidecar."""
+
+    data_rank: int
+    pipeline_rank: int
+    order: tuple[str, ...]
+    frequencies_mhz: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node hosting running pods of the job, seen through its sidecar."""
+
+    has_sidecar: bool
+    reachable: bool = False
+    announced_pods: frozenset[str] = frozenset()
+    ranks: tuple[RankView, ...] = ()
+    entries: frozenset[Entry] = frozenset()
+    unreachable_reason: str = ""
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    state: Literal["ready", "measuring", "missing", "invalid"]
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """A plan for one pipeline (one GPU per stage, as profiled)."""
+
+    iteration_time_s: float
+    energy_j: float
+    order: tuple[tuple[str, ...], ...]
+    frequencies_mhz: tuple[tuple[int, ...], ...]
+    stage0_span_s: float
+
+
+@dataclass(frozen=True)
+class FrontierView:
+    plans: int
+    min_time_s: float
+    energy_at_min_time_j: float
+    min_energy_time_s: float
+    min_energy_j: float
+    baseline_time_s: float
+    baseline_energy_j: float
+
+
+@dataclass(frozen=True)
+class Observed:
+    generation: int
+    spec: EnergyPolicySpec | None
+    spec_error: str | None = None
+    conflict_with: str | None = None
+    pods: tuple[PodView, ...] = ()
+    had_pods: bool = False
+    nodes: Mapping[str, NodeView] = field(default_factory=dict)
+    profile: ProfileView = ProfileView("missing")
+    frontier: FrontierView | None = None
+    plan: PlanView | None = None
+    """The plan with no straggler (the straggler itself keeps running it)."""
+    straggler: int | None = None
+    straggler_plan: PlanView | None = None
+    """The plan for the others at the straggler's pace."""
+    straggler_pace_s: float | None = None
+    baseline_ready: bool = False
+    measured_saving_percent: float | None = None
+    was_optimizing: bool = False
+
+
+@dataclass(frozen=True)
+class Announce:
+    node: str
+    pods: tuple[PodView, ...]
+
+
+@dataclass(frozen=True)
+class ApplySchedule:
+    node: str
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
+class RemoveSchedule:
+    node: str
+
+
+Action = Announce | ApplySchedule | RemoveSchedule
+
+
+@dataclass(frozen=True)
+class CondSpec:
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    phase: Phase
+    conditions: tuple[CondSpec, ...]
+    actions: tuple[Action, ...]
+    status: Mapping[str, Any]
+    """Status fields besides phase/conditions (camelCase, None = remove)."""
+    optimizing: bool
+
+
+def _conds(ready: C, profiled: C, planned: C, applied: C) -> tuple[CondSpec, ...]:
+    both = zip(CONDITION_TYPES, (ready, profiled, planned, applied), strict=True)
+    return tuple(CondSpec(name, st, reason, msg) for name, (st, reason, msg) in both)
+
+
+def _remove_everywhere(obs: Observed) -> tuple[Action, ...]:
+    nodes = sorted(obs.nodes.items())
+    return tuple(RemoveSchedule(n) for n, v in nodes if v.reachable and v.entries)
+
+
+def _stopped(
+    obs: Observed, phase: Phase, reason: str, msg: str, status: Mapping[str, Any]
+) -> Decision:
+    """A policy that must not lock anything: every schedule it set goes."""
+    failed: C = ("False", reason, msg)
+    conds = _conds(failed, UNKNOWN, UNKNOWN, failed)
+    return Decision(phase, conds, _remove_everywhere(obs), status, optimizing=False)
+
+
+def saving_percent(energy_j: float, baseline_j: float) -> float:
+    return round(100.0 * (1.0 - energy_j / baseline_j), 2)
+
+
+def predicted_saving_percent(
+    plan: PlanView, frontier: FrontierView, blocking_power_w: float, stages: int, pace_s: float
+) -> float:
+    """Saving of one pipeline against all-max clocks over a common horizon: the straggler's pace,
+    or the plan's own time with none. Both sides pay blocking power while waiting up to it."""
+    horizon = max(pace_s, plan.iteration_time_s, frontier.baseline_time_s)
+    energy = plan.energy_j + blocking_power_w * stages * (horizon - plan.iteration_time_s)
+    base = frontier.baseline_energy_j + blocking_power_w * stages * (
+        horizon - frontier.baseline_time_s
+    )
+    return saving_percent(energy, base)
+
+
+def desired_entries(obs: Observed, ranks: Sequence[RankView]) -> frozenset[Entry]:
+    """Schedule entries for the (pipeline, stage) pairs of `ranks`, from the plan each pipeline
+    follows: the straggler's pace plan for every pipeline but the straggler."""
+    assert obs.plan is not None
+    out = set()
+    for r in ranks:
+        plan = obs.plan
+        follows_straggler = obs.straggler is not None and r.data_rank != obs.straggler
+        if follows_straggler and obs.straggler_plan is not None:
+            plan = obs.straggler_plan
+        if r.pipeline_rank >= len(plan.order):
+            continue
+        out.add(
+            Entry(
+                r.data_rank,
+                r.pipeline_rank,
+                plan.order[r.pipeline_rank],
+                plan.frequencies_mhz[r.pipeline_rank],
+            )
+        )
+    return frozenset(out)
+
+
+def decide(obs: Observed) -> Decision:
+    """The phase, conditions, actions and status fields for one observation."""
+    if obs.spec is None:
+        return _stopped(obs, "Failed", "Invalid", obs.spec_error or "spec is invalid", {})
+    spec = obs.spec
+    if obs.conflict_with is not None:
+        msg = f"its pods are already managed by EnergyPolicy {obs.conflict_with}"
+        return _stopped(obs, "Failed", "Conflict", msg, {})
+    expected = spec.pipeline.ranks
+    base_status: dict[str, Any] = {"expectedRanks": expected}
+    if spec.suspend:
+        msg = "spec.suspend is true: no clock is locked"
+        return _stopped(obs, "Pending", "Suspended", msg, base_status)
+    running = tuple(p for p in obs.pods if p.running)
+    if not running:
+        finished = bool(obs.pods) and all(p.phase in TERMINAL_POD_PHASES for p in obs.pods)
+        if finished or (obs.had_pods and not obs.pods):
+            msg = "the job's pods finished; clocks reset"
+            return _stopped(obs, "Completed", "JobFinished", msg, base_status)
+        msg = f"no running pod matches selector {spec.selector.as_query()}"
+        return _stopped(obs, "Pending", "NoPods", msg, base_status)
+
+    actions: list[Action] = []
+    by_node: dict[str, list[PodView]] = {}
+    for p in running:
+        by_node.setdefault(p.node_name or "", []).append(p)
+    missing = sorted(n for n in by_node if not obs.nodes.get(n, NodeView(False)).has_sidecar)
+    unreachable = sorted(n for n in by_node if n not in missing and not obs.nodes[n].reachable)
+    for node, pods in sorted(by_node.items()):
+        view = obs.nodes.get(node)
+        if view is None or not view.reachable:
+            continue
+        if view.announced_pods != frozenset(p.name for p in pods):
+            actions.append(Announce(node, tuple(sorted(pods, key=lambda p: p.name))))
+    ranks = [r for n in sorted(by_node) if n in obs.nodes for r in obs.nodes[n].ranks]
+    registered = len({(r.data_rank, r.pipeline_rank, r.tensor_rank) for r in ranks})
+    base_status["registeredRanks"] = registered
+
+    degraded_msg = ""
+    if missing:
+        degraded_msg = f"no sidecar on node(s) {', '.join(missing)}"
+    elif unreachable:
+        reasons = "; ".join(f"{n}: {obs.nodes[n].unreachable_reason}" for n in unreachable)
+        degraded_msg = f"sidecar unreachable on node(s) {reasons}"
+
+    profiled: C
+    if obs.profile.state == "ready":
+        profiled = ("True", "ProfileReady", obs.profile.message)
+    elif obs.profile.state == "invalid":
+        bad: C = ("False", "ProfileInvalid", obs.profile.message)
+        return Decision(
+            "Failed",
+            _conds(bad, bad, UNKNOWN, bad),
+            tuple(actions) + _remove_everywhere(obs),
+            base_status,
+            optimizing=False,
+        )
+    elif obs.profile.state == "measuring":
+        profiled = ("False", "Profiling", obs.profile.message)
+    else:
+        profiled = ("False", "WaitingForProfile", obs.profile.message)
+
+    def waiting(phase: Phase, reason: str, msg: str, planned: C) -> Decision:
+        if degraded_msg and obs.was_optimizing:
+            phase, reason, msg = "Degraded", "SidecarUnavailable", degraded_msg
+        return Decision(
+            phase,
+            _conds(("False", reason, msg), profiled, planned, ("False", reason, msg)),
+            tuple(actions),
+            base_status,
+            optimizing=False,
+        )
+
+    if degraded_msg and not obs.was_optimizing:
+        return waiting("Pending", "WaitingForSidecars", degraded_msg, UNKNOWN)
+    if registered < expected and not obs.was_optimizing:
+        msg = f"{registered} of {expected} ranks registered with their sidecars"
+        return waiting("Pending", "WaitingForRanks", msg, UNKNOWN)
+    if obs.profile.state != "ready":
+        return waiting("Profiling", profiled[1], obs.profile.message, UNKNOWN)
+    if obs.frontier is None or obs.plan is None:
+        return waiting("Planning", "Planning", "computing the frontier", ("False", "Planning", ""))
+
+    frontier, plan = obs.frontier, obs.plan
+    stages = spec.pipeline.stages
+    pace = obs.straggler_pace_s if obs.straggler is not None else plan.iteration_time_s
+    follow = obs.straggler_plan if obs.straggler is not None and obs.straggler_plan else plan
+    predicted = predicted_saving_percent(
+        follow, frontier, spec.blocking_power_w, stages, pace or 0.0
+    )
+    status: dict[str, Any] = {
+        **base_status,
+        "frontier": {
+            "plans": frontier.plans,
+            "minIterationTimeSeconds": round(frontier.min_time_s, 4),
+            "energyAtMinTimeJoules": round(frontier.energy_at_min_time_j, 1),
+            "minEnergyIterationTimeSeconds": round(frontier.min_energy_time_s, 4),
+            "minEnergyJoules": round(frontier.min_energy_j, 1),
+            "baselineIterationTimeSeconds": round(frontier.baseline_time_s, 4),
+            "baselineEnergyJoules": round(frontier.baseline_energy_j, 1),
+        },
+        "iterationTimeSeconds": round(plan.iteration_time_s, 4),
+        "predictedSavingPercent": predicted,
+        "measuredSavingPercent": obs.measured_saving_percent,
+    }
+    planned: C = (
+        "True",
+        "PlanChosen",
+        f"{frontier.plans} plans; chosen iteration time {plan.iteration_time_s:.4f}s,"
+        f" predicted saving {predicted:.2f}%",
+    )
+    if obs.straggler is not None and obs.straggler_plan is not None:
+        planned = (
+            "True",
+            "FollowingStraggler",
+            f"pipeline {obs.straggler} is a straggler at {pace:.4f}s; the others run the"
+            f" {obs.straggler_plan.iteration_time_s:.4f}s plan (predicted saving {predicted:.2f}%)",
+        )
+
+    if spec.mode == "Observe":
+        actions.extend(_remove_everywhere(obs))
+        msg = f"Observe mode: predicted saving {predicted:.2f}%; no clock is locked"
+        return Decision(
+            "Planning",
+            _conds(("True", "Observing", msg), profiled, planned, ("False", "ObserveMode", msg)),
+            tuple(actions),
+            status,
+            optimizing=False,
+        )
+    if not obs.baseline_ready:
+        msg = "measuring the all-max-clock baseline before locking clocks"
+        return waiting("Planning", "MeasuringBaseline", msg, planned)
+
+    pending_nodes = []
+    for node in sorted(by_node):
+        view = obs.nodes.get(node)
+        if view is None or not view.reachable:
+            continue
+        want = desired_entries(obs, view.ranks)
+        if not want:
+            continue
+        if view.entries != want:
+            actions.append(ApplySchedule(node, tuple(sorted(want, key=_entry_key))))
+            pending_nodes.append(node)
+    if degraded_msg:
+        unavailable: C = ("False", "SidecarUnavailable", degraded_msg)
+        return Decision(
+            "Degraded",
+            _conds(unavailable, profiled, planned, unavailable),
+            tuple(actions),
+            status,
+            optimizing=True,
+        )
+    if registered < expected:
+        lost: C = ("False", "RanksMissing", f"{registered} of {expected} ranks registered")
+        return Decision(
+            "Degraded",
+            _conds(lost, profiled, planned, lost),
+            tuple(actions),
+            status,
+            optimizing=True,
+        )
+    applied: C
+    ready: C
+    if pending_nodes:
+        msg = f"pushing schedules to node(s) {', '.join(pending_nodes)}"
+        applied = ("False", "Applying", msg)
+        ready = ("False", "Applying", msg)
+    else:
+        msg = f"schedules applied to {registered} ranks on {len(by_node)} node(s)"
+        applied = ("True", "Applied", msg)
+        ready = ("True", "Optimizing", planned[2])
+    return Decision(
+        "Optimizing",
+        _conds(ready, profiled, planned, applied),
+        tuple(actions),
+        status,
+        optimizing=True,
+    )
+
+
+def _entry_key(e: Entry) -> tuple[int, int]:
+    return (e.data_rank, e.pipeline_rank)
+
+
+def merge_conditions(
+    old: Sequence[Mapping[str, Any]], new: Sequence[CondSpec], generation: int, now: str
+) -> list[dict[str, Any]]:
+    """Kubernetes conditions: lastTransitionTime moves only when the status flips."""
+    previous = {c.get("type"): c for c in old}
+    out = []
+    for c in new:
+        prev = previous.get(c.type)
+        changed = prev is None or prev.get("status") != c.status
+        since = now if changed or prev is None else prev.get("lastTransitionTime", now)
+        out.append(
+            {
+                "type": c.type,
+                "status": c.status,
+                "reason": c.reason,
+                "message": c.message,
+                "observedGeneration": generation,
+                "lastTransitionTime": since,
+            }
+        )
+    return out
+
+
+def events_between(
+    old_phase: str | None,
+    old: Sequence[Mapping[str, Any]],
+    new_phase: str,
+    new: Sequence[CondSpec],
+) -> list[EventSpec]:
+    """An event for the phase change and for each condition whose status or reason changed."""
+    events: list[EventSpec] = []
+    warn = new_phase in ("Failed", "Degraded")
+    previous = {c.get("type"): c for c in old}
+    ready = next((c for c in new if c.type == "Ready"), None)
+    if old_phase != new_phase:
+        detail = f": {ready.reason}: {ready.message}" if ready and ready.message else ""
+        events.append(
+            EventSpec(
+                "Warning" if warn else "Normal",
+                new_phase,
+                f"phase {old_phase or 'none'} -> {new_phase}{detail}",
+            )
+        )
+    for c in new:
+        prev = previous.get(c.type)
+        if prev is None and c.status == "Unknown":
+            continue
+        if prev is None or prev.get("status") != c.status or prev.get("reason") != c.reason:
+            kind: Literal["Normal", "Warning"] = (
+                "Warning" if warn and c.status == "False" else "Normal"
+            )
+            text = f"{c.type}={c.status} ({c.reason})" + (f": {c.message}" if c.message else "")
+            events.append(EventSpec(kind, c.reason, text))
+    return events
