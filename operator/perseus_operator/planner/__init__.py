@@ -1,1 +1,29 @@
-"""Pure planner core: pipeline DAGs, energy model and the time/energy frontier (numpy + stdlib)."""
+"""Pure planner core: pipeline DAGs, the energy model and the time/energy frontier.
+
+numpy and the standard library only; frozen dataclasses in and out, no I/O. The API the operator
+and the CLI rely on:
+
+- ``PipelineShape(stages, microbatches, schedule="1f1b")`` and ``instruction_order(shape)``;
+- ``compute_frontier(profile, pipeline, blocking_power_w, progress=None) -> Frontier``;
+- ``plan_for_no_straggler(frontier, max_slowdown)`` / ``plan_for_straggler(frontier, pace_s)``;
+- ``evaluate_plan(profile, pipeline, blocking_power_w, frequencies_mhz) -> (time_s, energy_j)``,
+  the exact cost of any plan, and ``stage_spans(...)``, each stage's predicted compute span.
+"""
+
+from perseus_operator.planner.evaluate import evaluate_plan, stage_spans
+from perseus_operator.planner.frontier import Frontier, Plan, ProgressCallback, compute_frontier
+from perseus_operator.planner.lookup import plan_for_no_straggler, plan_for_straggler
+from perseus_operator.planner.pipeline import PipelineShape, instruction_order
+
+__all__ = [
+    "Frontier",
+    "PipelineShape",
+    "Plan",
+    "ProgressCallback",
+    "compute_frontier",
+    "evaluate_plan",
+    "instruction_order",
+    "plan_for_no_straggler",
+    "plan_for_straggler",
+    "stage_spans",
+]

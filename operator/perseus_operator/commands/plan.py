@@ -1,0 +1,120 @@
+"""`perseus plan`: compute the time/energy frontier of a stage profile and write it as JSON.
+
+    perseus plan --profile FILE.csv --stages S --microbatches M --blocking-power-w W --out F.json
+    perseus plan --example gpt3-175b-a100 --microbatches 12 --out F.json [--plot F.png]
+
+Prints a short summary on stdout and progress on stderr when the search takes a while.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from perseus_operator.cli import CliError
+
+__all__ = ["add_parser", "run"]
+
+PROGRESS_AFTER_S = 2.0
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="compute the iteration-time vs. energy frontier of frequency plans",
+        description="Compute the iteration-time vs. energy frontier of per-instruction GPU "
+        "frequency plans for a synchronous 1F1B pipeline and write it as perseus-frontier/v1 JSON.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", type=Path, help="stage profile CSV")
+    source.add_argument("--example", help="an embedded real profile, e.g. gpt3-175b-a100")
+    parser.add_argument("--stages", type=int, help="pipeline stages (default: the profile's)")
+    parser.add_argument("--microbatches", type=int, required=True, help="microbatches/iteration")
+    parser.add_argument(
+        "--blocking-power-w",
+        type=float,
+        help="power of a GPU waiting on communication (W); default for --example: the paper's",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="frontier JSON to write")
+    parser.add_argument("--plot", type=Path, help="also draw the frontier to this PNG")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from perseus_operator.frontier_io import dump_frontier, plot_frontier
+    from perseus_operator.planner import PipelineShape, compute_frontier
+    from perseus_profiles import ProfileError, example, read_profile
+
+    started = time.perf_counter()
+    if args.example is not None:
+        chosen = example(args.example)
+        profile = chosen.load()
+        blocking_w = (
+            chosen.blocking_power_w if args.blocking_power_w is None else args.blocking_power_w
+        )
+    else:
+        if args.blocking_power_w is None:
+            raise CliError("--blocking-power-w is required with --profile")
+        profile = read_profile(args.profile)
+        blocking_w = args.blocking_power_w
+    if not math.isfinite(blocking_w) or blocking_w < 0:
+        raise CliError(f"--blocking-power-w must be a finite number >= 0, got {blocking_w}")
+    stages = profile.num_stages if args.stages is None else args.stages
+    if stages < 1 or args.microbatches < 1:
+        raise CliError("--stages and --microbatches must be positive integers")
+    if stages != profile.num_stages:
+        raise ProfileError(
+            f"--stages {stages} does not match the profile's {profile.num_stages} stages"
+        )
+    shape = PipelineShape(stages=stages, microbatches=args.microbatches)
+    frontier = compute_frontier(profile, shape, blocking_w, progress=_Progress(started))
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(dump_frontier(frontier), encoding="utf-8")
+        if args.plot is not None:
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_frontier(frontier, args.plot)
+    except OSError as exc:
+        raise CliError(f"cannot write output: {exc}") from None
+    elapsed = time.perf_counter() - started
+    t0, e0 = frontier.t0_s, frontier.baseline_energy_j
+    fastest, star = frontier.fastest, frontier.t_star
+    print(f"pipeline: {stages} stages x {args.microbatches} microbatches (1F1B), "
+          f"blocking power {blocking_w:g} W")  # fmt: skip
+    print(f"baseline (all GPUs at max clock): {t0:.4f} s, {e0:.1f} J")
+    print(f"fastest plan: {fastest.iteration_time_s:.4f} s ({_pct(fastest.iteration_time_s, t0)} "
+          f"time), {fastest.energy_j:.1f} J ({_saving(fastest.energy_j, e0)} saved)")  # fmt: skip
+    print(f"least energy (T*): {star.iteration_time_s:.4f} s ({_pct(star.iteration_time_s, t0)} "
+          f"time), {star.energy_j:.1f} J ({_saving(star.energy_j, e0)} saved)")  # fmt: skip
+    print(f"{len(frontier.plans)} plans written to {args.out}"
+          + (f", plot {args.plot}" if args.plot else "") + f" in {elapsed:.2f} s")  # fmt: skip
+    return 0
+
+
+def _pct(t: float, t0: float) -> str:
+    return f"{(t / t0 - 1) * 100:+.2f}%"
+
+
+def _saving(e: float, e0: float) -> str:
+    return f"{(1 - e / e0) * 100:.2f}%"
+
+
+class _Progress:
+    """Reports search progress on stderr, only once the run has lasted a couple of seconds."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.last_percent = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if time.perf_counter() - self.started < PROGRESS_AFTER_S:
+            return
+        percent = 100 * done // max(total, 1)
+        if percent // 10 != self.last_percent // 10 or done == total:
+            self.last_percent = percent
+            print(f"perseus plan: searching {percent}% ({done}/{total} deadlines)",
+                  file=sys.stderr, flush=True)  # fmt: skip

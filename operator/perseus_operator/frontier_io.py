@@ -1,0 +1,172 @@
+"""The `perseus-frontier/v1` JSON format (DESIGN.md "Formats"): writing, validated reading, and
+an optional plot (matplotlib is imported only when a plot is asked for).
+
+``load_frontier(text, profile)`` checks everything a consumer relies on: the format tag, the
+pipeline shape against the profile, the canonical instruction order, every frequency present in
+the profile, plans sorted and useful, and each reported figure equal to the plan's exact cost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from perseus_operator.planner import (
+    Frontier,
+    PipelineShape,
+    Plan,
+    evaluate_plan,
+    instruction_order,
+)
+from perseus_profiles import StageProfile
+
+__all__ = ["FORMAT", "FrontierFormatError", "dump_frontier", "load_frontier", "plot_frontier"]
+
+FORMAT = "perseus-frontier/v1"
+REL_TOLERANCE = 1e-6
+
+
+class FrontierFormatError(ValueError):
+    """A frontier document that does not follow the format; the message is one line."""
+
+
+def frontier_to_dict(frontier: Frontier) -> dict[str, Any]:
+    shape = frontier.pipeline
+    return {
+        "format": FORMAT,
+        "pipeline": {
+            "schedule": shape.schedule,
+            "stages": shape.stages,
+            "microbatches": shape.microbatches,
+        },
+        "blocking_power_w": frontier.blocking_power_w,
+        "order": [list(seq) for seq in frontier.order],
+        "plans": [
+            {
+                "iteration_time_s": p.iteration_time_s,
+                "energy_j": p.energy_j,
+                "frequencies_mhz": [list(row) for row in p.frequencies_mhz],
+            }
+            for p in frontier.plans
+        ],
+    }
+
+
+def dump_frontier(frontier: Frontier) -> str:
+    return json.dumps(frontier_to_dict(frontier), separators=(",", ":")) + "\n"
+
+
+def _number(value: object, where: str, *, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise FrontierFormatError(f"{where} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise FrontierFormatError(f"{where} must be {'> 0' if positive else '>= 0'}, got {value}")
+    return float(value)
+
+
+def _positive_int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FrontierFormatError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def load_frontier(text: str, profile: StageProfile) -> Frontier:
+    """Parse and validate a frontier document against the profile it was planned from."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FrontierFormatError(f"frontier is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FrontierFormatError("frontier must be a JSON object")
+    if doc.get("format") != FORMAT:
+        raise FrontierFormatError(f"format must be {FORMAT!r}, got {doc.get('format')!r}")
+    pipe = doc.get("pipeline")
+    if not isinstance(pipe, dict):
+        raise FrontierFormatError("pipeline must be an object")
+    if pipe.get("schedule") != "1f1b":
+        raise FrontierFormatError(f"pipeline.schedule must be '1f1b', got {pipe.get('schedule')!r}")
+    shape = PipelineShape(
+        stages=_positive_int(pipe.get("stages"), "pipeline.stages"),
+        microbatches=_positive_int(pipe.get("microbatches"), "pipeline.microbatches"),
+    )
+    if shape.stages != profile.num_stages:
+        raise FrontierFormatError(
+            f"frontier has {shape.stages} stages but the profile has {profile.num_stages}"
+        )
+    blocking_w = _number(doc.get("blocking_power_w"), "blocking_power_w", positive=False)
+    order = instruction_order(shape)
+    raw_order = doc.get("order")
+    if not isinstance(raw_order, list) or [
+        tuple(seq) for seq in raw_order if isinstance(seq, list)
+    ] != list(order):
+        raise FrontierFormatError("order is not the canonical synchronous 1F1B order")
+    raw_plans = doc.get("plans")
+    if not isinstance(raw_plans, list) or not raw_plans:
+        raise FrontierFormatError("plans must be a non-empty list")
+    plans = [_load_plan(p, n, profile, shape, blocking_w) for n, p in enumerate(raw_plans)]
+    idle_w = blocking_w * shape.stages
+    for n, (a, b) in enumerate(itertools.pairwise(plans), start=1):
+        if b.iteration_time_s < a.iteration_time_s:
+            raise FrontierFormatError(f"plans[{n}] is faster than plans[{n - 1}]: not sorted")
+        if b.energy_j - idle_w * b.iteration_time_s >= a.energy_j - idle_w * a.iteration_time_s:
+            raise FrontierFormatError(
+                f"plans[{n}] is slower than plans[{n - 1}] without costing less: not useful"
+            )
+    max_clock = profile.max_frequency_mhz
+    t0, e0 = evaluate_plan(profile, shape, blocking_w, [[max_clock] * len(s) for s in order])
+    return Frontier(shape, blocking_w, order, tuple(plans), t0, e0)
+
+
+def _load_plan(
+    raw: object, n: int, profile: StageProfile, shape: PipelineShape, blocking_w: float
+) -> Plan:
+    where = f"plans[{n}]"
+    if not isinstance(raw, dict):
+        raise FrontierFormatError(f"{where} must be an object")
+    t = _number(raw.get("iteration_time_s"), f"{where}.iteration_time_s")
+    e = _number(raw.get("energy_j"), f"{where}.energy_j")
+    freqs = raw.get("frequencies_mhz")
+    if not isinstance(freqs, list) or not all(isinstance(row, list) for row in freqs):
+        raise FrontierFormatError(f"{where}.frequencies_mhz must be a list per stage")
+    for row in freqs:
+        for f in row:
+            if isinstance(f, bool) or not isinstance(f, int):
+                raise FrontierFormatError(f"{where}.frequencies_mhz holds {f!r}, not an integer")
+    try:
+        true_t, true_e = evaluate_plan(profile, shape, blocking_w, freqs)
+    except ValueError as exc:
+        raise FrontierFormatError(f"{where}: {exc}") from None
+    if abs(true_t - t) > REL_TOLERANCE * true_t or abs(true_e - e) > REL_TOLERANCE * true_e:
+        raise FrontierFormatError(
+            f"{where} reports {t:.6g} s / {e:.6g} J but costs {true_t:.6g} s / {true_e:.6g} J"
+        )
+    return Plan(t, e, tuple(tuple(row) for row in freqs))
+
+
+def plot_frontier(frontier: Frontier, path: str | Path) -> None:
+    """Energy vs. iteration time of every plan, with the all-max-clock baseline and T* marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    times = [p.iteration_time_s for p in frontier.plans]
+    energies = [p.energy_j for p in frontier.plans]
+    star = frontier.t_star
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(times, energies, ".-", label=f"frontier ({len(times)} plans)")
+    ax.plot([frontier.t0_s], [frontier.baseline_energy_j], "rx", ms=10,
+            label="all GPUs at max clock (T0)")  # fmt: skip
+    ax.plot([star.iteration_time_s], [star.energy_j], "g*", ms=12, label="least energy (T*)")
+    shape = frontier.pipeline
+    ax.set_title(f"{shape.schedule}: {shape.stages} stages x {shape.microbatches} microbatches")
+    ax.set_xlabel("iteration time (s)")
+    ax.set_ylabel("energy per pipeline iteration (J)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""The energy model: each instruction's profiled (time, energy) options and the blocking-power term.
+
+A plan with durations d_i, energies e_i and makespan T on S GPUs costs
+``E = sum(e_i) + P_b * (S*T - sum(d_i)) = sum(e_i - P_b*d_i) + P_b*S*T``: each GPU draws blocking
+power whenever it is not computing. So an instruction's option is worth its *effective cost*
+``c = e - P_b*t``; `E - P_b*S*T` is the sum of effective costs, which no plan can push below every
+instruction at its cheapest option.
+
+Options are grouped in classes (one per stage and instruction kind: all forwards of a stage share
+a profile). Only *efficient* options are kept: sorted by time, each strictly cheaper than every
+faster one. Anything else is both slower and costlier than some option, in every plan.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from perseus_operator.planner.pipeline import PipelineDag
+from perseus_profiles import INSTRUCTIONS, StageProfile
+
+__all__ = ["OptionTable", "build_options"]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class OptionTable:
+    """Efficient options per class `2*stage + kind`, padded to a common width with `inf` time and
+    cost (never chosen). Column 0 is the fastest option, `count[c]-1` the cheapest."""
+
+    time_s: FloatArray  # (classes, K)
+    energy_j: FloatArray
+    cost_j: FloatArray  # effective cost e - P_b * t
+    frequency_mhz: IntArray
+    count: IntArray
+    blocking_power_w: float
+    max_clock_time_s: FloatArray  # (classes,) the all-max-clock option, the baseline
+    max_clock_energy_j: FloatArray
+    max_clock_mhz: IntArray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.count)
+
+    def hull_slopes(self) -> FloatArray:
+        """Every price of time (J/s) at which some class's best option under `c + price*t`
+        changes: the slopes of the lower convex hulls of the (t, c) points."""
+        slopes: list[float] = []
+        for c in range(self.num_classes):
+            n = int(self.count[c])
+            t, cost = self.time_s[c, :n], self.cost_j[c, :n]
+            hull = [0]
+            for k in range(1, n):
+                while len(hull) >= 2:
+                    a, b = hull[-2], hull[-1]
+                    cross = (t[b] - t[a]) * (cost[k] - cost[a]) - (cost[b] - cost[a]) * (
+                        t[k] - t[a]
+                    )
+                    if cross <= 0:
+                        hull.pop()
+                    else:
+                        break
+                hull.append(k)
+            slopes += [
+                float((cost[a] - cost[b]) / (t[b] - t[a])) for a, b in itertools.pairwise(hull)
+            ]
+        return np.unique(np.asarray(slopes, dtype=np.float64))
+
+
+def build_options(profile: StageProfile, dag: PipelineDag, blocking_power_w: float) -> OptionTable:
+    """The option table of the stages the pipeline uses (its stage count must match the profile)."""
+    stages = dag.shape.stages
+    if stages != profile.num_stages:
+        raise ValueError(f"pipeline has {stages} stages but the profile has {profile.num_stages}")
+    per_class: list[list[tuple[float, float, int]]] = []
+    for s in range(stages):
+        for kind in range(len(INSTRUCTIONS)):
+            opts = sorted(
+                ((m.time_s, m.energy_j, m.frequency_mhz) for m in profile.options[s][kind]),
+                key=lambda o: (o[0], o[1] - blocking_power_w * o[0]),
+            )
+            kept: list[tuple[float, float, int]] = []
+            for t, e, f in opts:
+                cost = e - blocking_power_w * t
+                if not kept or cost < kept[-1][1] - blocking_power_w * kept[-1][0]:
+                    kept.append((t, e, f))
+            per_class.append(kept)
+    width = max(len(k) for k in per_class)
+    classes = len(per_class)
+    time_s = np.full((classes, width), np.inf)
+    energy_j = np.full((classes, width), np.inf)
+    frequency = np.zeros((classes, width), dtype=np.int64)
+    for c, kept in enumerate(per_class):
+        arr = np.asarray(kept, dtype=np.float64)
+        time_s[c, : len(kept)] = arr[:, 0]
+        energy_j[c, : len(kept)] = arr[:, 1]
+        frequency[c, : len(kept)] = arr[:, 2].astype(np.int64)
+    cost_j = np.full((classes, width), np.inf)
+    for c, kept in enumerate(per_class):
+        cost_j[c, : len(kept)] = (
+            energy_j[c, : len(kept)] - blocking_power_w * time_s[c, : len(kept)]
+        )
+    max_clock = [profile.options[c // 2][c % 2][0] for c in range(classes)]
+    return OptionTable(
+        time_s=time_s,
+        energy_j=energy_j,
+        cost_j=cost_j,
+        frequency_mhz=frequency,
+        count=np.asarray([len(k) for k in per_class], dtype=np.int64),
+        blocking_power_w=float(blocking_power_w),
+        max_clock_time_s=np.asarray([m.time_s for m in max_clock]),
+        max_clock_energy_j=np.asarray([m.energy_j for m in max_clock]),
+        max_clock_mhz=np.asarray([m.frequency_mhz for m in max_clock], dtype=np.int64),
+    )
