@@ -1,0 +1,127 @@
+"""`perseus-sidecar`: settings from `PERSEUS_SIDECAR_*` environment variables, overridden by flags;
+JSON-lines logs; uvicorn serves HTTP and the lifespan runs the event transport on the same loop.
+SIGTERM/SIGINT shut down gracefully, resetting every clock this sidecar locked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+__all__ = ["JsonFormatter", "build_parser", "main", "settings_from_args"]
+
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, then any `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="perseus-sidecar",
+        description="Perseus node agent. Every flag also reads PERSEUS_SIDECAR_<FLAG> "
+        "(e.g. PERSEUS_SIDECAR_TOKEN_FILE); flags win.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--host", help="HTTP and event listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    p.add_argument("--event-port", type=int, help="TCP event transport port (default 8081)")
+    p.add_argument("--token-file", help="file with the operator's bearer token")
+    p.add_argument("--state-dir", help="lock-state directory (default /var/lib/perseus-sidecar)")
+    p.add_argument("--node-name", help="this node's name (default 'node')")
+    p.add_argument("--gpu-backend", choices=["nvml", "simulated"], help="default nvml")
+    p.add_argument("--profile", help="stage profile CSV of the simulated GPUs")
+    p.add_argument("--example", help="shipped example profile for the simulated GPUs")
+    p.add_argument("--gpus", type=int, help="number of simulated GPUs (default 8)")
+    p.add_argument("--time-scale", type=float, help="wall seconds per simulated second")
+    p.add_argument("--sim-blocking-power-w", type=float, help="simulated idle power")
+    p.add_argument("--sim-perturbation", type=float, help="simulated profile perturbation")
+    p.add_argument("--sim-seed", type=int, help="seed of the perturbation")
+    p.add_argument("--sim-energy-update-s", type=float, help="simulated counter update period")
+    p.add_argument(
+        "--time-sliced",
+        action="store_true",
+        help="GPUs of this node are shared by time slicing: never lock them",
+    )
+    p.add_argument("--rank-timeout-s", type=float, help="reset a silent rank's clock after this")
+    p.add_argument("--max-body-bytes", type=int, help="HTTP request body cap")
+    p.add_argument("--energy-poll-s", type=float, help="energy sampling period while profiling")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> Any:
+    from perseus_sidecar.settings import Settings
+
+    args = build_parser().parse_args(argv)
+    return Settings(**vars(args))
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    from perseus_sidecar.app import SetupError, create_app
+    from perseus_sidecar.gpu.base import GpuError
+
+    try:
+        settings = settings_from_args(argv)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        print(f"perseus-sidecar: {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    try:
+        app = create_app(settings)
+    except (SetupError, GpuError, ValueError) as exc:
+        print(f"perseus-sidecar: {exc}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its graceful shutdown
+        return 130
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

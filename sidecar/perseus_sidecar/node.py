@@ -1,0 +1,581 @@
+"""The sidecar's state: announced jobs, registered ranks, schedules and profiling sessions, and
+the background tasks that keep clocks safe (rank timeouts) and sample energy counters.
+
+Routers and the TCP transport call into one `Node`; every method runs on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import math
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from perseus_sidecar.api import (
+    InstructionTiming,
+    JobAnnouncement,
+    PipelineTimings,
+    PodAnnouncement,
+    ProfilingRequest,
+    RankRegistration,
+    RankTimings,
+    ScheduleEntry,
+    ScheduleIn,
+    TimingsOut,
+    parse_instruction,
+)
+from perseus_sidecar.clocks import ClockController
+from perseus_sidecar.gpu.base import GpuBackend, GpuError, GpuInfo
+from perseus_sidecar.lockstate import LockState
+from perseus_sidecar.metrics import Metrics
+from perseus_sidecar.profiling import ProfilingSession
+from perseus_sidecar.ranks import IterationRecord, Rank
+
+__all__ = [
+    "AuthError",
+    "ConflictError",
+    "ForbiddenError",
+    "InvalidError",
+    "Job",
+    "Node",
+    "NodeError",
+    "NotFoundError",
+    "sha256_hex",
+]
+
+log = logging.getLogger(__name__)
+
+
+class NodeError(Exception):
+    """A request the node refuses; the message is one line for the client."""
+
+
+class AuthError(NodeError):
+    """Wrong or missing credentials for this resource (HTTP 401/403)."""
+
+
+class ForbiddenError(AuthError):
+    """Right token, wrong place (a request not from the announced pod's IP): HTTP 403."""
+
+
+class NotFoundError(NodeError):
+    pass
+
+
+class ConflictError(NodeError):
+    pass
+
+
+class InvalidError(NodeError):
+    """Semantically invalid input that only the node can judge (HTTP 422)."""
+
+
+def sha256_hex(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass
+class Job:
+    namespace: str
+    name: str
+    token_sha256: str
+    pods: dict[tuple[str, str], PodAnnouncement]
+    ranks: dict[str, Rank] = field(default_factory=dict)
+    schedule: dict[tuple[int, int], ScheduleEntry] = field(default_factory=dict)
+    profiling: ProfilingSession | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+class Node:
+    def __init__(
+        self,
+        *,
+        backend: GpuBackend,
+        lock_state: LockState,
+        operator_token: str,
+        node_name: str,
+        time_scale: float = 1.0,
+        rank_timeout_s: float = 10.0,
+        energy_poll_s: float = 0.002,
+        timings_history: int = 2000,
+        event_port: int = 8081,
+    ) -> None:
+        self.backend = backend
+        self.metrics = Metrics()
+        self.clocks = ClockController(backend, lock_state, self.metrics)
+        self.node_name = node_name
+        self.time_scale = time_scale
+        self.rank_timeout_s = rank_timeout_s
+        self.energy_poll_s = energy_poll_s
+        self.timings_history = timings_history
+        self.event_port = event_port
+        self._operator_token = operator_token.encode()
+        self.gpus: dict[str, GpuInfo] = {}
+        self.gpu_error: str | None = None
+        self.jobs: dict[tuple[str, str], Job] = {}
+        self.ranks: dict[str, Rank] = {}
+        self._rank_ids: dict[tuple[str, str, int], str] = {}
+        self._job_hashes: dict[str, set[tuple[str, str]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.metrics.add_state_collector(self._collect)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def discover(self) -> None:
+        """(Re)read the GPU inventory; a backend failure is kept as the readiness reason."""
+        try:
+            self.gpus = {g.uuid: g for g in self.backend.list_gpus()}
+            self.gpu_error = None
+        except GpuError as exc:
+            self.gpus = {}
+            self.gpu_error = str(exc)
+            log.error("cannot list GPUs", extra={"error": str(exc)})
+
+    def recover(self) -> list[str]:
+        """On start: reset the GPUs a previous (killed) process recorded as locked."""
+        done = self.clocks.reset_all("startup")
+        if done:
+            log.warning("reset clocks left locked by a previous run", extra={"gpus": done})
+        return done
+
+    def start_background(self) -> None:
+        self._tasks.append(asyncio.create_task(self._watchdog(), name="perseus-watchdog"))
+        self._tasks.append(asyncio.create_task(self._sampler(), name="perseus-energy-sampler"))
+
+    async def shutdown(self, reason: str) -> list[str]:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for rank in self.ranks.values():
+            rank.listeners.clear()
+        return self.clocks.reset_all(reason)
+
+    # ---- authentication ---------------------------------------------------------------------
+
+    def is_operator(self, token: str | None) -> bool:
+        if token is None:
+            return False
+        return hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self._operator_token)
+
+    def is_known_token(self, token: str | None) -> bool:
+        """The operator's token or any announced job's: enough to get past the front door."""
+        if token is None:
+            return False
+        if self.is_operator(token):
+            return True
+        digest = sha256_hex(token)
+        return any(hmac.compare_digest(digest, h) for h in self._job_hashes)
+
+    def _job_token_ok(self, job: Job, token: str) -> bool:
+        return hmac.compare_digest(sha256_hex(token), job.token_sha256)
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    def announce(self, namespace: str, name: str, body: JobAnnouncement) -> tuple[Job, bool]:
+        for pod in body.pods:
+            if pod.namespace != namespace:
+                raise InvalidError(
+                    f"pod {pod.namespace}/{pod.name} is not in the job's namespace {namespace}"
+                )
+        pods = {(p.namespace, p.name): p for p in body.pods}
+        key = (namespace, name)
+        job = self.jobs.get(key)
+        created = job is None
+        if job is None:
+            job = Job(namespace, name, body.token_sha256, pods)
+            self.jobs[key] = job
+        else:
+            self._job_hashes[job.token_sha256].discard(key)
+            if not self._job_hashes[job.token_sha256]:
+                del self._job_hashes[job.token_sha256]
+            job.token_sha256 = body.token_sha256
+            job.pods = pods
+            for rank in list(job.ranks.values()):
+                if (rank.namespace, rank.pod) not in pods:
+                    self._drop_rank(rank, "pod-gone")
+        self._job_hashes.setdefault(job.token_sha256, set()).add(key)
+        return job, created
+
+    def job(self, namespace: str, name: str) -> Job:
+        job = self.jobs.get((namespace, name))
+        if job is None:
+            raise NotFoundError(f"job {namespace}/{name} is not announced on this node")
+        return job
+
+    def remove_job(self, namespace: str, name: str) -> None:
+        job = self.job(namespace, name)
+        for rank in list(job.ranks.values()):
+            self._drop_rank(rank, "job-deleted")
+        hashes = self._job_hashes.get(job.token_sha256)
+        if hashes is not None:
+            hashes.discard(job.key)
+            if not hashes:
+                del self._job_hashes[job.token_sha256]
+        del self.jobs[job.key]
+
+    # ---- ranks ------------------------------------------------------------------------------
+
+    def register(self, body: RankRegistration, token: str | None, source_ip: str | None) -> Rank:
+        job = self._job_of_pod(body.namespace, body.pod)
+        if job is None or token is None or not self._job_token_ok(job, token):
+            raise AuthError(
+                f"pod {body.namespace}/{body.pod} is not an announced pod of a job with this token"
+            )
+        pod = job.pods[(body.namespace, body.pod)]
+        if not pod.host_network and source_ip != pod.ip:
+            raise ForbiddenError(
+                f"requests for pod {body.namespace}/{body.pod} must come from {pod.ip}"
+            )
+        gpu = self.gpus.get(body.gpu_uuid)
+        if gpu is None:
+            raise InvalidError(f"GPU {body.gpu_uuid} is not on node {self.node_name}")
+        if not gpu.usable:
+            raise InvalidError(f"GPU {body.gpu_uuid} cannot be managed: {gpu.reason}")
+        identity = (body.namespace, body.pod, body.rank)
+        rank_id = self._rank_ids.get(identity)
+        holder = next((r for r in self.ranks.values() if r.gpu_uuid == body.gpu_uuid), None)
+        if holder is not None and holder.rank_id != rank_id:
+            holder_job = self.jobs.get(holder.job_key)
+            if holder_job is not None and (holder.namespace, holder.pod) in holder_job.pods:
+                raise ConflictError(
+                    f"GPU {body.gpu_uuid} is used by rank {holder.rank} of pod "
+                    f"{holder.namespace}/{holder.pod}"
+                )
+            self._drop_rank(holder, "replaced")
+        if rank_id is not None and rank_id in self.ranks:
+            self._drop_rank(self.ranks[rank_id], "re-registered", forget=False)
+        if rank_id is None:
+            rank_id = secrets.token_hex(8)
+            self._rank_ids[identity] = rank_id
+        rank = Rank(
+            rank_id=rank_id,
+            job_key=job.key,
+            namespace=body.namespace,
+            pod=body.pod,
+            rank=body.rank,
+            pipeline_rank=body.pipeline_rank,
+            data_rank=body.data_rank,
+            tensor_rank=body.tensor_rank,
+            gpu_uuid=body.gpu_uuid,
+            max_mhz=gpu.max_sm_clock_mhz,
+            clocks=self.clocks,
+            metrics=self.metrics,
+            time_scale=self.time_scale,
+            history=self.timings_history,
+        )
+        self.ranks[rank_id] = rank
+        job.ranks[rank_id] = rank
+        self._apply_schedule_to_rank(job, rank)
+        if job.profiling is not None and not job.profiling.cancelled:
+            self._join_profiling(job.profiling, rank)
+        log.info("rank registered", extra={"rank_id": rank_id, "gpu": body.gpu_uuid})
+        return rank
+
+    def authenticate_rank(self, rank_id: str, token: str, source_ip: str | None) -> Rank:
+        rank = self.ranks.get(rank_id)
+        job = self.jobs.get(rank.job_key) if rank is not None else None
+        if rank is None or job is None or not self._job_token_ok(job, token):
+            raise AuthError("unknown rank or wrong job token")
+        pod = job.pods.get((rank.namespace, rank.pod))
+        if pod is None:
+            raise AuthError("the rank's pod is no longer announced")
+        if not pod.host_network and source_ip != pod.ip:
+            raise ForbiddenError(
+                f"events for pod {rank.namespace}/{rank.pod} must come from {pod.ip}"
+            )
+        return rank
+
+    def _job_of_pod(self, namespace: str, pod: str) -> Job | None:
+        for job in self.jobs.values():
+            if (namespace, pod) in job.pods:
+                return job
+        return None
+
+    def _drop_rank(self, rank: Rank, reason: str, *, forget: bool = True) -> None:
+        rank.set_schedule(None, None)
+        rank.set_profiling(None)
+        for listener in list(rank.listeners):
+            listener.close(f"rank removed ({reason})")
+        rank.listeners.clear()
+        self._reset_gpu(rank.gpu_uuid, reason)
+        self.ranks.pop(rank.rank_id, None)
+        job = self.jobs.get(rank.job_key)
+        if job is not None:
+            job.ranks.pop(rank.rank_id, None)
+        if forget:
+            self._rank_ids.pop((rank.namespace, rank.pod, rank.rank), None)
+
+    def _reset_gpu(self, uuid: str, reason: str) -> None:
+        try:
+            self.clocks.reset(uuid, reason)
+        except (GpuError, OSError, RuntimeError) as exc:
+            log.error("cannot reset GPU clocks", extra={"gpu": uuid, "error": str(exc)})
+
+    # ---- schedules --------------------------------------------------------------------------
+
+    def put_schedule(self, namespace: str, name: str, body: ScheduleIn) -> Job:
+        """Validate everything first, then apply to every rank: never half-applied."""
+        job = self.job(namespace, name)
+        usable = [g for g in self.gpus.values() if g.usable]
+        if not usable:
+            raise InvalidError(f"node {self.node_name} has no usable GPU")
+        for entry in body.entries:
+            holders = [
+                self.gpus[r.gpu_uuid]
+                for r in job.ranks.values()
+                if (r.data_rank, r.pipeline_rank) == (entry.data_rank, entry.pipeline_rank)
+            ]
+            for gpu in holders or usable:
+                unsupported = sorted(set(entry.frequencies_mhz) - set(gpu.supported_sm_clocks_mhz))
+                if unsupported:
+                    raise InvalidError(
+                        f"entry (data_rank {entry.data_rank}, pipeline_rank "
+                        f"{entry.pipeline_rank}): {unsupported} MHz not supported by GPU "
+                        f"{gpu.uuid} (supported: {list(gpu.supported_sm_clocks_mhz)})"
+                    )
+        job.schedule = {(e.data_rank, e.pipeline_rank): e for e in body.entries}
+        for rank in job.ranks.values():
+            self._apply_schedule_to_rank(job, rank)
+        return job
+
+    def delete_schedule(self, namespace: str, name: str) -> None:
+        job = self.job(namespace, name)
+        if not job.schedule:
+            raise NotFoundError(f"job {namespace}/{name} has no schedule on this node")
+        job.schedule = {}
+        for rank in job.ranks.values():
+            self._apply_schedule_to_rank(job, rank)
+
+    def _apply_schedule_to_rank(self, job: Job, rank: Rank) -> None:
+        entry = job.schedule.get((rank.data_rank, rank.pipeline_rank))
+        if entry is None or self.clocks.is_foreign(rank.gpu_uuid):
+            was_controlled = rank.forward_mhz is not None
+            rank.set_schedule(None, None)
+            if was_controlled and rank.profiling is None:
+                self._reset_gpu(rank.gpu_uuid, "schedule-deleted")
+            return
+        forward = [0] * entry.microbatches
+        backward = [0] * entry.microbatches
+        for text, mhz in zip(entry.order, entry.frequencies_mhz, strict=True):
+            is_forward, m = parse_instruction(text)
+            (forward if is_forward else backward)[m] = mhz
+        rank.set_schedule(tuple(forward), tuple(backward))
+
+    # ---- profiling --------------------------------------------------------------------------
+
+    def start_profiling(
+        self, namespace: str, name: str, body: ProfilingRequest
+    ) -> ProfilingSession:
+        job = self.job(namespace, name)
+        if job.profiling is not None and not job.profiling.done and not job.profiling.cancelled:
+            raise ConflictError(f"job {namespace}/{name} already has a running profiling session")
+        if not job.ranks:
+            raise ConflictError(f"job {namespace}/{name} has no registered rank on this node")
+        for rank in job.ranks.values():
+            gpu = self.gpus[rank.gpu_uuid]
+            unsupported = sorted(set(body.frequencies_mhz) - set(gpu.supported_sm_clocks_mhz))
+            if unsupported:
+                raise InvalidError(f"{unsupported} MHz not supported by GPU {gpu.uuid}")
+        session = ProfilingSession(namespace, name, body)
+        job.profiling = session
+        for rank in job.ranks.values():
+            self._join_profiling(session, rank)
+        return session
+
+    def _join_profiling(self, session: ProfilingSession, rank: Rank) -> None:
+        rp = session.add_rank(rank.rank_id, rank.gpu_uuid, rank.pipeline_rank, rank.seconds_per_ns)
+        rank.set_profiling(rp)
+
+    def cancel_profiling(self, namespace: str, name: str) -> ProfilingSession:
+        job = self.job(namespace, name)
+        session = job.profiling
+        if session is None:
+            raise NotFoundError(f"job {namespace}/{name} has no profiling session")
+        session.cancelled = True
+        job.profiling = None
+        for rank in job.ranks.values():
+            if rank.profiling is not None:
+                rank.set_profiling(None)
+                if rank.forward_mhz is None:
+                    self._reset_gpu(rank.gpu_uuid, "profiling-cancelled")
+        return session
+
+    # ---- reset ------------------------------------------------------------------------------
+
+    def reset_all(self) -> tuple[list[str], int]:
+        removed = 0
+        for job in self.jobs.values():
+            removed += len(job.schedule)
+            job.schedule = {}
+            if job.profiling is not None:
+                job.profiling.cancelled = True
+                job.profiling = None
+            for rank in job.ranks.values():
+                rank.set_schedule(None, None)
+                rank.set_profiling(None)
+        self.clocks.forget_foreign()
+        return self.clocks.reset_all("reset-endpoint"), removed
+
+    # ---- background tasks -------------------------------------------------------------------
+
+    def check_timeouts(self, now_mono: float | None = None) -> list[str]:
+        """Reset the clock of every controlled rank whose events stopped for the timeout."""
+        now = time.monotonic() if now_mono is None else now_mono
+        stale: list[str] = []
+        for rank in self.ranks.values():
+            if rank.stale or not rank.controlled:
+                continue
+            if now - rank.last_event_mono > self.rank_timeout_s:
+                rank.stale = True
+                stale.append(rank.rank_id)
+                log.warning(
+                    "rank events stopped; resetting its clock", extra={"rank_id": rank.rank_id}
+                )
+                self._reset_gpu(rank.gpu_uuid, "rank-timeout")
+        return stale
+
+    async def _watchdog(self) -> None:
+        period_s = min(1.0, self.rank_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period_s)
+            self.check_timeouts()
+
+    def sample_energy(self) -> None:
+        for job in self.jobs.values():
+            session = job.profiling
+            if session is None:
+                continue
+            for rp in session.active():
+                try:
+                    rp.record_energy(self.backend.total_energy_mj(rp.gpu_uuid))
+                except GpuError as exc:
+                    self.metrics.gpu_errors.labels(error=type(exc).__name__).inc()
+
+    async def _sampler(self) -> None:
+        while True:
+            await asyncio.sleep(self.energy_poll_s)
+            self.sample_energy()
+
+    # ---- timings ----------------------------------------------------------------------------
+
+    def timings(self, namespace: str, name: str, window_s: float) -> TimingsOut:
+        job = self.job(namespace, name)
+        since_ns = time.time_ns() - int(window_s * 1e9)
+        now = time.monotonic()
+        ranks_out: list[RankTimings] = []
+        stage0: dict[int, list[IterationRecord]] = {}
+        for rank in sorted(job.ranks.values(), key=lambda r: r.rank):
+            records = [rec for rec in rank.history if rec.end_ns >= since_ns]
+            if rank.pipeline_rank == 0:
+                stage0.setdefault(rank.data_rank, []).extend(records)
+            instructions = []
+            for label, durations in (
+                ("forward", [d for rec in records for d in rec.forward_s]),
+                ("backward", [d for rec in records for d in rec.backward_s]),
+            ):
+                if durations:
+                    mean, std = _mean_std(durations)
+                    instructions.append(
+                        InstructionTiming(
+                            instruction=label,
+                            count=len(durations),
+                            mean_s=mean,
+                            std_s=std,
+                        )
+                    )
+            ranks_out.append(
+                RankTimings(
+                    rank_id=rank.rank_id,
+                    pod=rank.pod,
+                    rank=rank.rank,
+                    pipeline_rank=rank.pipeline_rank,
+                    data_rank=rank.data_rank,
+                    tensor_rank=rank.tensor_rank,
+                    gpu_uuid=rank.gpu_uuid,
+                    iterations=len(records),
+                    instructions=instructions,
+                    iteration_time_mean_s=_mean_of(r.iteration_s for r in records),
+                    compute_span_mean_s=_mean_of(r.span_s for r in records),
+                    energy_per_iteration_mean_j=_mean_of(r.energy_j for r in records),
+                    seconds_since_last_event=now - rank.last_event_mono,
+                    schedule_active=rank.controlled,
+                    stale=rank.stale,
+                )
+            )
+        pipelines = []
+        for data_rank in sorted(stage0):
+            records = sorted(stage0[data_rank], key=lambda r: r.end_ns)
+            spans = [r.span_s for r in records if r.span_s is not None]
+            stats = _mean_std(spans) if spans else None
+            pipelines.append(
+                PipelineTimings(
+                    data_rank=data_rank,
+                    iterations=len(records),
+                    stage0_span_mean_s=stats[0] if stats else None,
+                    stage0_span_std_s=stats[1] if stats else None,
+                    stage0_span_last_s=spans[-1] if spans else None,
+                    iteration_time_mean_s=_mean_of(r.iteration_s for r in records),
+                )
+            )
+        return TimingsOut(
+            namespace=namespace, name=name, window_s=window_s, ranks=ranks_out, pipelines=pipelines
+        )
+
+    # ---- metrics ----------------------------------------------------------------------------
+
+    def _collect(self) -> Iterator[Metric]:
+        clock = GaugeMetricFamily(
+            "perseus_sidecar_gpu_sm_clock_mhz", "Current SM clock of each GPU.", labels=["gpu"]
+        )
+        locked = GaugeMetricFamily(
+            "perseus_sidecar_gpu_locked_sm_clock_mhz",
+            "SM clock this sidecar locked (0 when it holds no lock).",
+            labels=["gpu"],
+        )
+        energy = GaugeMetricFamily(
+            "perseus_sidecar_gpu_energy_joules", "Total energy counter of each GPU.", labels=["gpu"]
+        )
+        power = GaugeMetricFamily(
+            "perseus_sidecar_gpu_power_watts", "Power draw of each GPU.", labels=["gpu"]
+        )
+        for uuid in self.gpus:
+            with contextlib.suppress(GpuError):
+                clock.add_metric([uuid], self.backend.current_sm_clock_mhz(uuid))
+                energy.add_metric([uuid], self.backend.total_energy_mj(uuid) / 1000.0)
+                power.add_metric([uuid], self.backend.power_w(uuid))
+            locked.add_metric([uuid], self.clocks.applied_mhz(uuid) or 0)
+        active = GaugeMetricFamily(
+            "perseus_sidecar_schedule_active",
+            "1 while a rank's clock follows a schedule or a profiling session.",
+            labels=["namespace", "job", "rank"],
+        )
+        for rank in self.ranks.values():
+            active.add_metric(
+                [rank.job_key[0], rank.job_key[1], str(rank.rank)], 1.0 if rank.controlled else 0.0
+            )
+        yield from (clock, locked, energy, power, active)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def _mean_of(values: Iterator[float | None] | list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None

@@ -1,0 +1,54 @@
+"""Sidecar settings: environment variables prefixed `PERSEUS_SIDECAR_` (e.g.
+`PERSEUS_SIDECAR_TOKEN_FILE`), overridden by command-line flags in `main.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PERSEUS_SIDECAR_", extra="forbid")
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    event_port: int = Field(default=8081, ge=0, le=65535)
+    """Port of the hot-path TCP line transport (0 picks a free one)."""
+    node_name: str = "node"
+    token_file: Path | None = None
+    """File holding the operator's bearer token (a mounted Secret)."""
+    operator_token: str | None = Field(default=None, exclude=True, repr=False)
+    """The token itself, for tests; `token_file` wins in production."""
+    state_dir: Path = Path("/var/lib/perseus-sidecar")
+    """Where the lock-state file lives (a host path, so it outlives the container)."""
+    gpu_backend: Literal["nvml", "simulated"] = "nvml"
+    profile: Path | None = None
+    example: str | None = None
+    gpus: int = Field(default=8, ge=0, le=64)
+    time_sliced: bool = False
+    """The node shares GPUs by time slicing: NVML GPUs are listed but never locked."""
+    time_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """Simulated seconds = wall seconds / time_scale (1 for real GPUs)."""
+    sim_blocking_power_w: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    sim_perturbation: float = Field(default=0.0, ge=0, lt=1, allow_inf_nan=False)
+    sim_seed: int = 0
+    sim_energy_update_s: float = Field(default=0.05, gt=0, allow_inf_nan=False)
+    rank_timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    """Reset a rank's clock when its events stop for this long (wall seconds)."""
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    energy_poll_s: float = Field(default=0.002, gt=0, allow_inf_nan=False)
+    """How often a profiling session samples the energy counters (wall seconds)."""
+    timings_history: int = Field(default=2000, ge=10)
+    """Completed iterations kept per rank for timing queries."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _simulated_needs_profile(self) -> Settings:
+        if self.gpu_backend == "simulated" and (self.profile is None) == (self.example is None):
+            raise ValueError("the simulated backend needs exactly one of profile or example")
+        return self
