@@ -71,6 +71,7 @@ SyncArg = Callable[[], object] | Literal["auto"] | None
 _BEGIN = {"forward": "FB", "backward": "BB"}
 _END = {"forward": "FE", "backward": "BE"}
 _STOP = ("", 0, 0)
+_BATCH = 256
 _POLL_S = 0.05
 """How often an idle sender checks the socket for schedule notices."""
 
@@ -489,9 +490,9 @@ class _Sender:
         """Send what is pending, then read any schedule notices."""
         sock = self.sock
         assert sock is not None
-        if self.pending:
-            batch = list(self.pending)
-            self.pending.clear()
+        while self.pending:
+            # Bounded batches keep each stretch holding the GIL short for the training thread.
+            batch = [self.pending.popleft() for _ in range(min(len(self.pending), _BATCH))]
             data = "".join(f"{k} {m} {t}\n" for k, m, t in batch).encode()
             try:
                 sock.sendall(data)
