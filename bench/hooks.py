@@ -21,6 +21,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from perseus_sidecar import hooks
+from perseus_sidecar.hooks import InstructionKind
 
 TOKEN = "bench-token"
 
@@ -68,7 +69,9 @@ def _free_port() -> int:
 
 
 def _measure(
-    begin: Callable[[str, int], None], end: Callable[[str, int], None], calls: int
+    begin: Callable[[InstructionKind, int], None],
+    end: Callable[[InstructionKind, int], None],
+    calls: int,
 ) -> list[float]:
     """Per-call times in microseconds (each begin and each end timed separately)."""
     samples: list[float] = []
@@ -87,7 +90,10 @@ def _measure(
 
 
 def _measure_paced(
-    begin: Callable[[str, int], None], end: Callable[[str, int], None], calls: int, gap_s: float
+    begin: Callable[[InstructionKind, int], None],
+    end: Callable[[InstructionKind, int], None],
+    calls: int,
+    gap_s: float,
 ) -> list[float]:
     """Like :func:`_measure`, with the thread sleeping `gap_s` between pairs, as a training
     thread waits in GPU/C++ code with the GIL released (the sender then runs in between)."""
@@ -119,10 +125,10 @@ def _summary(name: str, samples: list[float], baseline_us: float | None) -> floa
 
 
 class _Plain:
-    def begin(self, kind: str, microbatch: int) -> None:
+    def begin(self, kind: InstructionKind, microbatch: int) -> None:
         return None
 
-    def end(self, kind: str, microbatch: int) -> None:
+    def end(self, kind: InstructionKind, microbatch: int) -> None:
         return None
 
 
@@ -135,7 +141,8 @@ def main() -> None:
     plain = _Plain()
     base = _summary("baseline: empty method call", _measure(plain.begin, plain.end, calls), None)
     noop = hooks.Hooks(None, sync=None)
-    _summary("hooks disabled (no sidecar host)", _measure(noop.instruction_begin, noop.instruction_end, calls), base)  # fmt: skip
+    noop_samples = _measure(noop.instruction_begin, noop.instruction_end, calls)
+    _summary("hooks disabled (no sidecar host)", noop_samples, base)
 
     http_port, seen = _start_sink()
     live = hooks.register(

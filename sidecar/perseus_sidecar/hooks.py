@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_JOB_TOKEN_FILE",
     "Hooks",
     "HooksConfig",
+    "InstructionKind",
     "default_hooks",
     "instruction",
     "instruction_begin",
