@@ -51,6 +51,9 @@ ProgressCallback = Callable[[int, int], None]
 GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0
 _PAD = 1e30  # padded options: never fit any float, never cheapest
 _FILL_STEPS = 4  # μ = λ, λ/4, λ/16, 0
+_POLISH_BASES = 3
+_POLISH_STEPS = 12
+_POLISH_RATIO = 0.6
 
 
 @dataclass(frozen=True)
@@ -189,36 +192,68 @@ class _Search:
                 finish[lv] = start + times[rows, chosen]
         return idx
 
+    def fill_backward(self, idx: IntArray, deadline_s: float, prices: list[float]) -> IntArray:
+        """`fill` in reverse topological order: late instructions get the float first."""
+        idx = idx.copy()
+        dag = self.dag
+        for price in prices:
+            finish = forward_pass(dag, self.durations(idx))
+            latest_start = np.empty(dag.num_nodes + 1)
+            latest_start[-1] = deadline_s
+            for k in range(len(dag.levels) - 1, -1, -1):
+                lv = dag.levels[k]
+                s0, s1 = dag.level_succs[k]
+                latest_finish = np.minimum(latest_start[s0], latest_start[s1])
+                times, costs, rows = self.level_time[k], self.level_cost[k], self.level_rows[k]
+                current = idx[lv]
+                avail = latest_finish - (finish[lv] - times[rows, current])
+                ok = (times <= avail[:, None]) & (costs <= costs[rows, current][:, None])
+                ok[rows, current] = True
+                chosen = np.argmin(np.where(ok, costs + price * times, np.inf), axis=1)
+                idx[lv] = chosen
+                latest_start[lv] = latest_finish - times[rows, chosen]
+        return idx
+
+    def polish(
+        self, ladder: list[tuple[float, float, float, IntArray]], deadline_s: float
+    ) -> list[tuple[float, float, IntArray]]:
+        """A thorough search for one important deadline (T0): the three cheapest uniform plans
+        that meet it, each filled forwards and backwards with a fine price ladder."""
+        fitting = sorted((r for r in ladder if r[0] <= deadline_s), key=lambda r: r[1])
+        out = []
+        for _, _, price, base in fitting[:_POLISH_BASES]:
+            prices = [price * _POLISH_RATIO**k for k in range(_POLISH_STEPS)] + [0.0]
+            for fill in (self.fill, self.fill_backward):
+                idx = fill(base, deadline_s, prices)
+                out.append((*self.evaluate(idx), idx))
+        return out
+
     def run(self, progress: ProgressCallback | None) -> list[tuple[float, float, IntArray]]:
         slopes = self.table.hull_slopes()
-        prices = _ladder_prices(slopes)
         ladder = []
-        for price in prices:
+        for price in _ladder_prices(slopes):
             idx = self.uniform(price)
             t, e = self.evaluate(idx)
             ladder.append((t, e - self.idle_power_w * t, price, idx))
-        candidates: list[tuple[float, float, IntArray]] = [
-            (t, c + self.idle_power_w * t, i) for t, c, _, i in ladder
-        ]
+        candidates = [(t, c + self.idle_power_w * t, i) for t, c, _, i in ladder]
         t0, _ = self.baseline()
         fastest_t = min(t for t, *_ in ladder)
         slowest_t = max(t for t, *_ in ladder)
         step = GRID_FRACTION * t0
-        deadlines = list(np.arange(fastest_t, slowest_t + step, step))
-        deadlines.append(t0)
-        deadlines.sort()
+        deadlines = [float(d) for d in np.arange(fastest_t, slowest_t + step, step)]
         for n, deadline in enumerate(deadlines):
             fitting = [rung for rung in ladder if rung[0] <= deadline]
-            _t_base, _, price, base = min(fitting, key=lambda r: r[1])
+            _, _, price, base = min(fitting, key=lambda r: r[1])
             fill_prices = [price / 4**k for k in range(_FILL_STEPS - 1)] + [0.0]
             idx = self.fill(base, deadline, fill_prices)
-            t, e = self.evaluate(idx)
-            candidates.append((t, e, idx))
+            candidates.append((*self.evaluate(idx), idx))
             if progress is not None:
-                progress(n + 1, len(deadlines))
-        base = self.max_clock_plan()
-        idx = self.fill(base, t0, [0.0])
+                progress(n + 1, len(deadlines) + 1)
+        candidates += self.polish(ladder, t0)
+        idx = self.fill(self.max_clock_plan(), t0, [0.0])
         candidates.append((*self.evaluate(idx), idx))
+        if progress is not None:
+            progress(len(deadlines) + 1, len(deadlines) + 1)
         return candidates
 
     def to_plan(self, idx: IntArray, t: float, e: float) -> Plan:
