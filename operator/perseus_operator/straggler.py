@@ -85,6 +85,9 @@ def update(
     if current is None:
         changed = state.straggler is not None
         return Verdict(replace(new, straggler=None, pace_s=None), changed)
+    if current == state.straggler and state.pace_s is not None and slow.get(current, 0) == 0:
+        # Recovering (or within the hysteresis band): keep following the known pace.
+        return Verdict(replace(new, straggler=current, pace_s=state.pace_s), False)
     pace_s = _mean(spans[current])
     moved = state.pace_s is None or abs(pace_s / state.pace_s - 1.0) > threshold / 2
     if current == state.straggler and not moved:

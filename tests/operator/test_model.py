@@ -1,0 +1,62 @@
+"""Spec parsing: defaults, and one readable line for every bad input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from perseus_operator.model import SpecError, parse_spec
+
+
+def spec(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "selector": {"matchLabels": {"job": "gpt"}},
+        "pipeline": {"stages": 4, "microbatches": 8, "dataParallel": 2},
+        "profile": {"import": {"configMap": "gpt-profile"}},
+        "blockingPowerW": 83.64,
+    }
+    base.update(over)
+    return base
+
+
+def test_defaults() -> None:
+    s = parse_spec(spec())
+    assert s.mode == "Optimize" and not s.suspend and s.max_slowdown == 0
+    assert s.pipeline.tensor_parallel == 1 and s.pipeline.ranks == 8
+    assert s.stragglers.enabled and s.stragglers.threshold == 0.05
+    assert s.profile.import_ is not None and s.profile.import_.key == "profile.csv"
+    assert s.selector.as_query() == "job=gpt"
+
+
+@pytest.mark.parametrize(
+    ("over", "fragment"),
+    [
+        ({"pipeline": {"stages": 0, "microbatches": 8}}, "spec.pipeline.stages"),
+        ({"mode": "Fast"}, "spec.mode"),
+        ({"blockingPowerW": float("nan")}, "spec.blockingPowerW"),
+        ({"blockingPowerW": -1}, "spec.blockingPowerW"),
+        ({"profile": {}}, "set exactly one of measure or import"),
+        (
+            {"profile": {"measure": {}, "import": {"configMap": "x"}}},
+            "set exactly one of measure or import",
+        ),
+        (
+            {"profile": {"measure": {"frequencies": {"minMHz": 1400, "maxMHz": 900}}}},
+            "minMHz (1400) exceeds maxMHz (900)",
+        ),
+        ({"selector": {"matchLabels": {}}}, "spec.selector.matchLabels"),
+        ({"unknownField": 1}, "spec.unknownField"),
+    ],
+)
+def test_bad_specs_give_one_line(over: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec(**over))
+    message = str(info.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_label_selector_matching() -> None:
+    s = parse_spec(spec(selector={"matchLabels": {"job": "gpt", "team": "a"}}))
+    assert s.selector.matches({"job": "gpt", "team": "a", "x": "y"})
+    assert not s.selector.matches({"job": "gpt"})
