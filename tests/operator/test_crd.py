@@ -1,4 +1,4 @@
-"""The CRD YAML is generated from the models: stale YAML fails here, and the schema is structural."""
+"""The CRD YAML is generated from the models: stale YAML fails here; the schema is structural."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from perseus_operator.reconcile import (
     Announce,
     ApplySchedule,
     CondSpec,
+    Decision,
     Entry,
     FrontierView,
     NodeView,
@@ -76,7 +77,7 @@ def ready_obs(**over: Any) -> Observed:
     return replace(obs, **over)
 
 
-def cond(decision: Any, name: str) -> CondSpec:
+def cond(decision: Decision, name: str) -> CondSpec:
     return next(c for c in decision.conditions if c.type == name)
 
 

@@ -7,13 +7,13 @@ import pytest
 
 from perseus_operator.straggler import Sample, StragglerState, update
 
-KW = {"threshold": 0.05, "iterations": 3}
-
 
 def feed(
     state: StragglerState, spans: dict[int, float], predicted: dict[int, float]
 ) -> tuple[StragglerState, bool]:
-    verdict = update(state, [Sample(d, s, predicted[d]) for d, s in spans.items()], **KW)
+    verdict = update(
+        state, [Sample(d, s, predicted[d]) for d, s in spans.items()], threshold=0.05, iterations=3
+    )
     return verdict.state, verdict.changed
 
 
@@ -61,7 +61,7 @@ def test_follows_the_slowest_and_its_pace_moves() -> None:
         state, _ = feed(state, {0: 1.1, 1: 1.4, 2: 1.0}, pred)
     assert state.straggler == 1
     for _ in range(3):
-        state, changed = feed(state, {0: 1.1, 1: 1.6, 2: 1.0}, pred)
+        state, _ = feed(state, {0: 1.1, 1: 1.6, 2: 1.0}, pred)
     assert state.straggler == 1 and state.pace_s == pytest.approx(1.6)
 
 
@@ -74,7 +74,9 @@ def test_between_thresholds_neither_detects_nor_recovers() -> None:
 
 
 def test_ignores_non_positive_and_rejects_bad_settings() -> None:
-    state = update(StragglerState(), [Sample(0, 0.0, 1.0), Sample(0, 1.0, -1.0)], **KW).state
+    state = update(
+        StragglerState(), [Sample(0, 0.0, 1.0), Sample(0, 1.0, -1.0)], threshold=0.05, iterations=3
+    ).state
     assert state.slow_runs == {} and state.ok_runs == {}
     with pytest.raises(ValueError):
         update(StragglerState(), [], threshold=0, iterations=3)
