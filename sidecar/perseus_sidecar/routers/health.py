@@ -23,7 +23,7 @@ async def readyz(node: NodeDep) -> JSONResponse:
         out = ReadyOut(ready=False, reason=f"GPU backend failed: {node.gpu_error}")
     elif not node.gpus:
         out = ReadyOut(
-            ready=False, reason="no GPU is visible to the sidecar (NVIDIA_VISIBLE_DEVICES?)"
+            ready=False, reason="no GPU visible to the sidecar (NVIDIA_VISIBLE_DEVICES?)"
         )
     elif usable == 0:
         out = ReadyOut(ready=False, reason="no visible GPU can be managed (MIG/MPS/time-sliced)")
