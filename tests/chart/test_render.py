@@ -3,6 +3,8 @@ build fetches it); skipped where helm is absent."""
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Any
 
 import pytest
@@ -88,6 +90,8 @@ def test_sidecar_lands_on_gpu_nodes_and_is_reachable_on_host_ports(
     assert pod["automountServiceAccountToken"] is False
     assert "runtimeClassName" not in pod and "priorityClassName" not in pod
     ctr = container(default, "DaemonSet/perseus-sidecar")
+    assert ctr["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
     ports = {p["name"]: (p["containerPort"], p["hostPort"]) for p in ctr["ports"]}
     assert ports == {"http": (8080, 8080), "events": (8081, 8081)}
     env = {e["name"]: e for e in ctr["env"]}
@@ -190,3 +194,50 @@ def test_crd_keep_policy_is_a_value() -> None:
     assert not any(
         k.startswith("CustomResourceDefinition/") for k in render("--set", "crds.install=false")
     )
+
+
+def _rendered_env(objs: dict[str, Obj], workload: str, configmap: str) -> dict[str, str]:
+    """The literal environment a container gets: its ConfigMap (envFrom) plus plain env values;
+    downward-API values are stood in for by a sample."""
+    env: dict[str, str] = dict(objs[configmap]["data"])
+    for item in container(objs, workload)["env"]:
+        env[item["name"]] = item.get("value", "from-downward-api")
+    return env
+
+
+@pytest.mark.parametrize(
+    ("workload", "configmap", "prefix", "settings_module"),
+    [
+        (
+            "Deployment/perseus-operator",
+            "ConfigMap/perseus-operator",
+            "PERSEUS_OPERATOR_",
+            "perseus_operator.settings",
+        ),
+        (
+            "DaemonSet/perseus-sidecar",
+            "ConfigMap/perseus-sidecar",
+            "PERSEUS_SIDECAR_",
+            "perseus_sidecar.settings",
+        ),
+    ],
+)
+def test_every_rendered_setting_is_one_the_component_reads(
+    default: dict[str, Obj],
+    monkeypatch: pytest.MonkeyPatch,
+    workload: str,
+    configmap: str,
+    prefix: str,
+    settings_module: str,
+) -> None:
+    settings_cls = importlib.import_module(settings_module).Settings
+    env = _rendered_env(default, workload, configmap)
+    ours = {k: v for k, v in env.items() if k.startswith(prefix)}
+    unknown = [k for k in ours if k[len(prefix) :].lower() not in settings_cls.model_fields]
+    assert unknown == [], f"{workload} sets variables {settings_module} ignores"
+    for key in [k for k in os.environ if k.startswith(prefix)]:
+        monkeypatch.delenv(key)
+    for key, value in ours.items():
+        monkeypatch.setenv(key, value)
+    settings = settings_cls()
+    assert str(settings.token_file) == "/var/run/perseus/operator-token/token"
