@@ -24,7 +24,7 @@ critical paths through it. We build plans on the real discrete options in two mo
    fits its float, preferring ``c + μ*t`` with μ stepping down from λ to 0 so that float goes to
    the instructions that save most per second first.
 
-Deadlines are spaced 0.1% of T0 apart from the fastest plan on, so consecutive plans stay close;
+Deadlines are spaced 0.1% of T0 apart (at most 400 of them) from the fastest plan on, so consecutive plans stay close;
 every candidate is costed exactly and the frontier keeps the useful ones.
 """
 
@@ -48,7 +48,8 @@ IntArray = npt.NDArray[np.int64]
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` while the frontier is searched."""
 
-GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0
+GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0 ...
+MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the work
 _PAD = 1e30  # padded options: never fit any float, never cheapest
 _FILL_STEPS = 4  # μ = λ, λ/4, λ/16, 0
 _POLISH_BASES = 3
@@ -239,7 +240,7 @@ class _Search:
         t0, _ = self.baseline()
         fastest_t = min(t for t, *_ in ladder)
         slowest_t = max(t for t, *_ in ladder)
-        step = GRID_FRACTION * t0
+        step = max(GRID_FRACTION * t0, (slowest_t - fastest_t) / MAX_DEADLINES)
         deadlines = [float(d) for d in np.arange(fastest_t, slowest_t + step, step)]
         for n, deadline in enumerate(deadlines):
             fitting = [rung for rung in ladder if rung[0] <= deadline]
