@@ -24,8 +24,9 @@ critical paths through it. We build plans on the real discrete options in two mo
    fits its float, preferring ``c + μ*t`` with μ stepping down from λ to 0 so that float goes to
    the instructions that save most per second first.
 
-Deadlines are spaced 0.1% of T0 apart (at most 400 of them) from the fastest plan on, so consecutive plans stay close;
-every candidate is costed exactly and the frontier keeps the useful ones.
+Deadlines are spaced 0.1% of T0 apart (at most 400 of them) from the fastest plan on, so
+consecutive plans stay close; every candidate is costed exactly and the frontier keeps the useful
+ones.
 """
 
 from __future__ import annotations
