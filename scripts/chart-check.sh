@@ -93,7 +93,11 @@ for docs in (default, options):
         sel = sel.get("matchLabels", sel) if isinstance(sel, dict) else {}
         assert "helm.sh/chart" not in sel, f"helm.sh/chart in the selector of {d['kind']}"
 assert not any(d["kind"] == "Secret" for d in options), "existingSecret must suppress the chart's Secret"
-rb = [d["metadata"]["namespace"] for d in options if d["kind"] == "RoleBinding"]
+rb = [
+    d["metadata"]["namespace"]
+    for d in options
+    if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == "perseus-operator"
+]
 assert rb == ["team-a", "team-b"], rb
 print("    default render:", ", ".join(kinds(default)))
 PY
@@ -154,10 +158,12 @@ scripts/sa-kubeconfig.sh "$NS" perseus-operator "$WORK/operator.kubeconfig" >/de
 can() { KUBECONFIG=$WORK/operator.kubeconfig "$KUBECTL" auth can-i "$@" 2>/dev/null || true; }
 allowed=("watch energypolicies.perseus.dev -n $JOBS" "patch energypolicies.perseus.dev --subresource=status -n $JOBS"
   "update energypolicies.perseus.dev --subresource=finalizers -n $JOBS" "list pods -n $JOBS" "watch pods -n $JOBS"
-  "create secrets -n $JOBS" "delete secrets -n $JOBS" "get configmaps -n $JOBS" "create events -n $JOBS"
+  "create secrets -n $JOBS" "patch secrets -n $JOBS" "get configmaps -n $JOBS" "create events -n $JOBS"
+  "create configmaps -n $NS" "update configmaps -n $NS" "watch pods -n $NS"
   "watch customresourcedefinitions.apiextensions.k8s.io")
 denied=("delete energypolicies.perseus.dev -n $JOBS" "update energypolicies.perseus.dev -n $JOBS" "create energypolicies.perseus.dev -n $JOBS"
-  "list secrets -n $JOBS" "delete pods -n $JOBS" "create pods -n $JOBS" "update configmaps -n $JOBS"
+  "list secrets -n $JOBS" "delete secrets -n $JOBS"
+  "delete pods -n $JOBS" "create pods -n $JOBS" "update configmaps -n $JOBS" "delete configmaps -n $NS"
   "create customresourcedefinitions.apiextensions.k8s.io" "get nodes/proxy")
 for a in "${allowed[@]}"; do
   # shellcheck disable=SC2086

@@ -149,7 +149,7 @@ def test_rbac_grants_status_apart_and_nothing_broad(default: dict[str, Obj]) -> 
     assert by_resource["energypolicies/status"] == {"get", "patch", "update"}
     assert "update" not in by_resource["energypolicies"]
     assert "delete" not in by_resource["energypolicies"]
-    assert "list" not in by_resource["secrets"]
+    assert by_resource["secrets"] == {"get", "create", "patch"}
     assert by_resource["pods"] == {"get", "list", "watch"}
     every = [v for rule in rules for v in rule["verbs"]] + [
         r for rule in rules for r in rule["resources"]
@@ -161,7 +161,11 @@ def test_watched_namespaces_get_role_bindings_instead_of_a_cluster_binding() -> 
     args = ("--set", "operator.watchNamespaces={team-a,team-b}")
     objs = render(*args)
     assert "ClusterRoleBinding/perseus-operator" not in objs
-    bindings = [o for o in render_all(*args) if o["kind"] == "RoleBinding"]
+    bindings = [
+        o
+        for o in render_all(*args)
+        if o["kind"] == "RoleBinding" and o["roleRef"]["name"] == "perseus-operator"
+    ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     assert objs["ConfigMap/perseus-operator"]["data"]["PERSEUS_OPERATOR_NAMESPACES"] == (
         "team-a,team-b"
