@@ -136,6 +136,8 @@ def create_app(settings: Settings, backend: GpuBackend | None = None) -> FastAPI
     app.add_middleware(GuardMiddleware, node=node, max_body_bytes=settings.max_body_bytes)
     for module in (health, gpus, jobs, ranks, schedules, profiling, timings, clocks):
         app.include_router(module.router, prefix="/v1")
+    # Probe paths at the root too, where kubelet probes conventionally look.
+    app.include_router(health.router, include_in_schema=False)
     _add_error_handlers(app)
 
     @app.get("/metrics", include_in_schema=False)

@@ -33,6 +33,8 @@ def test_health_and_readiness_need_no_token(client: TestClient) -> None:
     assert r.status_code == 200
     assert r.json()["ready"] is True
     assert r.json()["usable_gpus"] == 4
+    assert client.get("/healthz").status_code == 200  # root aliases for kubelet probes
+    assert client.get("/readyz").status_code == 200
 
 
 def test_readiness_reports_zero_gpus(
