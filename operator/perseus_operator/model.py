@@ -25,6 +25,7 @@ __all__ = [
     "ImportProfile",
     "LabelSelector",
     "Measure",
+    "MeasuredBaseline",
     "Mode",
     "Phase",
     "Pipeline",
@@ -239,6 +240,17 @@ class StragglerStatus(_Model):
     since: str | None = None
 
 
+class MeasuredBaseline(_Model):
+    """Energy per iteration of the whole job with every GPU at its maximum clock, measured before
+    the first schedule; kept so an operator restart does not measure it again."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    energy_joules: float
+    iteration_time_seconds: float
+    gpus: int
+
+
 class EnergyPolicyStatus(_Model):
     """What the operator observed and did; small by design."""
 
@@ -255,3 +267,4 @@ class EnergyPolicyStatus(_Model):
     predicted_saving_percent: float | None = None
     measured_saving_percent: float | None = None
     straggler: StragglerStatus | None = None
+    measured_baseline: MeasuredBaseline | None = None

@@ -1,0 +1,726 @@
+"""One policy's reconcile loop: gather an observation, call the pure `decide`, act, write status.
+
+The kopf handlers (`handlers.py`) run :meth:`Controller.run_policy` as a daemon per EnergyPolicy
+and wake it on spec changes. Everything slow or remote happens here: sidecar calls (through
+`SidecarGateway`), planning (in a worker thread), the profile store and the status patch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from perseus_operator import reconcile as rc
+from perseus_operator.model import EnergyPolicySpec, SpecError, parse_spec
+from perseus_operator.planner import (
+    Frontier,
+    PipelineShape,
+    Plan,
+    compute_frontier,
+    plan_for_no_straggler,
+    plan_for_straggler,
+    stage_spans,
+)
+from perseus_operator.profiling import ProfileSession
+from perseus_operator.sidecars import NodeSnapshot, SidecarGateway, SidecarUnreachableError
+from perseus_operator.straggler import Sample, StragglerState
+from perseus_operator.straggler import update as straggler_update
+from perseus_profiles import ProfileError, StageProfile, parse_profile_csv
+
+__all__ = ["Controller", "PodRecord", "PolicyRuntime", "Store", "cleanup_policy"]
+
+log = logging.getLogger("perseus.operator")
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    """What the pod index keeps per pod: enough to select, announce and place it."""
+
+    name: str
+    uid: str
+    labels: Mapping[str, str]
+    phase: str
+    pod_ip: str | None
+    host_ip: str | None
+    node_name: str | None
+    host_network: bool
+
+    def view(self) -> rc.PodView:
+        return rc.PodView(
+            self.name,
+            self.uid,
+            self.phase,
+            self.pod_ip,
+            self.host_ip,
+            self.node_name,
+            self.host_network,
+        )
+
+
+class Store(Protocol):
+    """The Kubernetes calls the controller makes (`kube.Kube` in production, a fake in tests)."""
+
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
+
+    async def ensure_job_token(self, namespace: str, policy: str, policy_uid: str) -> str: ...
+
+    async def read_configmap_key(self, namespace: str, name: str, key: str) -> str | None: ...
+
+    async def store_profile(
+        self,
+        namespace: str,
+        *,
+        gpu_model: str,
+        stages: int,
+        tensor_parallel: int,
+        key: str,
+        csv_text: str,
+        source: str,
+    ) -> str: ...
+
+    async def load_profile(
+        self, namespace: str, gpu_model: str, stages: int, tensor_parallel: int, key: str
+    ) -> tuple[str, str] | None: ...
+
+
+EventSink = Callable[[Mapping[str, Any], rc.EventSpec], None]
+
+
+@dataclass
+class Regime:
+    """A stretch of time under one schedule (or none): measurements only count inside it."""
+
+    name: str
+    since_wall_s: float
+
+
+@dataclass
+class PolicyRuntime:
+    """In-memory state of one policy; what must survive a restart is in its status and in the
+    profile store, from which it is rebuilt."""
+
+    namespace: str
+    name: str
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    token: str | None = None
+    profile: StageProfile | None = None
+    profile_sig: tuple[Any, ...] | None = None
+    profile_msg: str = ""
+    profile_error: str | None = None
+    profile_cm: str | None = None
+    profiling: ProfileSession | None = None
+    frontier: Frontier | None = None
+    frontier_sig: tuple[Any, ...] | None = None
+    plan: rc.PlanView | None = None
+    straggler: StragglerState = field(default_factory=StragglerState)
+    straggler_plan: rc.PlanView | None = None
+    last_spans: dict[int, float] = field(default_factory=dict)
+    regime: Regime = field(default_factory=lambda: Regime("none", 0.0))
+    baseline_j: float | None = None
+    baseline_iteration_s: float | None = None
+    baseline_gpus: int = 0
+    measured_saving: float | None = None
+    had_pods: bool = False
+    was_optimizing: bool = False
+    last_status: dict[str, Any] = field(default_factory=dict)
+    gpu_models: dict[str, tuple[str, frozenset[int]]] = field(default_factory=dict)
+
+
+class Controller:
+    """Shared by every policy daemon: the API facade, the sidecar gateway and the indices."""
+
+    def __init__(
+        self,
+        store: Store,
+        gateway: SidecarGateway,
+        *,
+        profile_namespace: str,
+        baseline_iterations: int = 5,
+        measure_iterations: int = 5,
+        max_window_s: float = 60.0,
+        emit: EventSink | None = None,
+    ) -> None:
+        self.store = store
+        self.gateway = gateway
+        self.profile_namespace = profile_namespace
+        self.baseline_iterations = baseline_iterations
+        self.measure_iterations = measure_iterations
+        self.max_window_s = max_window_s
+        self.emit: EventSink = emit or (lambda body, event: None)
+        self.runtimes: dict[tuple[str, str], PolicyRuntime] = {}
+
+    def runtime(self, namespace: str, name: str) -> PolicyRuntime:
+        key = (namespace, name)
+        if key not in self.runtimes:
+            self.runtimes[key] = PolicyRuntime(namespace, name)
+        return self.runtimes[key]
+
+    def wake(self, namespace: str, name: str) -> None:
+        rt = self.runtimes.get((namespace, name))
+        if rt is not None:
+            rt.wake.set()
+
+    async def run_policy(
+        self,
+        body: Mapping[str, Any],
+        *,
+        pods: Callable[[], Iterable[PodRecord]],
+        sidecars: Callable[[], Mapping[str, str]],
+        others: Callable[[], Iterable[Mapping[str, Any]]],
+        stopped: Callable[[], bool],
+        tick_s: float,
+    ) -> None:
+        """The daemon body: reconcile every `tick_s` or as soon as woken, until stopped."""
+        meta = body["metadata"]
+        rt = self.runtime(meta["namespace"], meta["name"])
+        while not stopped() and not body["metadata"].get("deletionTimestamp"):
+            try:
+                await self.reconcile_once(body, rt, list(pods()), sidecars(), list(others()))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile of %s/%s failed; retrying", rt.namespace, rt.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.wake.wait(), timeout=tick_s)
+            rt.wake.clear()
+
+    # ---- one pass ----------------------------------------------------------------------------
+
+    async def reconcile_once(
+        self,
+        body: Mapping[str, Any],
+        rt: PolicyRuntime,
+        pods: list[PodRecord],
+        sidecars: Mapping[str, str],
+        others: list[Mapping[str, Any]],
+    ) -> rc.Decision:
+        meta = body["metadata"]
+        generation = int(meta.get("generation") or 0)
+        status = body.get("status") or {}
+        if not rt.last_status and status:
+            self._resume(rt, status)
+        try:
+            spec: EnergyPolicySpec | None = parse_spec(body.get("spec") or {})
+            spec_error = None
+        except SpecError as exc:
+            spec, spec_error = None, str(exc)
+        selected = [p for p in pods if spec is not None and spec.selector.matches(dict(p.labels))]
+        conflict = _conflict(meta, selected, others) if spec is not None else None
+        running = [p for p in selected if p.view().running]
+        rt.had_pods = rt.had_pods or bool(selected)
+        nodes: dict[str, rc.NodeView] = {}
+        snapshots: dict[str, NodeSnapshot] = {}
+        if spec is not None and running and conflict is None:
+            if rt.token is None:
+                rt.token = await self.store.ensure_job_token(rt.namespace, rt.name, meta["uid"])
+            nodes, snapshots = await self._observe_nodes(rt, running, sidecars)
+        elif rt.last_status.get("phase") in ("Optimizing", "Degraded", "Planning", "Profiling"):
+            # Stopping: reach every node the job used so its schedules can be removed.
+            nodes, snapshots = await self._observe_nodes(rt, [], sidecars)
+        obs = rc.Observed(
+            generation=generation,
+            spec=spec,
+            spec_error=spec_error,
+            conflict_with=conflict,
+            pods=tuple(p.view() for p in selected),
+            had_pods=rt.had_pods,
+            nodes=nodes,
+            was_optimizing=rt.was_optimizing,
+        )
+        if spec is not None and conflict is None and running and not spec.suspend:
+            obs = await self._plan_inputs(rt, spec, obs, snapshots)
+        decision = rc.decide(obs)
+        await self._act(rt, decision, snapshots, spec)
+        rt.was_optimizing = decision.optimizing
+        await self._write_status(body, rt, decision, generation)
+        return decision
+
+    def _resume(self, rt: PolicyRuntime, status: Mapping[str, Any]) -> None:
+        """After an operator restart: the measured baseline and phase come from the status."""
+        base = status.get("measuredBaseline") or {}
+        if base.get("energyJoules") and base.get("iterationTimeSeconds"):
+            rt.baseline_j = float(base["energyJoules"])
+            rt.baseline_iteration_s = float(base["iterationTimeSeconds"])
+            rt.baseline_gpus = int(base.get("gpus") or 0)
+        rt.was_optimizing = status.get("phase") in ("Optimizing", "Degraded")
+        rt.had_pods = status.get("phase") in ("Optimizing", "Degraded", "Completed")
+        rt.last_status = dict(status)
+
+    async def _observe_nodes(
+        self, rt: PolicyRuntime, running: list[PodRecord], sidecars: Mapping[str, str]
+    ) -> tuple[dict[str, rc.NodeView], dict[str, NodeSnapshot]]:
+        wanted = {p.node_name for p in running if p.node_name}
+        wanted |= set(rt.gpu_models)  # nodes the job used before: schedules may remain there
+        window_s = self._window_s(rt)
+
+        async def one(node: str) -> tuple[str, rc.NodeView, NodeSnapshot | None]:
+            address = sidecars.get(node)
+            if address is None:
+                return node, rc.NodeView(has_sidecar=False), None
+            try:
+                snap = await self.gateway.snapshot(address, rt.namespace, rt.name, window_s)
+            except SidecarUnreachableError as exc:
+                return node, rc.NodeView(True, False, unreachable_reason=str(exc)), None
+            if node not in rt.gpu_models:
+                rt.gpu_models[node] = snap.gpu_model
+            view = rc.NodeView(
+                has_sidecar=True,
+                reachable=True,
+                announced_pods=snap.announced_pods,
+                ranks=tuple(
+                    rc.RankView(r.data_rank, r.pipeline_rank, r.tensor_rank, r.pod)
+                    for r in snap.timings.ranks
+                )
+                if snap.timings is not None
+                else (),
+                entries=snap.entries,
+            )
+            return node, view, snap
+
+        results = await asyncio.gather(*(one(n) for n in sorted(wanted)))
+        views = {n: v for n, v, _ in results}
+        snaps = {n: s for n, _, s in results if s is not None}
+        return views, snaps
+
+    def _window_s(self, rt: PolicyRuntime) -> float:
+        if rt.regime.since_wall_s <= 0:
+            return self.max_window_s
+        return max(0.001, min(self.max_window_s, time.time() - rt.regime.since_wall_s))
+
+    # ---- profile, frontier, plans, stragglers, energy ---------------------------------------
+
+    async def _plan_inputs(
+        self,
+        rt: PolicyRuntime,
+        spec: EnergyPolicySpec,
+        obs: rc.Observed,
+        snaps: Mapping[str, NodeSnapshot],
+    ) -> rc.Observed:
+        registered = sum(len(v.ranks) for v in obs.nodes.values())
+        if not snaps or (registered < spec.pipeline.ranks and rt.profile is None):
+            return obs
+        await self._ensure_profile(rt, spec, snaps)
+        if rt.profile_error is not None:
+            return replace(obs, profile=rc.ProfileView("invalid", rt.profile_error))
+        if rt.profile is None:
+            state = "measuring" if rt.profiling is not None else "missing"
+            return replace(obs, profile=rc.ProfileView(state, rt.profile_msg))  # type: ignore[arg-type]
+        obs = replace(obs, profile=rc.ProfileView("ready", rt.profile_msg))
+        await self._ensure_frontier(rt, spec)
+        if rt.frontier is None or rt.plan is None:
+            return obs
+        frontier = rt.frontier
+        fview = _frontier_view(frontier)
+        obs = replace(obs, frontier=fview, plan=rt.plan)
+        if spec.mode == "Observe":
+            return obs
+        timings = [s.timings for s in snaps.values() if s.timings is not None]
+        self._track_stragglers(rt, spec, timings)
+        obs = replace(
+            obs,
+            straggler=rt.straggler.straggler,
+            straggler_plan=rt.straggler_plan,
+            straggler_pace_s=rt.straggler.pace_s,
+        )
+        self._measure_energy(rt, spec, snaps, obs)
+        return replace(
+            obs,
+            baseline_ready=rt.baseline_j is not None,
+            measured_saving_percent=rt.measured_saving,
+        )
+
+    async def _ensure_profile(
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, snaps: Mapping[str, NodeSnapshot]
+    ) -> None:
+        model, clocks = next(iter(sorted(s.gpu_model for s in snaps.values())))
+        source = spec.profile
+        sig = (
+            model,
+            spec.pipeline.stages,
+            spec.pipeline.tensor_parallel,
+            spec.profile_key,
+            source.import_.config_map if source.import_ else None,
+            source.import_.key if source.import_ else None,
+        )
+        if rt.profile_sig == sig and (rt.profile is not None or rt.profile_error is not None):
+            return
+        if rt.profile_sig != sig:
+            rt.profile, rt.profile_error, rt.profiling, rt.profile_sig = None, None, None, sig
+        all_clocks = frozenset.intersection(*(s.gpu_model[1] for s in snaps.values()))
+        stored = await self.store.load_profile(
+            self.profile_namespace,
+            model,
+            spec.pipeline.stages,
+            spec.pipeline.tensor_parallel,
+            spec.profile_key,
+        )
+        if stored is not None:
+            try:
+                profile = _check_profile(parse_profile_csv(stored[1]), spec, all_clocks)
+            except ProfileError as exc:
+                log.warning("stored profile %s unusable (%s); fetching again", stored[0], exc)
+            else:
+                rt.profile, rt.profile_cm = profile, stored[0]
+                rt.profile_msg = f"stored profile {self.profile_namespace}/{stored[0]} ({model})"
+                return
+        if source.import_ is not None:
+            imp = source.import_
+            text = await self.store.read_configmap_key(rt.namespace, imp.config_map, imp.key)
+            if text is None:
+                rt.profile_msg = f"waiting for ConfigMap {imp.config_map} with key {imp.key}"
+                rt.profile_sig = None  # look again next time
+                return
+            try:
+                profile = _check_profile(parse_profile_csv(text), spec, all_clocks)
+            except ProfileError as exc:
+                rt.profile_error = f"ConfigMap {imp.config_map} key {imp.key}: {exc}"
+                return
+            source_note = f"imported from {rt.namespace}/{imp.config_map}"
+        else:
+            assert source.measure is not None
+            profile_or_none = await self._measure_profile(rt, spec, snaps, clocks)
+            if profile_or_none is None:
+                return
+            profile, source_note = profile_or_none, "measured through the sidecars"
+        name = await self.store.store_profile(
+            self.profile_namespace,
+            gpu_model=model,
+            stages=spec.pipeline.stages,
+            tensor_parallel=spec.pipeline.tensor_parallel,
+            key=spec.profile_key,
+            csv_text=profile.to_csv(),
+            source=source_note,
+        )
+        rt.profile, rt.profile_cm = profile, name
+        rt.profile_msg = f"{source_note}; stored as {self.profile_namespace}/{name} ({model})"
+
+    async def _measure_profile(
+        self,
+        rt: PolicyRuntime,
+        spec: EnergyPolicySpec,
+        snaps: Mapping[str, NodeSnapshot],
+        clocks: frozenset[int],
+    ) -> StageProfile | None:
+        measure = spec.profile.measure
+        assert measure is not None
+        if rt.profiling is None:
+            rt.profiling = ProfileSession.create(
+                clocks,
+                measure,
+                stages=spec.pipeline.stages,
+            )
+        session = rt.profiling
+        addresses = {n: s.address for n, s in snaps.items()}
+        try:
+            done = await session.step(self.gateway, addresses, rt.namespace, rt.name)
+        except (SidecarUnreachableError, ProfileError) as exc:
+            rt.profile_msg = f"profiling: {exc}"
+            return None
+        rt.profile_msg = session.progress()
+        if not done:
+            return None
+        rt.profiling = None
+        try:
+            return session.result()
+        except ProfileError as exc:
+            rt.profile_error = f"profiling produced no usable profile: {exc}"
+            return None
+
+    async def _ensure_frontier(self, rt: PolicyRuntime, spec: EnergyPolicySpec) -> None:
+        assert rt.profile is not None
+        shape = PipelineShape(spec.pipeline.stages, spec.pipeline.microbatches)
+        sig = (rt.profile_cm, id(rt.profile), shape, spec.blocking_power_w, spec.max_slowdown)
+        if rt.frontier_sig == sig:
+            return
+        profile = rt.profile
+        frontier = await asyncio.to_thread(compute_frontier, profile, shape, spec.blocking_power_w)
+        rt.frontier, rt.frontier_sig = frontier, sig
+        rt.plan = _plan_view(profile, frontier, plan_for_no_straggler(frontier, spec.max_slowdown))
+        rt.straggler, rt.straggler_plan, rt.last_spans = StragglerState(), None, {}
+
+    def _track_stragglers(
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, timings: list[Any]
+    ) -> None:
+        assert rt.plan is not None and rt.frontier is not None and rt.profile is not None
+        if not spec.stragglers.enabled or spec.pipeline.data_parallel < 2:
+            return
+        if rt.regime.name in ("none", "baseline"):
+            return
+        samples = []
+        for t in timings:
+            for p in t.pipelines:
+                span = p.stage0_span_last_s
+                if span is None or rt.last_spans.get(p.data_rank) == span:
+                    continue
+                rt.last_spans[p.data_rank] = span
+                plan = rt.plan
+                if rt.straggler.straggler not in (None, p.data_rank) and rt.straggler_plan:
+                    plan = rt.straggler_plan
+                samples.append(Sample(p.data_rank, span, plan.stage0_span_s))
+        if not samples:
+            return
+        verdict = straggler_update(
+            rt.straggler,
+            samples,
+            threshold=spec.stragglers.threshold,
+            iterations=spec.stragglers.iterations,
+        )
+        rt.straggler = verdict.state
+        if verdict.changed:
+            if verdict.state.straggler is None or verdict.state.pace_s is None:
+                rt.straggler_plan = None
+            else:
+                chosen = plan_for_straggler(rt.frontier, verdict.state.pace_s)
+                rt.straggler_plan = _plan_view(rt.profile, rt.frontier, chosen)
+
+    def _measure_energy(
+        self,
+        rt: PolicyRuntime,
+        spec: EnergyPolicySpec,
+        snaps: Mapping[str, NodeSnapshot],
+        obs: rc.Observed,
+    ) -> None:
+        ranks = [r for s in snaps.values() if s.timings is not None for r in s.timings.ranks]
+        expected = spec.pipeline.ranks
+        if len(ranks) < expected:
+            return
+        if rt.baseline_j is None:
+            if rt.regime.name != "baseline":
+                rt.regime = Regime("baseline", time.time())
+                return
+            if any(r.schedule_active for r in ranks):
+                return
+            if not _enough(ranks, self.baseline_iterations):
+                return
+            rt.baseline_j = sum(r.energy_per_iteration_mean_j or 0.0 for r in ranks)
+            rt.baseline_iteration_s = _mean([r.iteration_time_mean_s for r in ranks])
+            rt.baseline_gpus = len(ranks)
+            return
+        if not rt.regime.name.startswith("plan:"):
+            return
+        if not all(r.schedule_active for r in ranks) or not _enough(ranks, self.measure_iterations):
+            return
+        straggler = rt.straggler.straggler if rt.straggler_plan is not None else None
+        counted = [r for r in ranks if r.data_rank != straggler]
+        if not counted or rt.baseline_iteration_s is None:
+            return
+        energy = sum(r.energy_per_iteration_mean_j or 0.0 for r in counted)
+        iteration_s = _mean([r.iteration_time_mean_s for r in counted])
+        base = rt.baseline_j * len(counted) / max(rt.baseline_gpus, 1)
+        wait_s = max(0.0, (iteration_s or 0.0) - rt.baseline_iteration_s)
+        if straggler is not None:
+            base += spec.blocking_power_w * len(counted) * wait_s
+        rt.measured_saving = rc.saving_percent(energy, base)
+
+    # ---- acting and reporting -----------------------------------------------------------------
+
+    async def _act(
+        self,
+        rt: PolicyRuntime,
+        decision: rc.Decision,
+        snaps: Mapping[str, NodeSnapshot],
+        spec: EnergyPolicySpec | None,
+    ) -> None:
+        token_hash = hashlib.sha256((rt.token or "").encode()).hexdigest()
+        plan_regime = _regime_name(rt)
+        for action in decision.actions:
+            snap = snaps.get(action.node)
+            if snap is None:
+                continue
+            try:
+                if isinstance(action, rc.Announce):
+                    await self.gateway.announce(
+                        snap.address, rt.namespace, rt.name, token_hash, action.pods
+                    )
+                elif isinstance(action, rc.ApplySchedule):
+                    await self.gateway.apply(snap.address, rt.namespace, rt.name, action.entries)
+                    if rt.regime.name != plan_regime:
+                        rt.regime = Regime(plan_regime, time.time())
+                        rt.measured_saving = None
+                else:
+                    await self.gateway.remove(snap.address, rt.namespace, rt.name)
+            except SidecarUnreachableError as exc:
+                log.warning("%s/%s: %s on node %s", rt.namespace, rt.name, exc, action.node)
+        if decision.phase in ("Completed", "Failed") or (spec is not None and spec.suspend):
+            rt.regime = Regime("none", 0.0)
+
+    async def _write_status(
+        self, body: Mapping[str, Any], rt: PolicyRuntime, decision: rc.Decision, generation: int
+    ) -> None:
+        old = rt.last_status or dict(body.get("status") or {})
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        conditions = rc.merge_conditions(
+            old.get("conditions") or [], decision.conditions, generation, now
+        )
+        new: dict[str, Any] = {
+            "phase": decision.phase,
+            "observedGeneration": generation,
+            "conditions": conditions,
+            **decision.status,
+            "straggler": _straggler_status(rt, old),
+            "profileConfigMap": rt.profile_cm,
+        }
+        if rt.baseline_j is not None and rt.baseline_iteration_s is not None:
+            new["measuredBaseline"] = {
+                "energyJoules": round(rt.baseline_j, 3),
+                "iterationTimeSeconds": round(rt.baseline_iteration_s, 5),
+                "gpus": rt.baseline_gpus,
+            }
+        if new == {k: old.get(k) for k in new} and all(
+            old.get(k) is None for k in old if k not in new and k in _OWNED
+        ):
+            return
+        patch = dict(new)
+        for key in _OWNED:
+            if key not in patch and old.get(key) is not None:
+                patch[key] = None
+        await self.store.patch_status(rt.namespace, rt.name, patch)
+        for event in rc.events_between(
+            old.get("phase"), old.get("conditions") or [], decision.phase, decision.conditions
+        ):
+            self.emit(body, event)
+        rt.last_status = {k: v for k, v in new.items() if v is not None}
+
+
+_OWNED = (
+    "phase",
+    "observedGeneration",
+    "conditions",
+    "expectedRanks",
+    "registeredRanks",
+    "profileConfigMap",
+    "frontier",
+    "iterationTimeSeconds",
+    "predictedSavingPercent",
+    "measuredSavingPercent",
+    "straggler",
+    "measuredBaseline",
+)
+
+
+def _regime_name(rt: PolicyRuntime) -> str:
+    plan = rt.straggler_plan if rt.straggler_plan is not None else rt.plan
+    if plan is None:
+        return "none"
+    return f"plan:{rt.straggler.straggler}:{plan.iteration_time_s:.6f}"
+
+
+def _straggler_status(rt: PolicyRuntime, old: Mapping[str, Any]) -> dict[str, Any]:
+    state = rt.straggler
+    if state.straggler is None or state.pace_s is None or rt.plan is None:
+        return {"detected": False}
+    previous = old.get("straggler") or {}
+    since = previous.get("since") if previous.get("dataRank") == state.straggler else None
+    return {
+        "detected": True,
+        "dataRank": state.straggler,
+        "iterationTimeSeconds": round(state.pace_s, 4),
+        "slowdownPercent": round(100 * (state.pace_s / rt.plan.stage0_span_s - 1), 2),
+        "since": since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _enough(ranks: list[Any], iterations: int) -> bool:
+    return all(r.iterations >= iterations and r.energy_per_iteration_mean_j for r in ranks)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _conflict(
+    meta: Mapping[str, Any], selected: list[PodRecord], others: list[Mapping[str, Any]]
+) -> str | None:
+    """The name of an older policy (creation time, then name) selecting any of these pods."""
+    mine = (meta.get("creationTimestamp") or "", meta["name"])
+    names = {p.name for p in selected}
+    for other in others:
+        ometa = other["metadata"]
+        if ometa["name"] == meta["name"] or ometa.get("deletionTimestamp"):
+            continue
+        theirs = (ometa.get("creationTimestamp") or "", ometa["name"])
+        if theirs >= mine:
+            continue
+        try:
+            selector = parse_spec(other.get("spec") or {}).selector
+        except SpecError:
+            continue
+        if any(selector.matches(dict(p.labels)) for p in selected if p.name in names):
+            return str(ometa["name"])
+    return None
+
+
+def _check_profile(
+    profile: StageProfile, spec: EnergyPolicySpec, clocks: frozenset[int]
+) -> StageProfile:
+    if profile.num_stages != spec.pipeline.stages:
+        raise ProfileError(
+            f"profile has {profile.num_stages} stages but spec.pipeline.stages is"
+            f" {spec.pipeline.stages}"
+        )
+    unsupported = sorted(set(profile.frequencies_mhz) - clocks)
+    if clocks and unsupported:
+        shown = ", ".join(str(f) for f in unsupported[:5])
+        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
+        raise ProfileError(f"clocks {shown}{more} MHz are not supported by the nodes' GPUs")
+    return profile
+
+
+def _plan_view(profile: StageProfile, frontier: Frontier, plan: Plan) -> rc.PlanView:
+    spans = stage_spans(profile, frontier.pipeline, plan.frequencies_mhz)
+    return rc.PlanView(
+        plan.iteration_time_s,
+        plan.energy_j,
+        frontier.order,
+        plan.frequencies_mhz,
+        spans[0][1] - spans[0][0],
+    )
+
+
+def _frontier_view(frontier: Frontier) -> rc.FrontierView:
+    star = frontier.t_star
+    return rc.FrontierView(
+        plans=len(frontier.plans),
+        min_time_s=frontier.fastest.iteration_time_s,
+        energy_at_min_time_j=frontier.fastest.energy_j,
+        min_energy_time_s=star.iteration_time_s,
+        min_energy_j=star.energy_j,
+        baseline_time_s=frontier.t0_s,
+        baseline_energy_j=frontier.baseline_energy_j,
+    )
+
+
+async def cleanup_policy(
+    gateway: SidecarGateway,
+    addresses: Iterable[str],
+    namespace: str,
+    name: str,
+    *,
+    attempts: int,
+    delay_s: float = 0.5,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> list[str]:
+    """Finalizer work: forget the job on every sidecar (which resets the clocks it locked), with
+    bounded retries. Returns the addresses that could not be reached."""
+    left = sorted(set(addresses))
+    for attempt in range(attempts):
+        failed = []
+        for address in left:
+            try:
+                await gateway.forget(address, namespace, name)
+            except SidecarUnreachableError:
+                failed.append(address)
+        left = failed
+        if not left:
+            break
+        if attempt + 1 < attempts:
+            await sleep(delay_s * (2**attempt))
+    return left

@@ -1,0 +1,206 @@
+"""The operator's view of the node sidecars: one snapshot per node per reconcile, and the
+control calls (announce, schedule, remove, forget, profiling) with the operator's token.
+
+Request and response bodies are the sidecar's own models (`perseus_sidecar.api`), so a contract
+change breaks type checks here rather than at run time. A sidecar that cannot be reached or
+answers 5xx raises :class:`SidecarUnreachableError` with a one-line reason; a 4xx (a bug on our
+side) raises :class:`SidecarRejectedError` with the sidecar's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from perseus_operator import reconcile as rc
+from perseus_sidecar.api import (
+    GpusOut,
+    JobAnnouncement,
+    JobOut,
+    PodAnnouncement,
+    ProfilingRequest,
+    ProfilingStatus,
+    ScheduleEntry,
+    ScheduleIn,
+    ScheduleOut,
+    TimingsOut,
+)
+
+__all__ = ["NodeSnapshot", "SidecarGateway", "SidecarRejectedError", "SidecarUnreachableError"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class SidecarUnreachableError(Exception):
+    """The sidecar did not answer (connection refused, timeout, 5xx)."""
+
+
+class SidecarRejectedError(SidecarUnreachableError):
+    """The sidecar refused a request (4xx): the message is its own."""
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    address: str
+    gpu_model: tuple[str, frozenset[int]]
+    """(GPU name, SM clocks every usable GPU of the node supports)."""
+    announced_pods: frozenset[str]
+    entries: frozenset[rc.Entry]
+    timings: TimingsOut | None
+
+
+class SidecarGateway:
+    """Talks to any number of sidecars over one pooled HTTP client."""
+
+    def __init__(self, token: str, timeout_s: float = 2.0) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=timeout_s,
+            headers={"Authorization": f"Bearer {token}"},
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=256),
+        )
+        self._gpus: dict[str, tuple[str, frozenset[int]]] = {}
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _call(
+        self,
+        method: str,
+        address: str,
+        path: str,
+        *,
+        body: BaseModel | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> httpx.Response | None:
+        """The response, or None for a 404; raises on anything else that is not a success."""
+        url = f"http://{address}/v1{path}"
+        content = body.model_dump_json().encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        try:
+            resp = await self._client.request(
+                method, url, content=content, params=params, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            raise SidecarUnreachableError(
+                f"{address}: {type(exc).__name__} {exc}".strip()
+            ) from None
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 500:
+            raise SidecarUnreachableError(f"{address}: HTTP {resp.status_code}")
+        if resp.status_code >= 400:
+            raise SidecarRejectedError(f"{address}: HTTP {resp.status_code}: {_detail(resp)}")
+        return resp
+
+    async def _get(
+        self, address: str, path: str, model: type[M], params: Mapping[str, Any] | None = None
+    ) -> M | None:
+        resp = await self._call("GET", address, path, params=params)
+        if resp is None:
+            return None
+        try:
+            return model.model_validate_json(resp.content)
+        except ValidationError as exc:
+            raise SidecarUnreachableError(
+                f"{address}: unexpected {model.__name__}: {exc}"
+            ) from None
+
+    async def gpu_model(self, address: str) -> tuple[str, frozenset[int]]:
+        cached = self._gpus.get(address)
+        if cached is not None:
+            return cached
+        gpus = await self._get(address, "/gpus", GpusOut)
+        usable = [g for g in (gpus.gpus if gpus else []) if g.usable]
+        if not usable:
+            raise SidecarUnreachableError(f"{address}: no usable GPU")
+        clocks = frozenset.intersection(*(frozenset(g.supported_sm_clocks_mhz) for g in usable))
+        result = (usable[0].name, clocks)
+        self._gpus[address] = result
+        return result
+
+    async def snapshot(
+        self, address: str, namespace: str, name: str, window_s: float
+    ) -> NodeSnapshot:
+        job_path = f"/jobs/{namespace}/{name}"
+        model = await self.gpu_model(address)
+        job = await self._get(address, job_path, JobOut)
+        if job is None:
+            return NodeSnapshot(address, model, frozenset(), frozenset(), None)
+        schedule = await self._get(address, f"{job_path}/schedule", ScheduleOut)
+        timings = await self._get(
+            address, f"{job_path}/timings", TimingsOut, params={"window_s": f"{window_s:.3f}"}
+        )
+        entries = frozenset(
+            rc.Entry(e.data_rank, e.pipeline_rank, tuple(e.order), tuple(e.frequencies_mhz))
+            for e in (schedule.entries if schedule else [])
+        )
+        return NodeSnapshot(address, model, frozenset(p.name for p in job.pods), entries, timings)
+
+    async def announce(
+        self,
+        address: str,
+        namespace: str,
+        name: str,
+        token_sha256: str,
+        pods: Iterable[rc.PodView],
+    ) -> None:
+        body = JobAnnouncement(
+            token_sha256=token_sha256,
+            pods=[
+                PodAnnouncement(
+                    namespace=namespace,
+                    name=p.name,
+                    uid=p.uid,
+                    ip=p.pod_ip or "",
+                    host_network=p.host_network,
+                )
+                for p in pods
+            ],
+        )
+        await self._call("PUT", address, f"/jobs/{namespace}/{name}", body=body)
+
+    async def apply(
+        self, address: str, namespace: str, name: str, entries: Iterable[rc.Entry]
+    ) -> None:
+        body = ScheduleIn(
+            entries=[
+                ScheduleEntry(
+                    data_rank=e.data_rank,
+                    pipeline_rank=e.pipeline_rank,
+                    order=list(e.order),
+                    frequencies_mhz=list(e.frequencies_mhz),
+                )
+                for e in entries
+            ]
+        )
+        await self._call("PUT", address, f"/jobs/{namespace}/{name}/schedule", body=body)
+
+    async def remove(self, address: str, namespace: str, name: str) -> None:
+        """Stop steering the job's clocks here (the sidecar resets what it locked)."""
+        await self._call("DELETE", address, f"/jobs/{namespace}/{name}/schedule")
+
+    async def forget(self, address: str, namespace: str, name: str) -> None:
+        """Forget the job entirely: ranks, schedule, profiling; clocks reset."""
+        await self._call("DELETE", address, f"/jobs/{namespace}/{name}")
+
+    async def start_profiling(
+        self, address: str, namespace: str, name: str, request: ProfilingRequest
+    ) -> None:
+        await self._call("POST", address, f"/jobs/{namespace}/{name}/profiling", body=request)
+
+    async def profiling(self, address: str, namespace: str, name: str) -> ProfilingStatus | None:
+        return await self._get(address, f"/jobs/{namespace}/{name}/profiling", ProfilingStatus)
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text[:200]
+    if isinstance(data, dict):
+        return str(data.get("message") or data.get("detail") or data)[:300]
+    return str(data)[:300]
