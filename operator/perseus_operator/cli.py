@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 __all__ = ["CliError", "main"]
 
-COMMANDS: tuple[str, ...] = ("plan",)
+COMMANDS: tuple[str, ...] = ("plan", "sim-train")
 
 
 class CliError(Exception):

@@ -237,8 +237,12 @@ class Hooks:
         """Whether the sidecar applies a frequency schedule to this rank now."""
         return self._schedule_active
 
-    def instruction_begin(self, kind: InstructionKind, microbatch: int) -> None:
-        """The forward/backward of `microbatch` begins (after `sync` while a schedule is on)."""
+    def instruction_begin(
+        self, kind: InstructionKind, microbatch: int, t_ns: int | None = None
+    ) -> None:
+        """The forward/backward of `microbatch` begins (after `sync` while a schedule is on).
+        `t_ns` (``time.time_ns()`` scale, default now) is for simulators and replays, whose
+        timeline is not the calling thread's wake-up time."""
         code = _BEGIN.get(kind)
         if code is None:
             raise ValueError(f"instruction kind must be 'forward' or 'backward', got {kind!r}")
@@ -249,9 +253,11 @@ class Hooks:
             sync()
         if self.config is not None:
             self._enqueued += 1
-            self._queue.put((code, microbatch, time.time_ns()))
+            self._queue.put((code, microbatch, time.time_ns() if t_ns is None else t_ns))
 
-    def instruction_end(self, kind: InstructionKind, microbatch: int) -> None:
+    def instruction_end(
+        self, kind: InstructionKind, microbatch: int, t_ns: int | None = None
+    ) -> None:
         """The forward/backward of `microbatch` ended (as enqueued: no sync here)."""
         code = _END.get(kind)
         if code is None:
@@ -260,13 +266,13 @@ class Hooks:
             raise ValueError(f"microbatch must be >= 0, got {microbatch}")
         if self.config is not None:
             self._enqueued += 1
-            self._queue.put((code, microbatch, time.time_ns()))
+            self._queue.put((code, microbatch, time.time_ns() if t_ns is None else t_ns))
 
-    def iteration_end(self) -> None:
+    def iteration_end(self, t_ns: int | None = None) -> None:
         """The iteration's pipeline work is over: the sidecar returns the GPU to maximum clock."""
         if self.config is not None:
             self._enqueued += 1
-            self._queue.put(("IE", -1, time.time_ns()))
+            self._queue.put(("IE", -1, time.time_ns() if t_ns is None else t_ns))
 
     def instruction(self, kind: InstructionKind, microbatch: int) -> _Instruction:
         """Context manager: begin on entry, end on exit."""

@@ -1,0 +1,544 @@
+"""The simulated pipeline trainer: P data-parallel pipelines x S stages, one thread per rank,
+playing synchronous 1F1B on simulated GPUs and calling the real training hooks.
+
+Each rank follows its stage's 1F1B order, waits for the upstream activation (forward) or the
+downstream gradient (backward), reads the clock its simulated GPU is locked to, and "runs" the
+instruction for the ground-truth profile's time at that clock, recording its energy on the GPU.
+All ranks meet at an all-reduce barrier at the end of each iteration.
+
+Timeline. The GPUs' work follows a simulated timeline paced to the wall clock: an instruction
+starts when its dependencies end on that timeline, not when a thread happens to wake up, as a real
+GPU runs its queued kernels regardless of host jitter. A thread that wakes more than `max_lag_s`
+late really starts late (the host fell behind its queue); such starts are counted, and the
+iteration time reported is measured on the wall clock, so an overloaded host shows as lost
+fidelity. A clock change the sidecar applies within `clock_grace_s` (wall) of an instruction's
+begin event counts from the begin: the time scale shrinks GPU time but not the sidecar's
+reaction time, which must not be magnified into seconds at the wrong clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from perseus_profiles import INSTRUCTIONS, StageProfile
+from perseus_sidecar import hooks as hooks_mod
+from perseus_sidecar.gpu.simulated import NodeSettings, SimulatedGpu, open_node
+from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
+
+__all__ = [
+    "Crash",
+    "IterationResult",
+    "NodeSpec",
+    "RankPlacement",
+    "SimConfig",
+    "SimTrainer",
+    "SimulationError",
+    "Straggler",
+]
+
+log = logging.getLogger(__name__)
+
+_CHUNK_S = 0.1
+"""Longest uninterrupted sleep, so a stop request is noticed promptly."""
+
+
+class SimulationError(RuntimeError):
+    """The simulation cannot run as configured; one readable line."""
+
+
+class _StoppedError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A simulated node: its sidecar's address and the state dir of its simulated GPUs."""
+
+    host: str
+    port: int
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class Straggler:
+    """Pipeline `pipeline` runs `factor` times slower from iteration `from_iteration` on."""
+
+    pipeline: int
+    factor: float
+    from_iteration: int = 0
+
+
+@dataclass(frozen=True)
+class Crash:
+    """Rank `rank` dies at the start of iteration `at_iteration` (its event stream drops, its GPU
+    idles, the job stalls behind it) and restarts after `down_s` wall seconds, registering again."""
+
+    rank: int
+    at_iteration: int
+    down_s: float
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    nodes: tuple[NodeSpec, ...]
+    pipelines: int
+    microbatches: int
+    iterations: int
+    job_token: str
+    namespace: str = "default"
+    job: str = "sim"
+    pod_prefix: str | None = None
+    """Rank r runs in pod ``<pod_prefix>-<r>`` (default: the job name)."""
+    pod_ip_base: str | None = None
+    """Rank r's pod has IP base + r and its hooks bind to it; None: pods on the host network."""
+    stragglers: tuple[Straggler, ...] = ()
+    crashes: tuple[Crash, ...] = ()
+    allreduce_s: float = 0.0
+    """Simulated seconds between the pipelines' end and the next iteration (GPUs idle)."""
+    max_lag_s: float = 0.01
+    clock_grace_s: float = 0.003
+    connect_timeout_s: float = 10.0
+    """How long to wait for every rank's event stream before starting (wall seconds)."""
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise SimulationError("at least one simulated node (sidecar) is needed")
+        for label, value in (
+            ("pipelines", self.pipelines),
+            ("microbatches", self.microbatches),
+            ("iterations", self.iterations),
+        ):
+            if value < 1:
+                raise SimulationError(f"{label} must be >= 1, got {value}")
+        for label, number in (
+            ("allreduce_s", self.allreduce_s),
+            ("max_lag_s", self.max_lag_s),
+            ("clock_grace_s", self.clock_grace_s),
+            ("connect_timeout_s", self.connect_timeout_s),
+        ):
+            if not math.isfinite(number) or number < 0:
+                raise SimulationError(f"{label} must be a finite number >= 0, got {number}")
+        for s in self.stragglers:
+            if not 0 <= s.pipeline < self.pipelines:
+                raise SimulationError(
+                    f"straggler pipeline {s.pipeline} is not one of 0..{self.pipelines - 1}"
+                )
+            if not math.isfinite(s.factor) or s.factor <= 0:
+                raise SimulationError(f"straggler factor must be > 0, got {s.factor}")
+            if s.from_iteration < 0:
+                raise SimulationError("straggler iteration must be >= 0")
+        for c in self.crashes:
+            if c.at_iteration < 0 or not math.isfinite(c.down_s) or c.down_s < 0:
+                raise SimulationError("a crash needs an iteration >= 0 and a down time >= 0 s")
+        if self.pod_ip_base is not None:
+            try:
+                ipaddress.ip_address(self.pod_ip_base)
+            except ValueError:
+                raise SimulationError(f"pod IP base {self.pod_ip_base!r} is not an IP") from None
+
+    def pod_name(self, rank: int) -> str:
+        return f"{self.pod_prefix or self.job}-{rank}"
+
+    def pod_ip(self, rank: int) -> str | None:
+        if self.pod_ip_base is None:
+            return None
+        return str(ipaddress.ip_address(self.pod_ip_base) + rank)
+
+    def straggle_factor(self, pipeline: int, iteration: int) -> float:
+        factor = 1.0
+        for s in self.stragglers:
+            if s.pipeline == pipeline and iteration >= s.from_iteration:
+                factor *= s.factor
+        return factor
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    rank: int
+    data_rank: int
+    stage: int
+    node: int
+    gpu_index: int
+    gpu_uuid: str
+
+
+@dataclass(frozen=True)
+class IterationResult:
+    iteration: int
+    time_s: float
+    """Measured on the wall clock (barrier to barrier), in simulated seconds."""
+    timeline_s: float
+    """On the simulated GPUs' timeline."""
+    expected_s: float
+    """All GPUs at maximum clock: the longest path of the 1F1B DAG (slowest pipeline)."""
+    energy_j: float
+    """All the job's GPUs, from their exact energy curves."""
+    late_starts: int
+    """Instructions that started late because the host fell behind by more than max_lag_s."""
+
+
+@dataclass
+class _Node:
+    spec: NodeSpec
+    settings: NodeSettings
+    truth: StageProfile
+    gpus: list[SimulatedGpu]
+    offset_s: float = 0.0
+    """Node simulated time = trainer timeline + offset."""
+    table: dict[tuple[int, bool, int], tuple[float, float]] = field(default_factory=dict)
+
+
+class _Barrier:
+    """The per-iteration all-reduce: the last rank to arrive closes the iteration."""
+
+    def __init__(self, parties: int, close: Callable[[float], float]) -> None:
+        self._parties = parties
+        self._close = close
+        self._cond = threading.Condition()
+        self._arrived = 0
+        self._latest_end = -math.inf
+        self._generation = 0
+        self._next_start = 0.0
+
+    def arrive(self, end: float, stop: threading.Event) -> float:
+        with self._cond:
+            generation = self._generation
+            self._arrived += 1
+            self._latest_end = max(self._latest_end, end)
+            if self._arrived == self._parties:
+                self._next_start = self._close(self._latest_end)
+                self._arrived = 0
+                self._latest_end = -math.inf
+                self._generation += 1
+                self._cond.notify_all()
+                return self._next_start
+            while self._generation == generation:
+                if stop.is_set():
+                    raise _StoppedError
+                self._cond.wait(_CHUNK_S)
+            return self._next_start
+
+
+class SimTrainer:
+    """Attach to the simulated nodes, place the ranks, run; see the module doc."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.nodes: list[_Node] = []
+        for spec in config.nodes:
+            try:
+                settings, truth, gpus = open_node(spec.state_dir)
+            except Exception as exc:
+                raise SimulationError(str(exc)) from None
+            self.nodes.append(_Node(spec, settings, truth, gpus))
+        first = self.nodes[0]
+        self.time_scale = first.settings.time_scale
+        self.stages = first.truth.num_stages
+        for node in self.nodes[1:]:
+            if node.settings.time_scale != self.time_scale:
+                raise SimulationError(
+                    f"every node needs the same time scale: {node.spec.state_dir} has "
+                    f"{node.settings.time_scale}, {first.spec.state_dir} has {self.time_scale}"
+                )
+            if node.truth.num_stages != self.stages:
+                raise SimulationError(
+                    f"every node's profile needs the same stages: {node.spec.state_dir} has "
+                    f"{node.truth.num_stages}, {first.spec.state_dir} has {self.stages}"
+                )
+        for node in self.nodes:
+            for s in range(self.stages):
+                for i, name in enumerate(INSTRUCTIONS):
+                    for m in node.truth.instruction_options(s, name):
+                        node.table[(s, i == 0, m.frequency_mhz)] = (m.time_s, m.energy_j)
+        self.orders = one_f_one_b_order(self.stages, config.microbatches)
+        self.placements = self._place()
+        self.expected_per_pipeline_s = [self._all_max_time_s(p) for p in range(config.pipelines)]
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._results: list[IterationResult] = []
+        self._late = 0
+        self._late_lock = threading.Lock()
+        self._on_iteration: Callable[[IterationResult], None] | None = None
+        self._acts: list[list[queue.SimpleQueue[tuple[int, float]]]] = []
+        self._grads: list[list[queue.SimpleQueue[tuple[int, float]]]] = []
+        self._epoch_wall_s = 0.0
+        self._epoch_wall_ns = 0
+        self._iteration = 0
+        self._iteration_start = 0.0
+        self._wall_start = 0.0
+        self._energy_start = 0.0
+        self._barrier = _Barrier(len(self.placements), self._close_iteration)
+
+    # Setup -----------------------------------------------------------------------------------
+
+    def _place(self) -> list[RankPlacement]:
+        needed = self.config.pipelines * self.stages
+        available = sum(len(n.gpus) for n in self.nodes)
+        if needed > available:
+            raise SimulationError(
+                f"{self.config.pipelines} pipelines x {self.stages} stages need {needed} GPUs; "
+                f"the nodes have {available}"
+            )
+        slots = [(k, gpu) for k, node in enumerate(self.nodes) for gpu in node.gpus]
+        placements = []
+        for rank in range(needed):
+            node_index, gpu = slots[rank]
+            placements.append(
+                RankPlacement(
+                    rank=rank,
+                    data_rank=rank // self.stages,
+                    stage=rank % self.stages,
+                    node=node_index,
+                    gpu_index=gpu.index,
+                    gpu_uuid=gpu.uuid,
+                )
+            )
+        return placements
+
+    def _all_max_time_s(self, pipeline: int) -> float:
+        nodes = {p.stage: self.nodes[p.node] for p in self.placements if p.data_rank == pipeline}
+
+        def duration(stage: int, instruction: Instruction) -> float:
+            node = nodes[stage]
+            return node.table[(stage, instruction[0], node.truth.max_frequency_mhz)][0]
+
+        return iteration_time_s(self.orders, duration)
+
+    def expected_s(self, iteration: int) -> float:
+        """All-max-clock iteration time, with the stragglers active at `iteration`."""
+        return max(
+            t * self.config.straggle_factor(p, iteration)
+            for p, t in enumerate(self.expected_per_pipeline_s)
+        )
+
+    def pods_by_node(self) -> list[list[dict[str, object]]]:
+        """Each node's pods as the sidecar's job announcement lists them (one pod per rank)."""
+        out: list[list[dict[str, object]]] = [[] for _ in self.nodes]
+        for p in self.placements:
+            ip = self.config.pod_ip(p.rank)
+            out[p.node].append(
+                {
+                    "namespace": self.config.namespace,
+                    "name": self.config.pod_name(p.rank),
+                    "uid": f"sim-{self.config.job}-{p.rank}",
+                    "ip": ip or self.nodes[p.node].spec.host,
+                    "host_network": ip is None,
+                }
+            )
+        return out
+
+    def _hooks(self, p: RankPlacement) -> hooks_mod.Hooks:
+        spec = self.nodes[p.node].spec
+        return hooks_mod.register(
+            rank=p.rank,
+            pipeline_rank=p.stage,
+            data_rank=p.data_rank,
+            tensor_rank=0,
+            gpu_uuid=p.gpu_uuid,
+            host=spec.host,
+            port=spec.port,
+            namespace=self.config.namespace,
+            pod=self.config.pod_name(p.rank),
+            job_token=self.config.job_token,
+            source_ip=self.config.pod_ip(p.rank),
+            sync=None,
+            make_default=False,
+        )
+
+    # Timeline --------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return (time.time() - self._epoch_wall_s) / self.time_scale
+
+    def _wall_ns(self, t: float) -> int:
+        """The wall-clock instant of timeline time `t`, for the events' timestamps: the
+        sidecar must see the simulated GPUs' timeline, not the threads' wake-up jitter
+        magnified by the time scale."""
+        return self._epoch_wall_ns + round(t * self.time_scale * 1e9)
+
+    def _sleep_until(self, t: float) -> None:
+        while True:
+            if self._stop.is_set():
+                raise _StoppedError
+            left_s = self._epoch_wall_s + t * self.time_scale - time.time()
+            if left_s <= 0:
+                return
+            time.sleep(min(left_s, _CHUNK_S))
+
+    def _sleep_wall(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stop.is_set():
+                raise _StoppedError
+            time.sleep(min(left, _CHUNK_S))
+
+    def _get(self, q: queue.SimpleQueue[tuple[int, float]], m: int) -> float:
+        while True:
+            if self._stop.is_set():
+                raise _StoppedError
+            try:
+                got_m, end = q.get(timeout=_CHUNK_S)
+            except queue.Empty:
+                continue
+            if got_m != m:
+                raise SimulationError(f"dependency out of order: expected {m}, got {got_m}")
+            return end
+
+    # Running ---------------------------------------------------------------------------------
+
+    def run(
+        self, on_iteration: Callable[[IterationResult], None] | None = None
+    ) -> list[IterationResult]:
+        """Run the configured iterations; `on_iteration` sees each result as it completes."""
+        self._on_iteration = on_iteration
+        hooks = {p.rank: self._hooks(p) for p in self.placements}
+        deadline = time.monotonic() + self.config.connect_timeout_s
+        missing = [
+            r for r, h in hooks.items() if not h.wait_connected(max(deadline - time.monotonic(), 0))
+        ]
+        if missing:
+            log.warning(
+                "ranks %s have no event stream to their sidecar yet; training starts anyway",
+                missing,
+            )
+        shape = range(self.config.pipelines), range(self.stages)
+        self._acts = [[queue.SimpleQueue() for _ in shape[1]] for _ in shape[0]]
+        self._grads = [[queue.SimpleQueue() for _ in shape[1]] for _ in shape[0]]
+        self._epoch_wall_ns = time.time_ns()
+        self._epoch_wall_s = self._epoch_wall_ns / 1e9
+        for node in self.nodes:
+            node.offset_s = (self._epoch_wall_s - node.settings.epoch_wall_s) / self.time_scale
+        start = self._now() + 0.02 / self.time_scale
+        self._iteration = 0
+        self._iteration_start = start
+        self._wall_start = self._epoch_wall_s + start * self.time_scale
+        self._energy_start = self._energy_at(start)
+        threads = [
+            threading.Thread(
+                target=self._guard, args=(p, hooks[p.rank], start), name=f"sim-rank{p.rank}"
+            )
+            for p in self.placements
+        ]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(_CHUNK_S)
+        except KeyboardInterrupt:
+            self._stop.set()
+            for t in threads:
+                t.join()
+            raise
+        if self._errors:
+            raise self._errors[0]
+        return list(self._results)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _guard(self, p: RankPlacement, hooks: hooks_mod.Hooks, start: float) -> None:
+        try:
+            self._run_rank(p, hooks, start)
+        except _StoppedError:
+            pass
+        except BaseException as exc:  # a broken rank stops the whole simulation
+            self._errors.append(exc)
+            self._stop.set()
+
+    def _run_rank(self, p: RankPlacement, hooks: hooks_mod.Hooks, start: float) -> None:
+        node = self.nodes[p.node]
+        gpu = node.gpus[p.gpu_index]
+        s, stages = p.stage, self.stages
+        acts, grads = self._acts[p.data_rank], self._grads[p.data_rank]
+        grace = self.config.clock_grace_s / self.time_scale
+        max_lag = self.config.max_lag_s / self.time_scale
+        crashes = {c.at_iteration: c for c in self.config.crashes if c.rank == p.rank}
+        try:
+            for iteration in range(self.config.iterations):
+                crash = crashes.get(iteration)
+                if crash is not None:
+                    log.warning("rank %d crashes at iteration %d", p.rank, iteration)
+                    hooks.close(0.0)
+                    self._sleep_wall(crash.down_s)
+                    hooks = self._hooks(p)
+                    hooks.wait_connected(self.config.connect_timeout_s)
+                    start = max(start, self._now())
+                factor = self.config.straggle_factor(p.data_rank, iteration)
+                prev_end = start
+                for forward, m in self.orders[s]:
+                    if forward:
+                        dep = self._get(acts[s], m) if s > 0 else -math.inf
+                    else:
+                        dep = self._get(grads[s], m) if s < stages - 1 else -math.inf
+                    ready = max(prev_end, dep)
+                    begin = max(ready, self._now() - max_lag)
+                    if begin > ready:
+                        with self._late_lock:
+                            self._late += 1
+                    self._sleep_until(begin)
+                    kind: hooks_mod.InstructionKind = "forward" if forward else "backward"
+                    hooks.instruction_begin(kind, m, self._wall_ns(begin))
+                    begun = self._now()
+                    clock = gpu.effective_clock_mhz()
+                    t, e = node.table[(s, forward, clock)]
+                    t, e = t * factor, e * factor
+                    gpu.record_work(begin + node.offset_s, t, e)
+                    self._sleep_until(min(begin + t, begun + grace))
+                    late_clock = gpu.effective_clock_mhz()
+                    if late_clock != clock:
+                        t, e = node.table[(s, forward, late_clock)]
+                        t, e = t * factor, e * factor
+                        gpu.record_work(begin + node.offset_s, t, e)
+                    end = begin + t
+                    self._sleep_until(end)
+                    hooks.instruction_end(kind, m, self._wall_ns(end))
+                    if forward and s < stages - 1:
+                        acts[s + 1].put((m, end))
+                    elif not forward and s > 0:
+                        grads[s - 1].put((m, end))
+                    prev_end = end
+                start = self._barrier.arrive(prev_end, self._stop)
+                hooks.iteration_end(self._wall_ns(start))
+        finally:
+            hooks.close()
+
+    def _energy_at(self, t: float) -> float:
+        return sum(
+            self.nodes[p.node].gpus[p.gpu_index].energy_j(t + self.nodes[p.node].offset_s)
+            for p in self.placements
+        )
+
+    def _close_iteration(self, latest_end: float) -> float:
+        """Run by the last rank to reach the barrier: wait out the all-reduce, record the
+        iteration, and return the next one's start on the timeline."""
+        next_start = latest_end + self.config.allreduce_s
+        self._sleep_until(next_start)
+        wall_s = time.time()
+        energy = self._energy_at(next_start)
+        with self._late_lock:
+            late, self._late = self._late, 0
+        result = IterationResult(
+            iteration=self._iteration,
+            time_s=(wall_s - self._wall_start) / self.time_scale,
+            timeline_s=next_start - self._iteration_start,
+            expected_s=self.expected_s(self._iteration) + self.config.allreduce_s,
+            energy_j=energy - self._energy_start,
+            late_starts=late,
+        )
+        self._results.append(result)
+        self._iteration += 1
+        self._iteration_start = next_start
+        self._wall_start = wall_s
+        self._energy_start = energy
+        if self._on_iteration is not None:
+            self._on_iteration(result)
+        return next_start
