@@ -94,6 +94,10 @@ def test_sidecar_lands_on_gpu_nodes_and_is_reachable_on_host_ports(
     assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
     ports = {p["name"]: (p["containerPort"], p["hostPort"]) for p in ctr["ports"]}
     assert ports == {"http": (8080, 8080), "events": (8081, 8081)}
+    annotations = default["DaemonSet/perseus-sidecar"]["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert annotations["perseus.dev/port"] == "8080"
     env = {e["name"]: e for e in ctr["env"]}
     assert env["PERSEUS_SIDECAR_NODE_NAME"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "spec.nodeName"}
@@ -166,10 +170,11 @@ def test_watched_namespaces_get_role_bindings_instead_of_a_cluster_binding() -> 
         for o in render_all(*args)
         if o["kind"] == "RoleBinding" and o["roleRef"]["name"] == "perseus-operator"
     ]
-    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
-    assert objs["ConfigMap/perseus-operator"]["data"]["PERSEUS_OPERATOR_NAMESPACES"] == (
-        "team-a,team-b"
-    )
+    namespaces = ["perseus-system", "team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == namespaces
+    served = objs["ConfigMap/perseus-operator"]["data"]["PERSEUS_OPERATOR_NAMESPACES"]
+    assert sorted(served.split(",")) == namespaces
+    assert render()["ConfigMap/perseus-operator"]["data"]["PERSEUS_OPERATOR_NAMESPACES"] == ""
 
 
 def test_service_monitor_only_when_its_api_exists() -> None:

@@ -99,3 +99,13 @@ The Secret holding the operator's bearer token (key "token"): the chart's own, o
 {{- define "perseus.operatorTokenSecretName" -}}
 {{- default (printf "%s-operator-token" (include "perseus.fullname" .)) .Values.operatorToken.existingSecret }}
 {{- end }}
+
+{{/*
+Namespaces the operator serves, comma-separated; empty means the whole cluster. A restricted
+operator also watches its own namespace, where the sidecar pods it indexes by node run.
+*/}}
+{{- define "perseus.operator.namespaces" -}}
+{{- if .Values.operator.watchNamespaces }}
+{{- append .Values.operator.watchNamespaces .Release.Namespace | uniq | join "," }}
+{{- end }}
+{{- end }}
