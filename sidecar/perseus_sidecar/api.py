@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 __all__ = [
     "ClockResetResponse",
+    "ErrorOut",
     "EventIn",
     "EventKind",
     "EventsAccepted",
@@ -66,6 +67,12 @@ def parse_instruction(text: str) -> tuple[bool, int]:
     if match is None:
         raise ValueError(f"instruction {text!r} is not F<m> or B<m> with m >= 0")
     return match.group(1) == "F", int(match.group(2))
+
+
+class ErrorOut(_Model):
+    """Every non-validation error: one readable line."""
+
+    detail: str
 
 
 # ---- health and inventory ------------------------------------------------------------------

@@ -7,12 +7,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from perseus_sidecar.api import ErrorOut
 from perseus_sidecar.gpu.base import (
     GpuBackend,
     GpuError,
@@ -134,8 +136,19 @@ def create_app(settings: Settings, backend: GpuBackend | None = None) -> FastAPI
     )
     app.state.node = node
     app.add_middleware(GuardMiddleware, node=node, max_body_bytes=settings.max_body_bytes)
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorOut, "description": text}
+        for code, text in (
+            (401, "Missing or wrong bearer token"),
+            (403, "Request not from the announced pod's IP"),
+            (404, "No such job, rank, schedule or session"),
+            (409, "Conflicts with the current state"),
+            (413, "Request body too large"),
+            (503, "GPU backend or state file failure"),
+        )
+    }
     for module in (health, gpus, jobs, ranks, schedules, profiling, timings, clocks):
-        app.include_router(module.router, prefix="/v1")
+        app.include_router(module.router, prefix="/v1", responses=errors)
     # Probe paths at the root too, where kubelet probes conventionally look.
     app.include_router(health.router, include_in_schema=False)
     _add_error_handlers(app)
@@ -165,6 +178,9 @@ _STATUS: list[tuple[type[Exception], int]] = [
 def _add_error_handlers(app: FastAPI) -> None:
     async def node_error(_: Request, exc: Exception) -> JSONResponse:
         code = next(c for t, c in _STATUS if isinstance(exc, t))
+        if code == 422:  # the same shape as a validation error
+            detail = [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]
+            return JSONResponse({"detail": detail, "message": str(exc)}, status_code=422)
         headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
         return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
