@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -246,11 +247,14 @@ def test_schedule_put_get_delete_and_clock_application(
         ScheduleIn.model_validate(body).entries[0].model_dump()
     ]
     now = time.time_ns()
-    send = lambda kind, m: client.post(  # noqa: E731
-        f"/v1/ranks/{rank_id}/events",
-        json={"events": [{"kind": kind, "microbatch": m, "t_ns": now}]},
-        headers=JOB,
-    )
+
+    def send(kind: str, m: int) -> httpx.Response:
+        return client.post(
+            f"/v1/ranks/{rank_id}/events",
+            json={"events": [{"kind": kind, "microbatch": m, "t_ns": now}]},
+            headers=JOB,
+        )
+
     assert send("FB", 0).json()["schedule_active"] is True
     assert sim_backend.locked_sm_clock_mhz(GPU0) == clocks[3]  # F0 -> order index 0
     send("FB", 1)
@@ -279,7 +283,10 @@ def test_schedule_put_get_delete_and_clock_application(
     ],
 )
 def test_bad_schedules_are_422_and_not_applied(
-    client: TestClient, profile: StageProfile, mutate: Callable[[dict[str, object]], None], message: str
+    client: TestClient,
+    profile: StageProfile,
+    mutate: Callable[[dict[str, object]], None],
+    message: str,
 ) -> None:
     announce(client)
     register(client)

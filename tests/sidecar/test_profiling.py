@@ -12,10 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from perseus_profiles import StageProfile
-from perseus_sidecar import profiling as profiling_module
 from perseus_sidecar.api import JobAnnouncement, ProfilingRequest, RankRegistration
 from perseus_sidecar.estimator import estimate_energy
-from perseus_sidecar.gpu import simulated
 from perseus_sidecar.gpu.simulated import SimulatedBackend, perturbed_profile
 from perseus_sidecar.lockstate import LockState
 from perseus_sidecar.node import Node
@@ -85,8 +83,8 @@ def test_profiled_energy_matches_the_simulated_ground_truth(
     profile: StageProfile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(simulated.time, "time", clock.time)
-    monkeypatch.setattr(profiling_module.time, "time_ns", clock.time_ns)
+    monkeypatch.setattr("perseus_sidecar.gpu.simulated.time.time", clock.time)
+    monkeypatch.setattr("perseus_sidecar.profiling.time.time_ns", clock.time_ns)
     backend = SimulatedBackend(
         profile,
         1,

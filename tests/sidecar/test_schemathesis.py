@@ -57,7 +57,7 @@ def schema_fixture(app: object) -> object:
     suppress_health_check=list(HealthCheck),
 )
 def test_api_conforms_with_operator_token(case: schemathesis.Case) -> None:
-    case.headers = {**(case.headers or {}), **OP}
+    case.headers = {**dict(case.headers or {}), **OP}  # type: ignore[assignment]
     response = case.call()
     case.validate_response(response)
 
