@@ -437,16 +437,16 @@ def merge_conditions(
         prev = previous.get(c.type)
         changed = prev is None or prev.get("status") != c.status
         since = now if changed or prev is None else prev.get("lastTransitionTime", now)
-        out.append(
-            {
-                "type": c.type,
-                "status": c.status,
-                "reason": c.reason,
-                "message": c.message,
-                "observedGeneration": generation,
-                "lastTransitionTime": since,
-            }
-        )
+        cond: dict[str, Any] = {
+            "type": c.type,
+            "status": c.status,
+            "reason": c.reason,
+            "observedGeneration": generation,
+            "lastTransitionTime": since,
+        }
+        if c.message:  # the Kubernetes client turns an empty string into null
+            cond["message"] = c.message
+        out.append(cond)
     return out
 
 
