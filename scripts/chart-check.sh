@@ -21,7 +21,9 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 CHART=$ROOT/charts/perseus
 WORK=$(mktemp -d)
 RUN=""
+OP_PID=""
 cleanup() {
+  [ -z "$OP_PID" ] || kill "$OP_PID" 2>/dev/null || true
   [ -z "$RUN" ] || scripts/cluster.sh down "$RUN" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -150,8 +152,7 @@ spec:
   profile: {import: {configMap: chart-check-profile}}
   blockingPowerW: 83.64
 EOF
-k apply -f "$WORK/policy.yaml" >/dev/null
-ok "helm install creates the operator, sidecar DaemonSet, token Secret and CRD; NOTES print the training-pod env; a policy is accepted"
+ok "helm install creates the operator, sidecar DaemonSet, token Secret and CRD; NOTES print the training-pod env"
 
 step "RBAC of the operator's ServiceAccount (its token, not the admin credential)"
 scripts/sa-kubeconfig.sh "$NS" perseus-operator "$WORK/operator.kubeconfig" >/dev/null
@@ -175,6 +176,44 @@ for a in "${denied[@]}"; do
 done
 KUBECONFIG=$WORK/operator.kubeconfig "$KUBECTL" -n "$JOBS" get energypolicies >/dev/null
 ok "the operator's ServiceAccount token may do the ${#allowed[@]} things the operator needs and none of ${#denied[@]} it does not (kubectl auth can-i)"
+
+step "the operator itself runs under its ServiceAccount token"
+# The real process (kopf watches and indices, status patches, events, the finalizer) on the
+# host with the chart's RBAC: any permission it lacks shows up as a Forbidden in its log.
+probe_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PERSEUS_OPERATOR_TOKEN=chart-check PERSEUS_OPERATOR_POD_NAMESPACE=$NS \
+  PERSEUS_OPERATOR_SIDECAR_SELECTOR=app.kubernetes.io/instance=perseus,app.kubernetes.io/component=sidecar \
+  KUBECONFIG=$WORK/operator.kubeconfig \
+  "$ROOT/.venv/bin/perseus-operator" --liveness "http://127.0.0.1:$probe_port/healthz" >"$WORK/operator.log" 2>&1 &
+OP_PID=$!
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
+  local limit=$1 what=$2 i
+  shift 2
+  for i in $(seq $((limit * 5))); do
+    "$@" >/dev/null 2>&1 && return 0
+    kill -0 "$OP_PID" 2>/dev/null || { tail -n 40 "$WORK/operator.log"; echo "operator exited" >&2; exit 1; }
+    sleep 0.2
+  done
+  tail -n 40 "$WORK/operator.log"
+  echo "timed out after ${limit}s waiting for $what" >&2
+  exit 1
+}
+has_phase() { [ -n "$(k -n "$JOBS" get energypolicy rbac-probe -o jsonpath='{.status.phase}')" ]; }
+gone() { ! k -n "$JOBS" get energypolicy rbac-probe; }
+wait_for 30 "the operator's liveness endpoint" curl -sf "http://127.0.0.1:$probe_port/healthz"
+sed 's/name: chart-check/name: rbac-probe/' "$WORK/policy.yaml" | k apply -f - >/dev/null
+wait_for 60 "the operator to write the policy's status" has_phase
+k -n "$JOBS" delete energypolicy rbac-probe --wait=false >/dev/null
+wait_for 60 "the operator's finalizer to release the deleted policy" gone
+kill "$OP_PID"
+wait "$OP_PID" 2>/dev/null || true
+OP_PID=""
+if grep -E "Forbidden|\(403\)" "$WORK/operator.log"; then
+  echo "the operator hit a permission error under its ServiceAccount" >&2
+  exit 1
+fi
+ok "perseus-operator under the ServiceAccount token starts (liveness answers), writes a policy's status and runs its finalizer, with no Forbidden in its log"
+k apply -f "$WORK/policy.yaml" >/dev/null
 
 step "helm upgrade with a changed value and a changed CRD"
 cp -r "$CHART" "$WORK/chart-next"

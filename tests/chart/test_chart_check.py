@@ -1,5 +1,6 @@
 """Runs scripts/chart-check.sh: lint, strict schema validation, server dry-run on 1.20,
-install/upgrade/uninstall, and the operator ServiceAccount's RBAC."""
+install/upgrade/uninstall, the operator ServiceAccount's RBAC, and the operator itself running
+under that ServiceAccount's token (a missing permission fails this test)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ STAGES = (
     "server-side dry run",
     "helm install creates",
     "the operator's ServiceAccount token may do",
+    "perseus-operator under the ServiceAccount token",
     "helm upgrade applies a changed value",
     "helm uninstall removes",
     "adopts the kept CRD",
