@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from perseus_operator.planner.evaluate import backward_pass, forward_pass
+from perseus_operator.planner.evaluate import forward_pass
+from perseus_operator.planner.fill import BatchFill
 from perseus_operator.planner.model import OptionTable, build_options
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
 from perseus_profiles import StageProfile
@@ -51,11 +52,8 @@ ProgressCallback = Callable[[int, int], None]
 
 GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0 ...
 MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the work
-_PAD = 1e30  # padded options: never fit any float, never cheapest
-_FILL_STEPS = 4  # μ = λ, λ/4, λ/16, 0
-_POLISH_BASES = 3
-_POLISH_STEPS = 12
-_POLISH_RATIO = 0.6
+_FILL_STEPS = 24  # rungs of the price ladder (plus μ = 0)
+_LANE_ELEMENTS = 4_000_000  # lanes x nodes per batch: bounds memory on large pipelines
 
 
 @dataclass(frozen=True)
@@ -121,35 +119,19 @@ def _useful(
     out: list[tuple[float, float, IntArray]] = []
     for t, e, idx in sorted(candidates, key=lambda c: (c[0], c[1])):
         if not out or e - idle_power_w * t < out[-1][1] - idle_power_w * out[-1][0]:
-            if out and t == out[-1][0]:
-                out.pop()
             out.append((t, e, idx))
     return out
 
 
 class _Search:
-    """Plans are option indices per node into the class tables (class = 2*stage + kind)."""
+    """Runs the search of the module doc over one DAG and option table."""
 
     def __init__(self, dag: PipelineDag, table: OptionTable) -> None:
         self.dag = dag
         self.table = table
-        self.cls = 2 * dag.stage + dag.kind
-        self.time = np.where(np.isfinite(table.time_s), table.time_s, _PAD)
-        self.cost = np.where(np.isfinite(table.cost_j), table.cost_j, _PAD)
+        self.batch = BatchFill(dag, table)
+        self.cls = self.batch.cls
         self.idle_power_w = dag.shape.stages * table.blocking_power_w
-        self.level_time = tuple(self.time[self.cls[lv]] for lv in dag.levels)
-        self.level_cost = tuple(self.cost[self.cls[lv]] for lv in dag.levels)
-        self.level_rows = tuple(np.arange(len(lv)) for lv in dag.levels)
-
-    def durations(self, idx: IntArray) -> FloatArray:
-        out: FloatArray = self.time[self.cls, idx]
-        return out
-
-    def evaluate(self, idx: IntArray) -> tuple[float, float]:
-        """(makespan, energy) of a plan; energy = sum(c) + P_b*S*T."""
-        finish = forward_pass(self.dag, self.durations(idx))
-        t = float(finish[:-1].max())
-        return t, float(self.cost[self.cls, idx].sum()) + self.idle_power_w * t
 
     def baseline(self) -> tuple[float, float]:
         t_s = self.table.max_clock_time_s[self.cls]
@@ -161,105 +143,67 @@ class _Search:
         )
 
     def uniform(self, price: float) -> IntArray:
-        best = np.argmin(self.cost + price * self.time, axis=1)
+        """Every instruction at the efficient option minimising ``c + price*t``."""
+        best = np.argmin(self.batch.cost + price * self.batch.time, axis=1)
         out: IntArray = best[self.cls]
         return out
 
     def max_clock_plan(self) -> IntArray:
-        """The baseline as option indices (its options are efficient unless dominated: then the
-        dominating option, no slower and cheaper, replaces it)."""
+        """The baseline as option indices (a dominated max-clock option is replaced by the option
+        that dominates it: no slower, cheaper)."""
         best = np.empty(self.table.num_classes, dtype=np.int64)
         for c in range(self.table.num_classes):
-            fits = np.nonzero(self.time[c] <= self.table.max_clock_time_s[c])[0]
+            fits = np.nonzero(self.batch.time[c] <= self.table.max_clock_time_s[c])[0]
             best[c] = int(fits[-1])
         out: IntArray = best[self.cls]
         return out
 
-    def fill(self, idx: IntArray, deadline_s: float, prices: list[float]) -> IntArray:
-        """Slow nodes within their float (never past `deadline_s`), never to costlier options."""
-        idx = idx.copy()
-        dag = self.dag
-        for price in prices:
-            latest_finish = backward_pass(dag, self.durations(idx), deadline_s)
-            finish = np.zeros(dag.num_nodes + 1)
-            for k, (lv, (p0, p1)) in enumerate(zip(dag.levels, dag.level_preds, strict=True)):
-                start = np.maximum(finish[p0], finish[p1])
-                avail = latest_finish[lv] - start
-                times, costs, rows = self.level_time[k], self.level_cost[k], self.level_rows[k]
-                current = idx[lv]
-                ok = (times <= avail[:, None]) & (costs <= costs[rows, current][:, None])
-                ok[rows, current] = True
-                chosen = np.argmin(np.where(ok, costs + price * times, np.inf), axis=1)
-                idx[lv] = chosen
-                finish[lv] = start + times[rows, chosen]
-        return idx
-
-    def fill_backward(self, idx: IntArray, deadline_s: float, prices: list[float]) -> IntArray:
-        """`fill` in reverse topological order: late instructions get the float first."""
-        idx = idx.copy()
-        dag = self.dag
-        for price in prices:
-            finish = forward_pass(dag, self.durations(idx))
-            latest_start = np.empty(dag.num_nodes + 1)
-            latest_start[-1] = deadline_s
-            for k in range(len(dag.levels) - 1, -1, -1):
-                lv = dag.levels[k]
-                s0, s1 = dag.level_succs[k]
-                latest_finish = np.minimum(latest_start[s0], latest_start[s1])
-                times, costs, rows = self.level_time[k], self.level_cost[k], self.level_rows[k]
-                current = idx[lv]
-                avail = latest_finish - (finish[lv] - times[rows, current])
-                ok = (times <= avail[:, None]) & (costs <= costs[rows, current][:, None])
-                ok[rows, current] = True
-                chosen = np.argmin(np.where(ok, costs + price * times, np.inf), axis=1)
-                idx[lv] = chosen
-                latest_start[lv] = latest_finish - times[rows, chosen]
-        return idx
-
-    def polish(
-        self, ladder: list[tuple[float, float, float, IntArray]], deadline_s: float
-    ) -> list[tuple[float, float, IntArray]]:
-        """A thorough search for one important deadline (T0): the three cheapest uniform plans
-        that meet it, each filled forwards and backwards with a fine price ladder."""
-        fitting = sorted((r for r in ladder if r[0] <= deadline_s), key=lambda r: r[1])
-        out = []
-        for _, _, price, base in fitting[:_POLISH_BASES]:
-            prices = [price * _POLISH_RATIO**k for k in range(_POLISH_STEPS)] + [0.0]
-            for fill in (self.fill, self.fill_backward):
-                idx = fill(base, deadline_s, prices)
-                out.append((*self.evaluate(idx), idx))
-        return out
-
     def run(self, progress: ProgressCallback | None) -> list[tuple[float, float, IntArray]]:
         slopes = self.table.hull_slopes()
-        ladder = []
-        for price in _ladder_prices(slopes):
-            idx = self.uniform(price)
-            t, e = self.evaluate(idx)
-            ladder.append((t, e - self.idle_power_w * t, price, idx))
-        candidates = [(t, c + self.idle_power_w * t, i) for t, c, _, i in ladder]
+        uniform = np.stack([self.uniform(p) for p in _ladder_prices(slopes)])
+        u_time = self.batch.makespans(uniform.T)
+        u_cost = self.batch.costs(uniform.T)
         t0, _ = self.baseline()
-        fastest_t = min(t for t, *_ in ladder)
-        slowest_t = max(t for t, *_ in ladder)
+        fastest_t, slowest_t = float(u_time.min()), float(u_time.max())
         step = max(GRID_FRACTION * t0, (slowest_t - fastest_t) / MAX_DEADLINES)
-        deadlines = [float(d) for d in np.arange(fastest_t, slowest_t + step, step)]
-        for n, deadline in enumerate(deadlines):
-            fitting = [rung for rung in ladder if rung[0] <= deadline]
-            _, _, price, base = min(fitting, key=lambda r: r[1])
-            fill_prices = [price / 4**k for k in range(_FILL_STEPS - 1)] + [0.0]
-            idx = self.fill(base, deadline, fill_prices)
-            candidates.append((*self.evaluate(idx), idx))
-            if progress is not None:
-                progress(n + 1, len(deadlines) + 1)
-        candidates += self.polish(ladder, t0)
-        idx = self.fill(self.max_clock_plan(), t0, [0.0])
-        candidates.append((*self.evaluate(idx), idx))
-        if progress is not None:
-            progress(len(deadlines) + 1, len(deadlines) + 1)
-        return candidates
+        deadlines = sorted({*np.arange(fastest_t, slowest_t + step / 2, step).tolist(), t0})
+        fastest = uniform[int(np.argmin(u_time))]
+        bases, lane_deadlines = [], []
+        for deadline in deadlines:
+            fitting = np.nonzero(u_time <= deadline)[0]
+            cheapest = uniform[fitting[np.argmin(u_cost[fitting])]]
+            bases += [fastest, cheapest]
+            lane_deadlines += [deadline, deadline]
+        bases.append(self.max_clock_plan())
+        lane_deadlines.append(t0)
+        prices = _fill_prices(slopes)
+        kept = _useful(
+            [(float(t), float(c) + self.idle_power_w * float(t), u.astype(np.int16))
+             for t, c, u in zip(u_time, u_cost, uniform, strict=True)],
+            self.idle_power_w,
+        )  # fmt: skip
+        chunk = max(1, _LANE_ELEMENTS // self.dag.num_nodes)
+        total = 2 * len(bases)
+        done = 0
+        for first in range(0, len(bases), chunk):
+            base = np.stack(bases[first : first + chunk], axis=1)
+            deadline_s = np.asarray(lane_deadlines[first : first + chunk])
+            for backward in (False, True):
+                idx = self.batch.fill(base, deadline_s, prices, backward=backward)
+                times = self.batch.makespans(idx)
+                energies = self.batch.costs(idx) + self.idle_power_w * times
+                kept = _useful(
+                    kept + [(float(t), float(e), i.astype(np.int16))
+                            for t, e, i in zip(times, energies, idx.T, strict=True)],
+                    self.idle_power_w,
+                )  # fmt: skip
+                done += len(base)
+                if progress is not None:
+                    progress(done, total)
+        return kept
 
     def to_plan(self, idx: IntArray, t: float, e: float) -> Plan:
-        freqs = self.table.frequency_mhz[self.cls, idx]
+        freqs = self.table.frequency_mhz[self.cls, idx.astype(np.int64)]
         off = self.dag.offsets
         return Plan(
             iteration_time_s=t,
@@ -269,6 +213,15 @@ class _Search:
                 for s in range(self.dag.shape.stages)
             ),
         )
+
+
+def _fill_prices(slopes: FloatArray) -> list[float]:
+    """A geometric ladder from just above the steepest hull slope to just below the flattest."""
+    if len(slopes) == 0:
+        return [0.0]
+    high, low = float(slopes[-1]) * 1.01, max(float(slopes[0]) * 0.99, 1e-9)
+    ratio = (low / high) ** (1 / max(_FILL_STEPS - 1, 1))
+    return [high * ratio**k for k in range(_FILL_STEPS)] + [0.0]
 
 
 def _ladder_prices(slopes: FloatArray) -> list[float]:

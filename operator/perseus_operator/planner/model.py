@@ -47,25 +47,27 @@ class OptionTable:
     def num_classes(self) -> int:
         return len(self.count)
 
+    def hull_indices(self, c: int) -> list[int]:
+        """Class c's options on the lower convex hull of its (t, c) points, fastest first."""
+        n = int(self.count[c])
+        t, cost = self.time_s[c, :n], self.cost_j[c, :n]
+        hull = [0]
+        for k in range(1, n):
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                if (t[b] - t[a]) * (cost[k] - cost[a]) - (cost[b] - cost[a]) * (t[k] - t[a]) > 0:
+                    break
+                hull.pop()
+            hull.append(k)
+        return hull
+
     def hull_slopes(self) -> FloatArray:
         """Every price of time (J/s) at which some class's best option under `c + price*t`
         changes: the slopes of the lower convex hulls of the (t, c) points."""
         slopes: list[float] = []
         for c in range(self.num_classes):
-            n = int(self.count[c])
-            t, cost = self.time_s[c, :n], self.cost_j[c, :n]
-            hull = [0]
-            for k in range(1, n):
-                while len(hull) >= 2:
-                    a, b = hull[-2], hull[-1]
-                    cross = (t[b] - t[a]) * (cost[k] - cost[a]) - (cost[b] - cost[a]) * (
-                        t[k] - t[a]
-                    )
-                    if cross <= 0:
-                        hull.pop()
-                    else:
-                        break
-                hull.append(k)
+            hull = self.hull_indices(c)
+            t, cost = self.time_s[c], self.cost_j[c]
             slopes += [
                 float((cost[a] - cost[b]) / (t[b] - t[a])) for a, b in itertools.pairwise(hull)
             ]

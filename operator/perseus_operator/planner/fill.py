@@ -1,0 +1,155 @@
+"""Slack filling, batched: many plans ("lanes"), each with its own deadline, swept at once.
+
+Filling slows instructions down within their float (how much later they may finish without the
+iteration missing its deadline), never to a costlier option. A sweep visits the DAG one level (an
+antichain) at a time, so the moves of one level never conflict; forwards, each node's earliest
+start is exact and its latest finish comes from a backward pass, and backwards the other way
+round. Which option a node takes follows a descending ladder of prices of time μ: at each rung a
+node moves towards the option minimising ``c + μ*t`` on its lower convex hull, so float goes first
+to the instructions that save most energy per second; the last rung (μ = 0) takes the cheapest
+option that still fits.
+
+Every per-level operation works on a (lanes x level width) block, so the cost of Python's loop
+over levels is shared by all lanes: this is what makes a dense frontier fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from perseus_operator.planner.model import OptionTable
+from perseus_operator.planner.pipeline import PipelineDag
+
+__all__ = ["BatchFill"]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+PAD_S = 1e30  # padded options never fit any float and are never cheapest
+
+
+class BatchFill:
+    """Batched passes over one DAG and option table. Plans are option indices per node into the
+    class tables (class = 2*stage + kind; options sorted fastest first, each cheaper than the one
+    before), laid out nodes x lanes: gathering a level's predecessors then reads whole rows."""
+
+    def __init__(self, dag: PipelineDag, table: OptionTable) -> None:
+        self.dag = dag
+        self.cls = 2 * dag.stage + dag.kind
+        self.time = np.where(np.isfinite(table.time_s), table.time_s, PAD_S)
+        self.cost = np.where(np.isfinite(table.cost_j), table.cost_j, PAD_S)
+        classes, width = self.time.shape
+        hull = np.zeros((classes, width), dtype=bool)
+        for c in range(classes):
+            hull[c, table.hull_indices(c)] = True
+        # next_hull[c, k]: first hull option at or after k (width if none);
+        # prev_hull[c, k]: last hull option at or before k (-1 if none).
+        self.next_hull = np.full((classes, width + 1), width, dtype=np.int64)
+        self.prev_hull = np.full((classes, width), -1, dtype=np.int64)
+        for c in range(classes):
+            nxt, prv = width, -1
+            for k in range(width - 1, -1, -1):
+                nxt = k if hull[c, k] else nxt
+                self.next_hull[c, k] = nxt
+            for k in range(width):
+                prv = k if hull[c, k] else prv
+                self.prev_hull[c, k] = prv
+        self.hull = hull
+        self.level_cls = tuple(self.cls[lv] for lv in dag.levels)
+        # All classes' option times in one sorted array (class c's block starts at c * span), so
+        # one searchsorted finds, for every node at once, the slowest option that fits its float.
+        self.count = table.count
+        self.max_time_s = float(table.time_s[np.isfinite(table.time_s)].max())
+        self.span = 2.0 * self.max_time_s + 1.0
+        self.block_start = np.concatenate(([0], np.cumsum(table.count)[:-1]))
+        self.keys = np.concatenate(
+            [c * self.span + table.time_s[c, : table.count[c]] for c in range(classes)]
+        )
+
+    def best_on_hull(self, price: float) -> IntArray:
+        """Per class, the hull option minimising ``c + price*t``."""
+        score = np.where(self.hull, self.cost + price * self.time, np.inf)
+        out: IntArray = np.argmin(score, axis=1)
+        return out
+
+    def durations(self, idx: IntArray) -> FloatArray:
+        out: FloatArray = self.time[self.cls[:, None], idx]
+        return out
+
+    def makespans(self, idx: IntArray) -> FloatArray:
+        finish = self.forward(self.durations(idx))
+        out: FloatArray = finish[:-1].max(axis=0)
+        return out
+
+    def costs(self, idx: IntArray) -> FloatArray:
+        out: FloatArray = self.cost[self.cls[:, None], idx].sum(axis=0)
+        return out
+
+    def forward(self, duration_s: FloatArray) -> FloatArray:
+        """Earliest finish times, (nodes + sentinel) x lanes."""
+        finish = np.zeros((self.dag.num_nodes + 1, duration_s.shape[1]))
+        for lv, (p0, p1) in zip(self.dag.levels, self.dag.level_preds, strict=True):
+            finish[lv] = np.maximum(finish[p0], finish[p1]) + duration_s[lv]
+        return finish
+
+    def backward(self, duration_s: FloatArray, deadline_s: FloatArray) -> FloatArray:
+        """Latest start times, (nodes + sentinel = the deadline) x lanes."""
+        latest_start = np.empty((self.dag.num_nodes + 1, duration_s.shape[1]))
+        latest_start[-1] = deadline_s
+        for lv, (s0, s1) in zip(
+            reversed(self.dag.levels), reversed(self.dag.level_succs), strict=True
+        ):
+            latest_start[lv] = np.minimum(latest_start[s0], latest_start[s1]) - duration_s[lv]
+        return latest_start
+
+    def _choose(
+        self, k: int, current: IntArray, avail_s: FloatArray, target: IntArray | None
+    ) -> IntArray:
+        """The option each node of level k (rows) takes in each lane (columns), given the time it
+        may use."""
+        cls = self.level_cls[k][:, None]
+        query = cls * self.span + np.clip(avail_s, -0.5, self.max_time_s)
+        hi = np.searchsorted(self.keys, query, side="right") - 1 - self.block_start[cls]
+        # Guard the last ulp of the offset keys against the true times.
+        hi -= (hi >= 0) & (self.time[cls, np.maximum(hi, 0)] > avail_s)
+        hi = np.maximum(hi, current)
+        if target is None:
+            out_hi: IntArray = hi
+            return out_hi
+        lo = self.next_hull[cls, current]
+        top = self.prev_hull[cls, hi]
+        moved = np.minimum(np.maximum(target[cls], lo), np.maximum(top, lo))
+        out: IntArray = np.where(lo <= top, np.maximum(moved, current), current)
+        return out
+
+    def fill(
+        self, idx: IntArray, deadline_s: FloatArray, prices: list[float], *, backward: bool
+    ) -> IntArray:
+        """Fill every lane's float up to its deadline along the price ladder (see module doc)."""
+        idx = idx.copy()
+        dag = self.dag
+        for price in prices:
+            target = self.best_on_hull(price) if price > 0 else None
+            duration = self.durations(idx)
+            if not backward:
+                latest_start = self.backward(duration, deadline_s)
+                finish = np.zeros((dag.num_nodes + 1, idx.shape[1]))
+                for k, (lv, (p0, p1)) in enumerate(zip(dag.levels, dag.level_preds, strict=True)):
+                    start = np.maximum(finish[p0], finish[p1])
+                    avail = latest_start[lv] + duration[lv] - start
+                    chosen = self._choose(k, idx[lv], avail, target)
+                    idx[lv] = chosen
+                    finish[lv] = start + self.time[self.level_cls[k][:, None], chosen]
+            else:
+                finish = self.forward(duration)
+                latest_start = np.empty((dag.num_nodes + 1, idx.shape[1]))
+                latest_start[-1] = deadline_s
+                for k in range(len(dag.levels) - 1, -1, -1):
+                    lv = dag.levels[k]
+                    s0, s1 = dag.level_succs[k]
+                    latest_finish = np.minimum(latest_start[s0], latest_start[s1])
+                    avail = latest_finish - (finish[lv] - duration[lv])
+                    chosen = self._choose(k, idx[lv], avail, target)
+                    idx[lv] = chosen
+                    latest_start[lv] = latest_finish - self.time[self.level_cls[k][:, None], chosen]
+        return idx
