@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     tick_s: float = Field(default=1.0, gt=0)
     """How often each policy is reconciled (level-based; a spec change wakes it at once)."""
-    baseline_iterations: int = Field(default=5, ge=1)
+    baseline_iterations: int = Field(default=3, ge=1)
     """All-max-clock iterations measured before the first schedule (the measured baseline)."""
     measure_iterations: int = Field(default=5, ge=1)
     """Iterations under a schedule before the measured saving is reported."""
