@@ -203,8 +203,42 @@ gone() { ! k -n "$JOBS" get energypolicy rbac-probe; }
 wait_for 30 "the operator's liveness endpoint" curl -sf "http://127.0.0.1:$probe_port/healthz"
 sed 's/name: chart-check/name: rbac-probe/' "$WORK/policy.yaml" | k apply -f - >/dev/null
 wait_for 60 "the operator to write the policy's status" has_phase
+# A running job pod (on a Node object, status set through the API as a kubelet would) makes the
+# operator create the policy's job-token Secret, owned by the policy.
+"$PY" - "$JOBS" <<'PY'
+import asyncio
+import sys
+
+from kubernetes_asyncio import client, config
+
+
+async def main(namespace: str) -> None:
+    await config.load_kube_config()
+    async with client.ApiClient() as api:
+        core = client.CoreV1Api(api)
+        await core.create_node({"metadata": {"name": "chart-check-node"}})
+        pod = {
+            "metadata": {"name": "rank-0", "labels": {"job": "chart-check"}},
+            "spec": {
+                "nodeName": "chart-check-node",
+                "automountServiceAccountToken": False,
+                "containers": [{"name": "trainer", "image": "trainer"}],
+            },
+        }
+        await core.create_namespaced_pod(namespace, pod)
+        status = {"status": {"phase": "Running", "podIP": "127.0.0.5", "hostIP": "127.0.0.1"}}
+        await core.patch_namespaced_pod_status("rank-0", namespace, status)
+
+
+asyncio.run(main(sys.argv[1]))
+PY
+wait_for 60 "the operator to create the job-token Secret" k -n "$JOBS" get secret perseus-job-rbac-probe
+[ "$(k -n "$JOBS" get secret perseus-job-rbac-probe -o jsonpath='{.metadata.ownerReferences[0].name}')" = rbac-probe ]
 k -n "$JOBS" delete energypolicy rbac-probe --wait=false >/dev/null
 wait_for 60 "the operator's finalizer to release the deleted policy" gone
+secret_gone() { ! k -n "$JOBS" get secret perseus-job-rbac-probe; }
+wait_for 60 "the garbage collector to delete the job-token Secret with its policy" secret_gone
+k -n "$JOBS" delete pod rank-0 --wait=false >/dev/null
 kill "$OP_PID"
 wait "$OP_PID" 2>/dev/null || true
 OP_PID=""
@@ -212,7 +246,7 @@ if grep -E "Forbidden|\(403\)" "$WORK/operator.log"; then
   echo "the operator hit a permission error under its ServiceAccount" >&2
   exit 1
 fi
-ok "perseus-operator under the ServiceAccount token starts (liveness answers), writes a policy's status and runs its finalizer, with no Forbidden in its log"
+ok "perseus-operator under the ServiceAccount token starts (liveness answers), writes a policy's status, creates the job-token Secret for a running pod (owned by the policy: gone with it) and runs its finalizer, with no Forbidden in its log"
 k apply -f "$WORK/policy.yaml" >/dev/null
 
 step "helm upgrade with a changed value and a changed CRD"
