@@ -88,12 +88,6 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--max-lag-ms", type=float, default=10.0, help="host lag forgiven before a late start"
     )
-    parser.add_argument(
-        "--clock-grace-ms",
-        type=float,
-        default=3.0,
-        help="a clock applied this soon after a begin event counts from the begin",
-    )
     parser.add_argument("--connect-timeout-s", type=float, default=10.0)
     parser.add_argument("--json", type=Path, help="also write the per-iteration results here")
     parser.set_defaults(run=run)
@@ -198,7 +192,6 @@ def run(args: argparse.Namespace) -> int:
             crashes=tuple(Crash(*parse_crash(t)) for t in args.crash),
             allreduce_s=args.allreduce_s,
             max_lag_s=args.max_lag_ms / 1000,
-            clock_grace_s=args.clock_grace_ms / 1000,
             connect_timeout_s=args.connect_timeout_s,
         )
         trainer = SimTrainer(config)

@@ -54,9 +54,10 @@ __all__ = [
 
 NODE_FILE = "node.json"
 PROFILE_FILE = "profile.csv"
-HISTORY_S = 10.0
-"""Simulated seconds of energy history kept: readers look back at most one update interval, the
-trainer a few iterations."""
+HISTORY_S = 1.0
+"""Simulated seconds of energy history kept (at least four update intervals): readers look back
+one update interval; the trainer reads each iteration's end as it happens. Short, because the
+trainer rewrites the curve at every instruction."""
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -209,6 +210,7 @@ class SimulatedGpu:
         self._lock_path = state_dir / f"gpu-{index}.lock"
         self._thread_lock = threading.Lock()
         self._clock_cache: tuple[tuple[int, int], int | None] | None = None
+        self._points_cache: tuple[tuple[int, int], list[tuple[float, float]]] | None = None
         # NVML counters of different GPUs update out of phase; keep that, deterministically.
         self._phase_s = settings.energy_update_interval_s * ((index * 0.618034) % 1.0)
 
@@ -253,13 +255,21 @@ class SimulatedGpu:
     # Energy ----------------------------------------------------------------------------------
 
     def _points(self) -> list[tuple[float, float]]:
+        """The curve's breakpoints, re-read only when the file was replaced since."""
         try:
+            st = self._energy_path.stat()
+            key = (st.st_ino, st.st_mtime_ns)
+            cached = self._points_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
             raw = json.loads(self._energy_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return []
         except (OSError, ValueError) as exc:
             raise GpuError(f"simulated energy state of {self.uuid} is unreadable: {exc}") from None
-        return [(float(t), float(e)) for t, e in raw]
+        points = [(float(t), float(e)) for t, e in raw]
+        self._points_cache = (key, points)
+        return points
 
     def _value(self, points: list[tuple[float, float]], t_s: float) -> float:
         if not points:

@@ -11,9 +11,11 @@ starts when its dependencies end on that timeline, not when a thread happens to 
 GPU runs its queued kernels regardless of host jitter. A thread that wakes more than `max_lag_s`
 late really starts late (the host fell behind its queue); such starts are counted, and the
 iteration time reported is measured on the wall clock, so an overloaded host shows as lost
-fidelity. A clock change the sidecar applies within `clock_grace_s` (wall) of an instruction's
-begin event counts from the begin: the time scale shrinks GPU time but not the sidecar's
-reaction time, which must not be magnified into seconds at the wrong clock.
+fidelity. A clock the sidecar applies while an instruction runs takes over the rest of its
+work from the begin plus the sidecar's wall-clock reaction time: the time scale compresses GPU
+time but not the sidecar's latency, which must not be magnified into simulated seconds at the
+wrong clock. Events carry the timeline's timestamps, so the sidecar times the GPUs' work, not
+the threads' wake-up jitter.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 _CHUNK_S = 0.1
 """Longest uninterrupted sleep, so a stop request is noticed promptly."""
+_CLOCK_CHECKS_S = (0.001, 0.003, 0.01)
+"""When, after an instruction's begin event (wall seconds), to look for the sidecar's clock."""
 
 
 class SimulationError(RuntimeError):
@@ -104,7 +108,6 @@ class SimConfig:
     allreduce_s: float = 0.0
     """Simulated seconds between the pipelines' end and the next iteration (GPUs idle)."""
     max_lag_s: float = 0.01
-    clock_grace_s: float = 0.003
     connect_timeout_s: float = 10.0
     """How long to wait for every rank's event stream before starting (wall seconds)."""
 
@@ -121,7 +124,6 @@ class SimConfig:
         for label, number in (
             ("allreduce_s", self.allreduce_s),
             ("max_lag_s", self.max_lag_s),
-            ("clock_grace_s", self.clock_grace_s),
             ("connect_timeout_s", self.connect_timeout_s),
         ):
             if not math.isfinite(number) or number < 0:
@@ -270,8 +272,8 @@ class SimTrainer:
         self._acts: list[list[queue.SimpleQueue[tuple[int, float]]]] = []
         self._grads: list[list[queue.SimpleQueue[tuple[int, float]]]] = []
         self._epoch_wall_s = 0.0
+        self._closed: queue.SimpleQueue[tuple[float, float, int, float]] = queue.SimpleQueue()
         self._epoch_wall_ns = 0
-        self._iteration = 0
         self._iteration_start = 0.0
         self._wall_start = 0.0
         self._energy_start = 0.0
@@ -417,7 +419,6 @@ class SimTrainer:
         for node in self.nodes:
             node.offset_s = (self._epoch_wall_s - node.settings.epoch_wall_s) / self.time_scale
         start = self._now() + 0.02 / self.time_scale
-        self._iteration = 0
         self._iteration_start = start
         self._wall_start = self._epoch_wall_s + start * self.time_scale
         self._energy_start = self._energy_at(start)
@@ -427,6 +428,7 @@ class SimTrainer:
             )
             for p in self.placements
         ]
+        threads.append(threading.Thread(target=self._guard_report, name="sim-reporter"))
         for t in threads:
             t.start()
         try:
@@ -445,6 +447,13 @@ class SimTrainer:
     def stop(self) -> None:
         self._stop.set()
 
+    def _guard_report(self) -> None:
+        try:
+            self._report()
+        except BaseException as exc:
+            self._errors.append(exc)
+            self._stop.set()
+
     def _guard(self, p: RankPlacement, hooks: hooks_mod.Hooks, start: float) -> None:
         try:
             self._run_rank(p, hooks, start)
@@ -459,7 +468,6 @@ class SimTrainer:
         gpu = node.gpus[p.gpu_index]
         s, stages = p.stage, self.stages
         acts, grads = self._acts[p.data_rank], self._grads[p.data_rank]
-        grace = self.config.clock_grace_s / self.time_scale
         max_lag = self.config.max_lag_s / self.time_scale
         crashes = {c.at_iteration: c for c in self.config.crashes if c.rank == p.rank}
         try:
@@ -487,19 +495,9 @@ class SimTrainer:
                     self._sleep_until(begin)
                     kind: hooks_mod.InstructionKind = "forward" if forward else "backward"
                     hooks.instruction_begin(kind, m, self._wall_ns(begin))
-                    begun = self._now()
-                    clock = gpu.effective_clock_mhz()
-                    t, e = node.table[(s, forward, clock)]
-                    t, e = t * factor, e * factor
-                    gpu.record_work(begin + node.offset_s, t, e)
-                    self._sleep_until(min(begin + t, begun + grace))
-                    late_clock = gpu.effective_clock_mhz()
-                    if late_clock != clock:
-                        t, e = node.table[(s, forward, late_clock)]
-                        t, e = t * factor, e * factor
-                        gpu.record_work(begin + node.offset_s, t, e)
-                    end = begin + t
-                    self._sleep_until(end)
+                    end = self._play(
+                        node, gpu, (s, forward), factor=factor, begin=begin, sent_wall_s=time.time()
+                    )
                     hooks.instruction_end(kind, m, self._wall_ns(end))
                     if forward and s < stages - 1:
                         acts[s + 1].put((m, end))
@@ -511,6 +509,45 @@ class SimTrainer:
         finally:
             hooks.close()
 
+    def _play(
+        self,
+        node: _Node,
+        gpu: SimulatedGpu,
+        what: tuple[int, bool],
+        *,
+        factor: float,
+        begin: float,
+        sent_wall_s: float,
+    ) -> float:
+        """Run one instruction from `begin` on the timeline at the clock the GPU is locked to,
+        recording its energy; returns its end. A clock the sidecar applies meanwhile (seen by
+        polling, soon after the begin event and at the end) takes over the rest of the work. It
+        counts from `begin` plus the sidecar's wall-clock reaction time, unscaled: the time
+        scale compresses GPU work, not the sidecar's latency, which must not be magnified."""
+        stage, forward = what
+        clock = gpu.effective_clock_mhz()
+        time_s, energy_j = node.table[(stage, forward, clock)]
+        segment, left = begin, 1.0  # the fraction of the work left at `segment`
+        end = begin + time_s * factor
+        gpu.record_work(begin + node.offset_s, time_s * factor, energy_j * factor)
+        checks = [sent_wall_s + delay_s for delay_s in _CLOCK_CHECKS_S]
+        while True:
+            check_at = (checks.pop(0) - self._epoch_wall_s) / self.time_scale if checks else end
+            target = min(end, check_at)
+            self._sleep_until(target)
+            now_clock = gpu.effective_clock_mhz()
+            if now_clock != clock:
+                at = min(max(begin + (time.time() - sent_wall_s), segment), end)
+                left -= (at - segment) / (time_s * factor)
+                clock, segment = now_clock, at
+                time_s, energy_j = node.table[(stage, forward, clock)]
+                end = at + left * time_s * factor
+                gpu.record_work(
+                    at + node.offset_s, left * time_s * factor, left * energy_j * factor
+                )
+            elif target >= end:
+                return end
+
     def _energy_at(self, t: float) -> float:
         return sum(
             self.nodes[p.node].gpus[p.gpu_index].energy_j(t + self.nodes[p.node].offset_s)
@@ -518,27 +555,38 @@ class SimTrainer:
         )
 
     def _close_iteration(self, latest_end: float) -> float:
-        """Run by the last rank to reach the barrier: wait out the all-reduce, record the
-        iteration, and return the next one's start on the timeline."""
+        """Run by the last rank to reach the barrier: wait out the all-reduce and return the
+        next iteration's start on the timeline. Only the GPUs' energy is read here; reporting
+        goes to the reporter thread, so that no rank starts late for it."""
         next_start = latest_end + self.config.allreduce_s
         self._sleep_until(next_start)
         wall_s = time.time()
-        energy = self._energy_at(next_start)
         with self._late_lock:
             late, self._late = self._late, 0
-        result = IterationResult(
-            iteration=self._iteration,
-            time_s=(wall_s - self._wall_start) / self.time_scale,
-            timeline_s=next_start - self._iteration_start,
-            expected_s=self.expected_s(self._iteration) + self.config.allreduce_s,
-            energy_j=energy - self._energy_start,
-            late_starts=late,
-        )
-        self._results.append(result)
-        self._iteration += 1
-        self._iteration_start = next_start
-        self._wall_start = wall_s
-        self._energy_start = energy
-        if self._on_iteration is not None:
-            self._on_iteration(result)
+        self._closed.put((next_start, wall_s, late, self._energy_at(next_start)))
         return next_start
+
+    def _report(self) -> None:
+        """The reporter thread: one result per closed iteration."""
+        for iteration in range(self.config.iterations):
+            while True:
+                try:
+                    next_start, wall_s, late, energy = self._closed.get(timeout=_CHUNK_S)
+                    break
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return
+            result = IterationResult(
+                iteration=iteration,
+                time_s=(wall_s - self._wall_start) / self.time_scale,
+                timeline_s=next_start - self._iteration_start,
+                expected_s=self.expected_s(iteration) + self.config.allreduce_s,
+                energy_j=energy - self._energy_start,
+                late_starts=late,
+            )
+            self._results.append(result)
+            self._iteration_start = next_start
+            self._wall_start = wall_s
+            self._energy_start = energy
+            if self._on_iteration is not None:
+                self._on_iteration(result)
