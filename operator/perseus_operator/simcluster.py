@@ -330,6 +330,28 @@ class SimCluster:
             stderr=subprocess.STDOUT,
         )
 
+    def trainer_iterations(self) -> list[tuple[int, float, float, float]]:
+        """(iteration, time_s, all-max time_s, energy_j) of each iteration the trainer printed."""
+        path = self.workdir / "trainer.log"
+        out = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            words = line.split()
+            if len(words) >= 9 and words[0] == "iteration" and words[2] == "time":
+                energy = float(words[words.index("energy") + 1])
+                out.append((int(words[1]), float(words[3]), float(words[6]), energy))
+        return out
+
+    def locked_clocks(self) -> dict[str, int | None]:
+        """Every simulated GPU's locked SM clock, read from the simulated driver's own state
+        (None: unlocked, at the driver's default)."""
+        from perseus_sidecar.gpu.simulated import open_node
+
+        out: dict[str, int | None] = {}
+        for i in range(self.job.nodes):
+            for gpu in open_node(self.state_dir(i))[2]:
+                out[gpu.uuid] = gpu.locked_sm_clock_mhz()
+        return out
+
     def stop_trainer(self) -> None:
         if self.trainer is not None and self.trainer.poll() is None:
             self.trainer.send_signal(signal.SIGINT)

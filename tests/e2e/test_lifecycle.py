@@ -1,0 +1,96 @@
+"""A policy's whole life on a real API server: Ready with schedules applied and the measured
+saving close to the prediction, a SIGKILLed sidecar, the job finishing, deletion."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from perseus_operator.sidecars import SidecarGateway, SidecarUnreachableError
+from perseus_operator.simcluster import SimCluster, wait_for
+from tests.e2e.conftest import (
+    condition,
+    create_policy,
+    kubectl,
+    needs_cluster,
+    start_job,
+    status,
+    wait_condition,
+    wait_phase,
+    wait_unlocked,
+)
+
+pytestmark = [pytest.mark.e2e, needs_cluster, pytest.mark.timeout(300)]
+
+
+async def node_entries(sim: SimCluster, node: int) -> int:
+    """Schedule entries the node's sidecar holds for the job (0 while it is down)."""
+    gateway = SidecarGateway(sim.token)
+    try:
+        snap = await gateway.snapshot(
+            f"{sim.job.node_ip(node)}:8080", sim.job.namespace, sim.job.policy, 5
+        )
+    except SidecarUnreachableError:
+        return 0
+    finally:
+        await gateway.close()
+    return len(snap.entries)
+
+
+async def test_optimize_crash_finish_delete(sim: SimCluster) -> None:
+    ns, name = sim.job.namespace, sim.job.policy
+    t_apply = time.monotonic()
+    await create_policy(sim)
+    await start_job(sim)
+    st = await wait_condition(sim, "ScheduleApplied", "True", 60)
+    applied_s = time.monotonic() - t_apply
+    print(f"policy applied -> schedules applied: {applied_s:.1f}s")
+    assert st["phase"] == "Optimizing" and st["registeredRanks"] == 8
+    assert all([await node_entries(sim, i) for i in range(sim.job.nodes)])
+
+    waited = kubectl(
+        "-n", ns, "wait", "--for=condition=Ready", f"energypolicy/{name}", "--timeout=60s"
+    )
+    assert waited.returncode == 0, waited.stderr
+    table = kubectl("-n", ns, "get", "energypolicies")
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split() == ["NAME", "PHASE", "READY", "SAVING%", "ITERATION(S)", "AGE"]
+    assert row.split()[:3] == [name, "Optimizing", "True"]
+    assert kubectl("-n", ns, "get", "enp", name).returncode == 0  # the short name
+
+    async def close_to_prediction() -> dict[str, object] | None:
+        s = await status(sim)
+        measured, predicted = s.get("measuredSavingPercent"), s.get("predictedSavingPercent")
+        if not isinstance(measured, float | int) or not isinstance(predicted, float | int):
+            return None
+        return s if abs(measured - predicted) <= 3.0 else None
+
+    st = await wait_for("measured saving within 3 pp of predicted", close_to_prediction, 90, 0.5)
+    print(f"predicted {st['predictedSavingPercent']}%, measured {st['measuredSavingPercent']}%")
+    assert float(st["predictedSavingPercent"]) > 5
+    recent = sim.trainer_iterations()[-4:]
+    assert all(abs(t / base - 1) <= 0.02 for _, t, base, _ in recent), recent
+
+    # kill -9 one sidecar: Degraded; restarted, it resets its clocks and gets the schedule again
+    sim.kill_sidecar(1)
+    st = await wait_phase(sim, "Degraded", 30)
+    assert "sim" in condition(st, "Ready")["message"] or condition(st, "Ready")["reason"]
+    sim.start_sidecar(1, fresh=False)
+    await wait_for("the restarted sidecar's schedule", lambda: node_entries(sim, 1), 60, 0.5)
+    await wait_condition(sim, "Ready", "True", 60)
+
+    # the job's pods finish: Completed, every clock reset at once
+    sim.stop_trainer()
+    await sim.finish_job_pods()
+    t_done = time.monotonic()
+    st = await wait_phase(sim, "Completed", 20)
+    await wait_unlocked(sim, 5)
+    print(f"pods finished -> Completed and clocks reset: {time.monotonic() - t_done:.1f}s")
+    assert condition(st, "Ready")["reason"] == "JobFinished"
+
+    # delete: the finalizer removes the job from every sidecar; nothing stays locked
+    deleted = kubectl("-n", ns, "delete", "energypolicy", name, "--timeout=60s")
+    assert deleted.returncode == 0, deleted.stderr
+    assert await status(sim) == {}
+    await wait_unlocked(sim, 5)
