@@ -116,5 +116,5 @@ class _Progress:
         percent = 100 * done // max(total, 1)
         if percent // 10 != self.last_percent // 10 or done == total:
             self.last_percent = percent
-            print(f"perseus plan: searching {percent}% ({done}/{total} deadlines)",
+            print(f"perseus plan: searching {percent}% ({done}/{total} candidate plans)",
                   file=sys.stderr, flush=True)  # fmt: skip

@@ -122,6 +122,19 @@ class BatchFill:
         out: IntArray = np.where(lo <= top, np.maximum(moved, current), current)
         return out
 
+    def round_under(self, finish_s: FloatArray) -> IntArray:
+        """One plan (nodes x 1) taking for each node, in topological order, the cheapest option
+        that still finishes by `finish_s` (e.g. an LP solution's finish times): rounding errors
+        do not pile up along a chain, each node absorbs what the ones before it left."""
+        idx = np.zeros((self.dag.num_nodes, 1), dtype=np.int64)
+        finish = np.zeros((self.dag.num_nodes + 1, 1))
+        for k, (lv, (p0, p1)) in enumerate(zip(self.dag.levels, self.dag.level_preds, strict=True)):
+            start = np.maximum(finish[p0], finish[p1])
+            chosen = self._choose(k, idx[lv], finish_s[lv][:, None] - start, None)
+            idx[lv] = chosen
+            finish[lv] = start + self.time[self.level_cls[k][:, None], chosen]
+        return idx
+
     def fill(
         self, idx: IntArray, deadline_s: FloatArray, prices: list[float], *, backward: bool
     ) -> IntArray:

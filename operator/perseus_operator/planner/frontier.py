@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from perseus_operator.planner.evaluate import forward_pass
 from perseus_operator.planner.fill import BatchFill
+from perseus_operator.planner.lp import lp_finish_times
 from perseus_operator.planner.model import OptionTable, build_options
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
 from perseus_profiles import StageProfile
@@ -52,8 +53,10 @@ ProgressCallback = Callable[[int, int], None]
 
 GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0 ...
 MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the work
-_FILL_STEPS = 24  # rungs of the price ladder (plus μ = 0)
-_LANE_ELEMENTS = 4_000_000  # lanes x nodes per batch: bounds memory on large pipelines
+_BASES = "fast,cheap"
+_USE_LP = True
+_FILL_STEPS = 12  # rungs of the price ladder (plus μ = 0)
+_LANE_ELEMENTS = 2_000_000  # lanes x nodes per batch: bounds memory on large pipelines
 
 
 @dataclass(frozen=True)
@@ -167,19 +170,24 @@ class _Search:
         fastest_t, slowest_t = float(u_time.min()), float(u_time.max())
         step = max(GRID_FRACTION * t0, (slowest_t - fastest_t) / MAX_DEADLINES)
         deadlines = sorted({*np.arange(fastest_t, slowest_t + step / 2, step).tolist(), t0})
-        fastest = uniform[int(np.argmin(u_time))]
         bases, lane_deadlines = [], []
         for deadline in deadlines:
             fitting = np.nonzero(u_time <= deadline)[0]
-            cheapest = uniform[fitting[np.argmin(u_cost[fitting])]]
-            bases += [fastest, cheapest]
-            lane_deadlines += [deadline, deadline]
+            by_cost = fitting[np.argsort(u_cost[fitting], kind="stable")]
+            chosen = {int(np.argmin(u_time))} if "fast" in _BASES else set()
+            chosen |= {int(i) for i in by_cost[: _BASES.count("cheap")]}
+            if "slowest" in _BASES:
+                chosen.add(int(fitting[np.argmax(u_time[fitting])]))
+            for i in sorted(chosen):
+                bases.append(uniform[i])
+                lane_deadlines.append(deadline)
         bases.append(self.max_clock_plan())
         lane_deadlines.append(t0)
         prices = _fill_prices(slopes)
+        extra = self.lp_lanes(t0, prices) if _USE_LP else []
         kept = _useful(
             [(float(t), float(c) + self.idle_power_w * float(t), u.astype(np.int16))
-             for t, c, u in zip(u_time, u_cost, uniform, strict=True)],
+             for t, c, u in zip(u_time, u_cost, uniform, strict=True)] + extra,
             self.idle_power_w,
         )  # fmt: skip
         chunk = max(1, _LANE_ELEMENTS // self.dag.num_nodes)
@@ -197,10 +205,29 @@ class _Search:
                             for t, e, i in zip(times, energies, idx.T, strict=True)],
                     self.idle_power_w,
                 )  # fmt: skip
-                done += len(base)
+                done += base.shape[1]
                 if progress is not None:
                     progress(done, total)
         return kept
+
+    def lp_lanes(
+        self, deadline_s: float, prices: list[float]
+    ) -> list[tuple[float, float, IntArray]]:
+        """Plans rounded from the LP optimum at `deadline_s`, then filled."""
+        finish = lp_finish_times(self.dag, self.table, deadline_s)
+        if finish is None:
+            return []
+        rounded = self.batch.round_under(finish)
+        lanes = [rounded]
+        deadline = np.asarray([deadline_s])
+        for backward in (False, True):
+            lanes.append(self.batch.fill(rounded, deadline, [0.0], backward=backward))
+            lanes.append(self.batch.fill(rounded, deadline, prices, backward=backward))
+        idx = np.concatenate(lanes, axis=1)
+        times = self.batch.makespans(idx)
+        energies = self.batch.costs(idx) + self.idle_power_w * times
+        return [(float(t), float(e), i.astype(np.int16))
+                for t, e, i in zip(times, energies, idx.T, strict=True)]  # fmt: skip
 
     def to_plan(self, idx: IntArray, t: float, e: float) -> Plan:
         freqs = self.table.frequency_mhz[self.cls, idx.astype(np.int64)]
