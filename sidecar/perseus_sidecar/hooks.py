@@ -25,7 +25,9 @@ Typical use::
 The sidecar address, pod identity and job token come from the environment a Kubernetes pod is
 given (``PERSEUS_SIDECAR_HOST`` from the downward API's ``status.hostIP``,
 ``PERSEUS_SIDECAR_PORT``, ``PERSEUS_POD_NAMESPACE``, ``PERSEUS_POD_NAME``,
-``PERSEUS_JOB_TOKEN_FILE``); arguments override them. Without a sidecar host the hooks are a
+``PERSEUS_JOB_TOKEN_FILE``, and ``PERSEUS_SIDECAR_EVENT_PORT`` where the event port reaches the
+pod under another number than the sidecar announces, e.g. a remapped host port); arguments
+override them. Without a sidecar host the hooks are a
 no-op, so the same script runs anywhere.
 """
 
@@ -97,6 +99,7 @@ class HooksConfig:
         job_token: str | None = None,
         job_token_file: str = DEFAULT_JOB_TOKEN_FILE,
         source_ip: str | None = None,
+        event_port: int | None = None,
         connect_timeout_s: float = 2.0,
         min_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
@@ -112,6 +115,8 @@ class HooksConfig:
                 raise ValueError(f"{label} must be an integer >= 0, got {value!r}")
         if not 0 < port < 65536:
             raise ValueError(f"sidecar port must be 1-65535, got {port}")
+        if event_port is not None and not 0 < event_port < 65536:
+            raise ValueError(f"sidecar event port must be 1-65535, got {event_port}")
         if buffer_events < 1:
             raise ValueError(f"buffer_events must be >= 1, got {buffer_events}")
         if not 0 < min_backoff_s <= max_backoff_s:
@@ -128,6 +133,7 @@ class HooksConfig:
         self.job_token = job_token
         self.job_token_file = job_token_file
         self.source_ip = source_ip
+        self.event_port = event_port
         self.connect_timeout_s = connect_timeout_s
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
@@ -417,7 +423,8 @@ class _Sender:
         try:
             token = self.config.token()
             if self.hooks.rank_id is None:
-                self.hooks.rank_id, self.event_port, active = self._register(token)
+                self.hooks.rank_id, announced_port, active = self._register(token)
+                self.event_port = self.config.event_port or announced_port
             self.sock, active = self._open_stream(self.hooks.rank_id, token)
         except (_RefusedError, OSError, ValueError, KeyError) as exc:
             if isinstance(exc, _RefusedError) and exc.forget_rank:
@@ -580,6 +587,7 @@ def register(
     job_token: str | None = None,
     job_token_file: str | None = None,
     source_ip: str | None = None,
+    event_port: int | None = None,
     sync: SyncArg = "auto",
     sync_policy: SyncPolicy = "schedule",
     make_default: bool = True,
@@ -619,6 +627,9 @@ def register(
             job_token_file=job_token_file
             or env.get("PERSEUS_JOB_TOKEN_FILE", DEFAULT_JOB_TOKEN_FILE),
             source_ip=source_ip,
+            event_port=event_port
+            if event_port is not None
+            else (_env_int("PERSEUS_SIDECAR_EVENT_PORT", 0) or None),
             connect_timeout_s=connect_timeout_s,
             min_backoff_s=min_backoff_s,
             max_backoff_s=max_backoff_s,
