@@ -11,21 +11,8 @@ from prometheus_client.registry import Collector
 
 __all__ = ["LATENCY_BUCKETS_S", "Metrics"]
 
-LATENCY_BUCKETS_S = (
-    0.00005,
-    0.0001,
-    0.0002,
-    0.0003,
-    0.0005,
-    0.00075,
-    0.001,
-    0.002,
-    0.005,
-    0.01,
-    0.05,
-    0.25,
-    1.0,
-)
+_LATENCY_BUCKETS_US = (25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000, 3000, 5000)
+LATENCY_BUCKETS_S = (*(us * 1e-6 for us in _LATENCY_BUCKETS_US), 0.01, 0.05, 0.25, 1.0)
 
 
 class _StateCollector(Collector):

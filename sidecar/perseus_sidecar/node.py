@@ -465,8 +465,10 @@ class Node:
                     self.metrics.gpu_errors.labels(error=type(exc).__name__).inc()
 
     async def _sampler(self) -> None:
+        """Poll energy counters only while a profiling session runs (idle: check 10x a second)."""
         while True:
-            await asyncio.sleep(self.energy_poll_s)
+            profiling = any(job.profiling is not None for job in self.jobs.values())
+            await asyncio.sleep(self.energy_poll_s if profiling else 0.1)
             self.sample_energy()
 
     # ---- timings ----------------------------------------------------------------------------

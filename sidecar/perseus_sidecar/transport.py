@@ -20,6 +20,10 @@ __all__ = ["MAX_LINE_BYTES", "EventProtocol", "start_event_server"]
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 512
+BATCH_LINES = 256
+"""Lines handled per loop callback; with more pending, reading pauses and the rest is handled
+in later callbacks, so a flooding client cannot starve HTTP or other ranks (and feels TCP
+backpressure instead)."""
 MAX_T_NS = 2**63 - 1
 MAX_MICROBATCH = 1_000_000
 
@@ -32,6 +36,7 @@ class EventProtocol(asyncio.Protocol):
         self._rank: Rank | None = None
         self._buffer = b""
         self._closed = False
+        self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -45,12 +50,33 @@ class EventProtocol(asyncio.Protocol):
             self._rank.listeners.discard(self)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        lines = buffer.split(b"\n")
-        self._buffer = lines.pop()
-        if len(self._buffer) > MAX_LINE_BYTES:
+        self._buffer = self._buffer + data if self._buffer else data
+        if not self._paused:
+            self._process()
+
+    def _process(self) -> None:
+        if self._closed:
+            return
+        lines = self._buffer.split(b"\n", BATCH_LINES)
+        rest = lines.pop()
+        more = len(lines) == BATCH_LINES and b"\n" in rest
+        self._buffer = rest
+        if not more and len(rest) > MAX_LINE_BYTES:
             self.close("line too long")
             return
+        self._handle_lines(lines)
+        if self._transport is None or self._closed:
+            return
+        if more:
+            if not self._paused:
+                self._paused = True
+                self._transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._process)
+        elif self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def _handle_lines(self, lines: list[bytes]) -> None:
         rank = self._rank
         counter = self._node.metrics.events_tcp
         accepted = 0
