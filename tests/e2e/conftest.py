@@ -60,6 +60,23 @@ async def sim(tmp_path: Path) -> AsyncIterator[SimCluster]:
         await api.close()
 
 
+@pytest.fixture
+async def bare(tmp_path: Path) -> AsyncIterator[SimCluster]:
+    """Only the CRD and a namespace: for what the API server decides alone."""
+    await config.load_kube_config()
+    api = client.ApiClient()
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    job = SimJob(namespace=name, policy="train", node_prefix=name)
+    cluster = SimCluster(api, job, tmp_path / "sim", "")
+    try:
+        await cluster.install_crd()
+        await cluster.create_namespace()
+        yield cluster
+    finally:
+        await cluster.close()
+        await api.close()
+
+
 async def create_policy(sim: SimCluster, name: str | None = None, **spec: Any) -> None:
     body = policy_manifest(sim.job, PROFILE_CM, **spec)
     if name is not None:
