@@ -37,6 +37,8 @@ class SidecarProcess:
     state_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    command: tuple[str, ...] = ()
+    """How it was started (to start it again on the same ports and state)."""
 
     @property
     def url(self) -> str:
@@ -96,7 +98,9 @@ def sidecar_process(
     ]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    sidecar = SidecarProcess("127.0.0.1", port, event_port, state_dir, process, log_path)
+    sidecar = SidecarProcess(
+        "127.0.0.1", port, event_port, state_dir, process, log_path, tuple(command)
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
