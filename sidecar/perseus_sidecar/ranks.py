@@ -212,6 +212,13 @@ class Rank:
             return
         self._metrics.event_latency.observe((time.time_ns() - t_ns) * 1e-9)
 
+    def _reset(self, reason: str) -> None:
+        try:
+            self._clocks.reset(self.gpu_uuid, reason)
+        except (GpuError, OSError, RuntimeError) as exc:
+            self._metrics.gpu_errors.labels(error=type(exc).__name__).inc()
+            log.error("cannot reset clock", extra={"gpu": self.gpu_uuid, "error": str(exc)})
+
     def _end_instruction(self, forward: bool, microbatch: int, t_ns: int) -> None:
         begin = (self.open_forward if forward else self.open_backward).pop(microbatch, None)
         if begin is None or t_ns < begin:
@@ -261,7 +268,10 @@ class Rank:
             next_mhz = profiling.end_iteration(t_ns)
             if next_mhz is None:
                 self.set_profiling(None)
-                self._apply(self.max_mhz, t_ns)
+                if self.forward_mhz is None:
+                    self._reset("profiling-done")
+                else:
+                    self._apply(self.max_mhz, t_ns)
             else:
                 self._apply(next_mhz, t_ns)
         elif self.forward_mhz is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,7 +12,10 @@ from fastapi.testclient import TestClient
 
 from perseus_profiles import StageProfile
 from perseus_sidecar.api import EventsIn, ScheduleIn
+from perseus_sidecar.deps import get_node
 from perseus_sidecar.gpu.simulated import SimulatedBackend
+from perseus_sidecar.lockstate import LockState
+from perseus_sidecar.node import Node
 
 from .conftest import (
     JOB,
@@ -19,6 +23,8 @@ from .conftest import (
     NAME,
     NS,
     OP,
+    OPERATOR_TOKEN,
+    FakeBackend,
     announce,
     node_of,
     register,
@@ -39,11 +45,8 @@ def test_health_and_readiness_need_no_token(client: TestClient) -> None:
 
 
 def test_readiness_reports_zero_gpus(
-    make_client: Callable[..., TestClient], profile: StageProfile, tmp_path: object
+    make_client: Callable[..., TestClient], profile: StageProfile, tmp_path: Path
 ) -> None:
-    from pathlib import Path
-
-    assert isinstance(tmp_path, Path)
     client = make_client(SimulatedBackend(profile, 0, tmp_path / "empty", node_name="n1"))
     r = client.get("/v1/readyz")
     assert r.status_code == 503
@@ -365,3 +368,22 @@ def test_metrics_exposes_clock_energy_and_schedule_state(client: TestClient) -> 
 def test_openapi_stays_at_its_path(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "/v1/jobs/{namespace}/{name}/schedule" in spec["paths"]
+
+
+def test_dependency_override_swaps_the_node(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """Routers reach the node only through `deps.get_node`, so a test can swap it."""
+    client = make_client()
+    fake = FakeBackend(n=3)
+    other = Node(
+        backend=fake,
+        lock_state=LockState(tmp_path / "other"),
+        operator_token=OPERATOR_TOKEN,
+        node_name="other",
+    )
+    other.discover()
+    client.app.dependency_overrides[get_node] = lambda: other  # type: ignore[attr-defined]
+    body = client.get("/v1/gpus", headers=OP).json()
+    assert body["node_name"] == "other"
+    assert [g["uuid"] for g in body["gpus"]] == fake.uuids
