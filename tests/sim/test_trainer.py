@@ -426,3 +426,46 @@ def test_unreachable_sidecar_in_standalone_mode(
     assert f"cannot reach the sidecar at 127.0.0.1:{sidecar.port}" in err
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{sidecar.port}/v1/healthz", timeout=0.5)
+
+
+def test_pipelines_across_two_nodes(tmp_path: Path) -> None:
+    """Two sidecars started at different times (different simulated epochs), one pipeline on
+    each: the timeline, the energy and each sidecar's view of its own ranks agree."""
+    profile_path = _four_stage(tmp_path)
+    profile = load_example("gpt3-175b-a100").select_stages((0, 1, 2, 7))
+    t0_s, energy_j = _all_max(profile, 4, EXAMPLES["gpt3-175b-a100"].blocking_power_w)
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    with (
+        sidecar_process(first_dir, name="n0", profile=profile_path, gpus=4) as first,
+        sidecar_process(second_dir, name="n1", profile=profile_path, gpus=4) as second,
+    ):
+        config = SimConfig(
+            nodes=tuple(NodeSpec(s.host, s.port, s.state_dir) for s in (first, second)),
+            pipelines=2,
+            microbatches=4,
+            iterations=3,
+            job_token=JOB_TOKEN,
+            job="twonodes",
+        )
+        trainer = SimTrainer(config)
+        pods = trainer.pods_by_node()
+        assert [[p["name"] for p in node] for node in pods] == [
+            [f"twonodes-{r}" for r in range(4)],
+            [f"twonodes-{r}" for r in range(4, 8)],
+        ]
+        first.announce("default", "twonodes", pods[0])
+        second.announce("default", "twonodes", pods[1])
+        results = trainer.run()
+        views = [s.timings("default", "twonodes") for s in (first, second)]
+    assert [p.gpu_uuid for p in trainer.placements] == [
+        *(f"GPU-sim-n0-{i}" for i in range(4)),
+        *(f"GPU-sim-n1-{i}" for i in range(4)),
+    ]
+    assert statistics.median(r.time_s for r in results) == pytest.approx(t0_s, rel=0.02)
+    assert statistics.median(r.energy_j for r in results) == pytest.approx(2 * energy_j, rel=0.02)
+    for node, view in enumerate(views):
+        assert [r["data_rank"] for r in view["ranks"]] == [node] * 4
+        assert all(r["iterations"] == 3 for r in view["ranks"])
+        assert view["pipelines"][0]["stage0_span_mean_s"] == pytest.approx(t0_s, rel=0.02)
