@@ -4,6 +4,8 @@ or a test's TestClient exit): close the transport and reset every clock this sid
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,6 +64,30 @@ def read_operator_token(settings: Settings) -> str:
     return token
 
 
+TOKEN_POLL_S = 5.0
+
+
+async def _watch_token_file(node: Node, settings: Settings) -> None:
+    """Pick up a rotated operator token: a mounted Secret's file changes in place. A file that
+    turns unreadable or invalid keeps the previous token (and says so in the log)."""
+    path = settings.token_file
+    if path is None:
+        return
+    last: tuple[int, int] | None = None
+    while True:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            key = (st.st_ino, st.st_mtime_ns)
+            if last is not None and key != last:
+                try:
+                    node.set_operator_token(read_operator_token(settings))
+                    log.info("operator token reloaded", extra={"file": str(path)})
+                except SetupError as exc:
+                    log.error("keeping the previous operator token", extra={"error": str(exc)})
+            last = key
+        await asyncio.sleep(TOKEN_POLL_S)
+
+
 def build_backend(settings: Settings) -> GpuBackend:
     if settings.gpu_backend == "nvml":
         from perseus_sidecar.gpu.nvml import NvmlBackend
@@ -118,10 +144,12 @@ def create_app(settings: Settings, backend: GpuBackend | None = None) -> FastAPI
         node.recover()
         server = await start_event_server(node, settings.host, settings.event_port)
         node.start_background()
+        watcher = asyncio.create_task(_watch_token_file(node, settings), name="perseus-token")
         log.info("sidecar ready", extra={"node": node.node_name, "gpus": len(node.gpus)})
         try:
             yield
         finally:
+            watcher.cancel()
             server.close()
             reset = await node.shutdown("shutdown")
             log.info("sidecar stopped; clocks reset", extra={"gpus": reset})

@@ -165,6 +165,10 @@ class Node:
 
     # ---- authentication ---------------------------------------------------------------------
 
+    def set_operator_token(self, token: str) -> None:
+        """A rotated operator token (the mounted Secret changed)."""
+        self._operator_token = token.encode()
+
     def is_operator(self, token: str | None) -> bool:
         if token is None:
             return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +13,18 @@ from perseus_profiles import StageProfile
 from perseus_sidecar.app import create_app
 from perseus_sidecar.gpu.simulated import SimulatedBackend
 
-from .conftest import JOB, JOB_SHA, NAME, NS, OP, announce, make_settings, register
+from .conftest import (
+    JOB,
+    JOB_SHA,
+    NAME,
+    NS,
+    OP,
+    OPERATOR_TOKEN,
+    announce,
+    make_settings,
+    register,
+    wait_for,
+)
 
 WRITES = [
     ("PUT", f"/v1/jobs/{NS}/{NAME}"),
@@ -100,9 +112,7 @@ def test_body_size_cap(make_client: Callable[..., TestClient]) -> None:
     r = client.put(f"/v1/jobs/{NS}/{NAME}", content=b"{" + b" " * 4096 + b"}", headers=OP)
     assert r.status_code == 413
     # also when the client streams without a Content-Length
-    r = client.put(
-        f"/v1/jobs/{NS}/{NAME}", content=iter([b"{", b" " * 4096, b"}"]), headers=OP
-    )
+    r = client.put(f"/v1/jobs/{NS}/{NAME}", content=iter([b"{", b" " * 4096, b"}"]), headers=OP)
     assert r.status_code == 413
 
 
@@ -147,3 +157,21 @@ def test_nan_and_bad_numbers_are_422(client: TestClient, body: bytes) -> None:
         headers={**OP, "Content-Type": "application/json"},
     )
     assert r.status_code == 422, r.text
+
+
+def test_rotated_operator_token_is_picked_up(
+    make_client: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("perseus_sidecar.app.TOKEN_POLL_S", 0.01)
+    token_file = tmp_path / "token"
+    token_file.write_text(OPERATOR_TOKEN)
+    client = make_client(token_file=token_file)
+    assert client.get("/v1/gpus", headers=OP).status_code == 200
+    rotated = "rotated-operator-token-0123456789"
+    token_file.write_text(rotated + "\n")
+    new = {"Authorization": f"Bearer {rotated}"}
+    wait_for(lambda: client.get("/v1/gpus", headers=new).status_code == 200)
+    assert client.get("/v1/gpus", headers=OP).status_code == 401
+    token_file.write_text("bad")  # too short: the previous token stays
+    time.sleep(0.1)
+    assert client.get("/v1/gpus", headers=new).status_code == 200
