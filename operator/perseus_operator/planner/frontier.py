@@ -11,22 +11,23 @@ API (stable; the operator and the CLI use it):
 How the search works. With effective costs c = e - P_b*t (see `model`), the least-energy plan
 that finishes by a deadline D minimises ``sum(c_i)`` subject to the longest path <= D. Its LP
 relaxation is a project-crashing problem whose optimum prices time per instruction: the flow of
-critical paths through it. We build plans on the real discrete options in two moves:
+critical paths through it. We build plans on the real discrete options in three moves:
 
 1. *Uniform price.* For a price of time λ (J/s), every instruction takes the option minimising
    ``c + λ*t``. This is the LP optimum for a single critical chain, and sweeping λ over every
    breakpoint of the options' convex hulls gives a ladder of plans from all-fastest (λ = ∞) to
    all-cheapest (λ = 0, the end of any frontier: no plan has a lower ``sum(c)``).
-2. *Slack filling.* Instructions off the critical paths have float: they can run slower at no
-   cost in time. For a deadline D, starting from the cheapest uniform plan that meets it, a
-   backward pass gives every node's latest finish and a forward sweep, level by level (an
-   antichain at a time, so moves never conflict), lets each node take the cheapest option that
-   fits its float, preferring ``c + μ*t`` with μ stepping down from λ to 0 so that float goes to
-   the instructions that save most per second first.
+2. *Slack filling* (`fill`). For each deadline, starting from the all-fastest plan and from the
+   cheapest uniform plan that meets it, instructions are slowed within their float along a
+   descending price ladder, forwards and backwards through the DAG. Deadlines are 0.1% of T0
+   apart (at most 400), and all of them are filled in one batched sweep.
+3. *LP rounding* (`lp`, pipelines up to `LP_MAX_INSTRUCTIONS` instructions). At T0, the deadline
+   of "no slowdown", the LP optimum (HiGHS) is rounded instruction by instruction under its
+   own finish times, then filled: filling alone cannot see how critical-path flows price each
+   instruction, the LP can.
 
-Deadlines are spaced 0.1% of T0 apart (at most 400 of them) from the fastest plan on, so
-consecutive plans stay close; every candidate is costed exactly and the frontier keeps the useful
-ones.
+Every candidate is costed exactly (longest path, energies, blocking power) and the frontier keeps
+the useful ones.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ ProgressCallback = Callable[[int, int], None]
 
 GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0 ...
 MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the work
+LP_MAX_INSTRUCTIONS = 6144  # larger pipelines skip the LP rounding (HiGHS time grows fast)
 _BASES = "fast,cheap"
-_USE_LP = True
 _FILL_STEPS = 12  # rungs of the price ladder (plus μ = 0)
 _LANE_ELEMENTS = 2_000_000  # lanes x nodes per batch: bounds memory on large pipelines
 
@@ -184,7 +185,7 @@ class _Search:
         bases.append(self.max_clock_plan())
         lane_deadlines.append(t0)
         prices = _fill_prices(slopes)
-        extra = self.lp_lanes(t0, prices) if _USE_LP else []
+        extra = self.lp_lanes(t0, prices) if self.dag.num_nodes <= LP_MAX_INSTRUCTIONS else []
         kept = _useful(
             [(float(t), float(c) + self.idle_power_w * float(t), u.astype(np.int16))
              for t, c, u in zip(u_time, u_cost, uniform, strict=True)] + extra,

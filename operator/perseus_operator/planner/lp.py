@@ -22,8 +22,11 @@ __all__ = ["lp_finish_times"]
 FloatArray = npt.NDArray[np.float64]
 
 
-def lp_finish_times(dag: PipelineDag, table: OptionTable, deadline_s: float) -> FloatArray | None:
-    """Each instruction's finish time in an optimal LP solution, or None if HiGHS fails."""
+def lp_finish_times(
+    dag: PipelineDag, table: OptionTable, deadline_s: float, time_limit_s: float = 10.0
+) -> FloatArray | None:
+    """Each instruction's finish time in an optimal LP solution, or None if HiGHS fails or runs
+    out of time (it grows superlinearly: 0.4 s for 1,536 instructions, minutes for 16,384)."""
     from scipy.optimize import linprog
     from scipy.sparse import coo_matrix
 
