@@ -155,6 +155,7 @@ class Controller:
         self.max_window_s = max_window_s
         self.emit: EventSink = emit or (lambda body, event: None)
         self.runtimes: dict[tuple[str, str], PolicyRuntime] = {}
+        self._frontiers: dict[tuple[str, PipelineShape, float], Frontier] = {}
 
     def runtime(self, namespace: str, name: str) -> PolicyRuntime:
         key = (namespace, name)
@@ -440,7 +441,16 @@ class Controller:
         if rt.frontier_sig == sig:
             return
         profile = rt.profile
-        frontier = await asyncio.to_thread(compute_frontier, profile, shape, spec.blocking_power_w)
+        key = (hashlib.sha256(profile.to_csv().encode()).hexdigest(), shape, spec.blocking_power_w)
+        frontier = self._frontiers.get(key)
+        if frontier is None:
+            # Policies of identical jobs share one frontier: the planner's CPU runs once.
+            frontier = await asyncio.to_thread(
+                compute_frontier, profile, shape, spec.blocking_power_w
+            )
+            self._frontiers[key] = frontier
+            while len(self._frontiers) > 64:
+                self._frontiers.pop(next(iter(self._frontiers)))
         rt.frontier, rt.frontier_sig = frontier, sig
         rt.plan = _plan_view(profile, frontier, plan_for_no_straggler(frontier, spec.max_slowdown))
         rt.straggler, rt.straggler_plan, rt.last_spans = StragglerState(), None, {}

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     """The operator's own namespace: profile ConfigMaps are stored there."""
     liveness_url: str = "http://0.0.0.0:8081/healthz"
     log_level: str = "info"
-    tick_s: float = Field(default=1.0, gt=0)
+    tick_s: float = Field(default=0.5, gt=0)
     """How often each policy is reconciled (level-based; a spec change wakes it at once)."""
     baseline_iterations: int = Field(default=3, ge=1)
     """All-max-clock iterations measured before the first schedule (the measured baseline)."""

@@ -63,6 +63,7 @@ class SidecarGateway:
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=256),
         )
         self._gpus: dict[str, tuple[str, frozenset[int]]] = {}
+        self._applied: dict[tuple[str, str, str], frozenset[rc.Entry]] = {}
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -130,14 +131,20 @@ class SidecarGateway:
         job = await self._get(address, job_path, JobOut)
         if job is None:
             return NodeSnapshot(address, model, frozenset(), frozenset(), None)
-        schedule = await self._get(address, f"{job_path}/schedule", ScheduleOut)
         timings = await self._get(
             address, f"{job_path}/timings", TimingsOut, params={"window_s": f"{window_s:.3f}"}
         )
-        entries = frozenset(
-            rc.Entry(e.data_rank, e.pipeline_rank, tuple(e.order), tuple(e.frequencies_mhz))
-            for e in (schedule.entries if schedule else [])
-        )
+        key = (address, namespace, name)
+        entries = self._applied.get(key)
+        if entries is None or len(entries) != job.schedule_entries:
+            # Only the operator writes schedules: re-read one only when its size says it changed
+            # (a restarted sidecar, another operator replica), so a steady poll is two requests.
+            schedule = await self._get(address, f"{job_path}/schedule", ScheduleOut)
+            entries = frozenset(
+                rc.Entry(e.data_rank, e.pipeline_rank, tuple(e.order), tuple(e.frequencies_mhz))
+                for e in (schedule.entries if schedule else [])
+            )
+            self._applied[key] = entries
         return NodeSnapshot(address, model, frozenset(p.name for p in job.pods), entries, timings)
 
     async def announce(
@@ -166,6 +173,7 @@ class SidecarGateway:
     async def apply(
         self, address: str, namespace: str, name: str, entries: Iterable[rc.Entry]
     ) -> None:
+        entries = tuple(entries)
         body = ScheduleIn(
             entries=[
                 ScheduleEntry(
@@ -178,13 +186,16 @@ class SidecarGateway:
             ]
         )
         await self._call("PUT", address, f"/jobs/{namespace}/{name}/schedule", body=body)
+        self._applied[(address, namespace, name)] = frozenset(entries)
 
     async def remove(self, address: str, namespace: str, name: str) -> None:
         """Stop steering the job's clocks here (the sidecar resets what it locked)."""
+        self._applied.pop((address, namespace, name), None)
         await self._call("DELETE", address, f"/jobs/{namespace}/{name}/schedule")
 
     async def forget(self, address: str, namespace: str, name: str) -> None:
         """Forget the job entirely: ranks, schedule, profiling; clocks reset."""
+        self._applied.pop((address, namespace, name), None)
         await self._call("DELETE", address, f"/jobs/{namespace}/{name}")
 
     async def start_profiling(

@@ -112,15 +112,19 @@ async def wait_condition(
     reason: str | None = None,
     name: str | None = None,
 ) -> dict[str, Any]:
+    seen: list[dict[str, Any]] = [{}]
+
     async def probe() -> dict[str, Any] | None:
-        st = await status(sim, name)
+        st = seen[0] = await status(sim, name)
         c = condition(st, kind)
         ok = c.get("status") == value and (reason is None or c.get("reason") == reason)
         return st if ok else None
 
-    found: dict[str, Any] = await wait_for(
-        f"{kind}={value} ({reason or 'any reason'})", probe, timeout_s
-    )
+    try:
+        found: dict[str, Any] = await wait_for(f"{kind}={value}", probe, timeout_s)
+    except TimeoutError as exc:
+        last = {k: seen[0].get(k) for k in ("phase", "conditions", "registeredRanks")}
+        raise TimeoutError(f"{exc}; wanted reason {reason}; last status {last}") from None
     return found
 
 
