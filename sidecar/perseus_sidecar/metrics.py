@@ -40,6 +40,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.event_processing = Histogram(
+            "perseus_sidecar_event_processing_seconds",
+            "From the sidecar taking an event batch (TCP: bytes read; HTTP: body parsed) to its "
+            "clock decision applied: the part of the apply latency spent in the sidecar and the "
+            "GPU driver.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
         self.clock_changes = Counter(
             "perseus_sidecar_clock_changes",
             "SM clock lock calls made (only when the clock changes).",

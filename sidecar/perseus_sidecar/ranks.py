@@ -92,6 +92,7 @@ class Rank:
         "profiling",
         "rank",
         "rank_id",
+        "received_ns",
         "seconds_per_ns",
         "stale",
         "tensor_rank",
@@ -133,6 +134,8 @@ class Rank:
         self.profiling: RankProfiling | None = None
         self.listeners: set[Listener] = set()
         self.last_event_mono = time.monotonic()
+        self.received_ns = 0
+        """When the transport got the bytes of the events being applied (set per batch)."""
         self.stale = False
         self._error_logged = False
         self.history: deque[IterationRecord] = deque(maxlen=history)
@@ -210,7 +213,9 @@ class Rank:
                 self._error_logged = True
                 log.error("cannot lock clock", extra={"gpu": self.gpu_uuid, "error": str(exc)})
             return
-        self._metrics.event_latency.observe((time.time_ns() - t_ns) * 1e-9)
+        now_ns = time.time_ns()
+        self._metrics.event_latency.observe((now_ns - t_ns) * 1e-9)
+        self._metrics.event_processing.observe((now_ns - self.received_ns) * 1e-9)
 
     def _reset(self, reason: str) -> None:
         try:

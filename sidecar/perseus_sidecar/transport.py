@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from perseus_sidecar.node import AuthError, Node
 from perseus_sidecar.ranks import EVENT_CODES_BYTES, ITERATION_END, Rank
@@ -80,11 +81,15 @@ class EventProtocol(asyncio.Protocol):
         rank = self._rank
         counter = self._node.metrics.events_tcp
         accepted = 0
+        if rank is not None:
+            rank.received_ns = time.time_ns()
         for line in lines:
             if self._closed:
                 return
             if rank is None:
                 rank = self._handshake(line)
+                if rank is not None:
+                    rank.received_ns = time.time_ns()
                 continue
             parts = line.split()
             code = EVENT_CODES_BYTES.get(parts[0]) if len(parts) == 3 else None

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from perseus_profiles import StageProfile
 from perseus_sidecar.app import create_app
 from perseus_sidecar.gpu.base import GpuPermissionError
-from perseus_sidecar.gpu.simulated import SimulatedBackend
+from perseus_sidecar.gpu.simulated import SimulatedBackend, open_node
 from perseus_sidecar.lockstate import FILENAME, LockState, LockStateError
 
 from .conftest import (
@@ -161,7 +161,9 @@ def test_backend_failures_on_the_hot_path_are_contained(
         f"/v1/jobs/{NS}/{NAME}",
         json={
             "token_sha256": JOB_SHA,
-            "pods": [{"namespace": NS, "name": "trainer-0", "uid": "u", "ip": "x", "host_network": True}],
+            "pods": [
+                {"namespace": NS, "name": "trainer-0", "uid": "u", "ip": "x", "host_network": True}
+            ],
         },
         headers=OP,
     )
@@ -189,7 +191,9 @@ def test_clock_only_set_when_it_changes(make_client: Callable[..., TestClient]) 
         f"/v1/jobs/{NS}/{NAME}",
         json={
             "token_sha256": JOB_SHA,
-            "pods": [{"namespace": NS, "name": "trainer-0", "uid": "u", "ip": "x", "host_network": True}],
+            "pods": [
+                {"namespace": NS, "name": "trainer-0", "uid": "u", "ip": "x", "host_network": True}
+            ],
         },
         headers=OP,
     )
@@ -257,9 +261,10 @@ def sidecar_cmd(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]
         proc.wait()
 
 
-def _clock_file(tmp_path: Path) -> str | None:
-    path = tmp_path / "state" / "gpu-0.clock"
-    return path.read_text().strip() if path.exists() else None
+def _clock(tmp_path: Path) -> int | None:
+    """GPU 0's locked clock as the simulated driver (shared with the trainer) holds it."""
+    _, _, gpus = open_node(tmp_path / "state")
+    return gpus[0].locked_sm_clock_mhz()
 
 
 def test_sigkilled_sidecar_resets_on_restart(
@@ -287,15 +292,15 @@ def test_sigkilled_sidecar_resets_on_restart(
     sock.send(f"PERSEUS1 {rank_id} {JOB_TOKEN}")
     assert sock.readline() == "OK 1"
     sock.send(f"FB 0 {time.time_ns()}")
-    wait_for(lambda: _clock_file(tmp_path) == str(target))
+    wait_for(lambda: _clock(tmp_path) == target)
     sock.close()
     lock_state = json.loads((tmp_path / "state" / FILENAME).read_text())
     assert lock_state == {"locked_gpus": [GPU0]}
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert _clock_file(tmp_path) == str(target)  # the driver keeps the lock past our death
+    assert _clock(tmp_path) == target  # the driver keeps the lock past our death
     proc = sidecar_cmd()
-    assert _clock_file(tmp_path) == "unlocked"
+    assert _clock(tmp_path) is None
     # and a graceful stop (SIGTERM) of an idle sidecar exits promptly
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
@@ -321,10 +326,10 @@ def test_sigterm_resets_clocks(
         http.put(f"/v1/jobs/{NS}/{NAME}/schedule", json=sched, headers=OP)
         events = {"events": [{"kind": "FB", "microbatch": 0, "t_ns": time.time_ns()}]}
         assert http.post(f"/v1/ranks/{rank_id}/events", json=events, headers=JOB).status_code == 200
-    assert _clock_file(tmp_path) == str(profile.frequencies_mhz[2])
+    assert _clock(tmp_path) == profile.frequencies_mhz[2]
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=15)
-    assert _clock_file(tmp_path) == "unlocked"
+    assert _clock(tmp_path) is None
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(entry["msg"] == "sidecar stopped; clocks reset" for entry in logs)

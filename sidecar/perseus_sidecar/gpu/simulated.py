@@ -2,16 +2,19 @@
 
 The "driver" state lives in files under a state directory, as a real driver keeps clock locks past
 a process's death: it survives a SIGKILLed sidecar and is shared with the simulated trainer, which
-plays the GPUs' workload. Each file has a single writer, replaced atomically (`os.replace`) so
-readers never need a lock; writers also take an `flock` so a restarted sidecar racing its
-predecessor, or two trainer threads, cannot interleave a read-modify-write.
+plays the GPUs' workload. Readers never block writers; writers take an `flock`, so a restarted
+sidecar racing its predecessor, or two trainer threads, cannot interleave a read-modify-write.
 
 - ``node.json``: the settings both sides must agree on (time scale and epoch, energy update
   interval, blocking power); ``profile.csv``: the ground-truth (perturbed) profile to play.
+  Both rarely change and are replaced atomically (`os.replace`).
 - ``gpu-<i>.clock``: the locked SM clock (written by the sidecar's backend).
-- ``gpu-<i>.energy``: the energy curve as breakpoints ``[[t_s, energy_j], ...]`` in simulated
+- ``gpu-<i>.energy``: the energy curve as breakpoints ``(t_s, energy_j)`` in simulated
   seconds, piecewise linear, continuing at blocking power after the last point (written by the
   trainer, which records each instruction it plays).
+
+Both GPU files are small binary records mapped into memory under a sequence lock (see
+`_SharedRecord`), because the sidecar sets a clock on every instruction's begin event.
 
 Simulated seconds are wall seconds since the node's epoch divided by the time scale. The counter
 the backend reports is the curve's value at the last update instant (every
@@ -25,9 +28,11 @@ import contextlib
 import fcntl
 import json
 import math
+import mmap
 import os
 import random
 import re
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -195,6 +200,101 @@ def open_node(state_dir: str | Path) -> tuple[NodeSettings, StageProfile, list[S
     return settings, profile, gpus
 
 
+class _SharedRecord:
+    """A small file mapped into memory by every process that uses it, holding one payload under a
+    sequence lock: the writer (serialised by `flock`) makes the sequence odd, writes, makes it
+    even; readers retry until they read the same even sequence before and after. Updates cost
+    microseconds (no file creation or rename per write), and the mapping writes through to the
+    file, so the state outlives any process."""
+
+    HEADER = struct.Struct("<4sIQII")  # magic, kind, sequence, payload length, padding
+    MAGIC = b"PSIM"
+
+    def __init__(self, path: Path, kind: int, capacity: int) -> None:
+        self.path = path
+        self.kind = kind
+        self.capacity = capacity
+        self._size = self.HEADER.size + capacity
+        self._map: mmap.mmap | None = None
+        self._fd = -1
+        self._thread_lock = threading.Lock()
+
+    def _mapped(self) -> mmap.mmap:
+        if self._map is not None:
+            return self._map
+        with self._thread_lock:
+            if self._map is None:
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    try:
+                        header = os.pread(fd, self.HEADER.size, 0)
+                        if os.fstat(fd).st_size != self._size or header[:4] != self.MAGIC:
+                            os.ftruncate(fd, 0)
+                            os.ftruncate(fd, self._size)
+                            os.pwrite(fd, self.HEADER.pack(self.MAGIC, self.kind, 0, 0, 0), 0)
+                    finally:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    self._map = mmap.mmap(fd, self._size)
+                    self._fd = fd
+                except OSError as exc:
+                    raise GpuError(f"simulated GPU state {self.path} is unusable: {exc}") from None
+        return self._map
+
+    def read(self) -> bytes:
+        m = self._mapped()
+        for _ in range(200):
+            seq = struct.unpack_from("<Q", m, 8)[0]
+            if seq & 1:
+                continue
+            length = min(struct.unpack_from("<I", m, 16)[0], self.capacity)
+            data = m[self.HEADER.size : self.HEADER.size + length]
+            if struct.unpack_from("<Q", m, 8)[0] == seq:
+                return data
+        # A writer is slow or died mid-write: wait for the lock, then take what is there.
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            length = min(struct.unpack_from("<I", m, 16)[0], self.capacity)
+            return m[self.HEADER.size : self.HEADER.size + length]
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._thread_lock:
+            if self._map is not None:
+                self._map.close()
+                os.close(self._fd)
+                self._map, self._fd = None, -1
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive writer access, across threads and processes."""
+        self._mapped()
+        with self._thread_lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def write(self, data: bytes) -> None:
+        """Replace the payload; call inside :meth:`locked`."""
+        if len(data) > self.capacity:
+            raise ValueError(f"{len(data)} bytes exceed the record's {self.capacity}")
+        m = self._mapped()
+        seq = struct.unpack_from("<Q", m, 8)[0]
+        struct.pack_into("<Q", m, 8, seq + 1 if seq % 2 == 0 else seq)
+        m[self.HEADER.size : self.HEADER.size + len(data)] = data
+        struct.pack_into("<I", m, 16, len(data))
+        struct.pack_into("<Q", m, 8, (seq | 1) + 1)
+
+
+_CLOCK = struct.Struct("<q")
+_POINT = struct.Struct("<dd")
+MAX_POINTS = 256
+"""Breakpoints kept per energy curve (at least HISTORY_S of them unless instructions are tiny)."""
+
+
 class SimulatedGpu:
     """One simulated GPU's driver state. The sidecar writes its clock, the trainer its energy."""
 
@@ -205,40 +305,23 @@ class SimulatedGpu:
         self.uuid = simulated_uuid(settings.node_name, index)
         self.settings = settings
         self.max_clock_mhz = max_clock_mhz
-        self._clock_path = state_dir / f"gpu-{index}.clock"
-        self._energy_path = state_dir / f"gpu-{index}.energy"
-        self._lock_path = state_dir / f"gpu-{index}.lock"
-        self._thread_lock = threading.Lock()
-        self._clock_cache: tuple[tuple[int, int], int | None] | None = None
-        self._points_cache: tuple[tuple[int, int], list[tuple[float, float]]] | None = None
+        self._clock = _SharedRecord(state_dir / f"gpu-{index}.clock", 1, _CLOCK.size)
+        self._energy = _SharedRecord(state_dir / f"gpu-{index}.energy", 2, _POINT.size * MAX_POINTS)
         # NVML counters of different GPUs update out of phase; keep that, deterministically.
         self._phase_s = settings.energy_update_interval_s * ((index * 0.618034) % 1.0)
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        with self._thread_lock, _flocked(self._lock_path):
-            yield
+    def close(self) -> None:
+        """Unmap the state files (they stay on disk)."""
+        self._clock.close()
+        self._energy.close()
 
     # Clock -----------------------------------------------------------------------------------
 
     def locked_sm_clock_mhz(self) -> int | None:
-        """The locked clock, or None when unlocked. A stat decides whether to re-read the file
-        (every write replaces the inode), so polling it is cheap."""
-        try:
-            st = self._clock_path.stat()
-        except FileNotFoundError:
-            return None
-        key = (st.st_ino, st.st_mtime_ns)
-        cached = self._clock_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        try:
-            text = self._clock_path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            return None
-        clock = None if text in ("", "unlocked") else int(text)
-        self._clock_cache = (key, clock)
-        return clock
+        """The locked clock, or None when unlocked (a few microseconds: polled by the trainer)."""
+        data = self._clock.read()
+        clock: int = _CLOCK.unpack(data)[0] if len(data) == _CLOCK.size else 0
+        return clock if clock > 0 else None
 
     def effective_clock_mhz(self) -> int:
         """The clock the GPU runs at: the locked one, else the maximum."""
@@ -246,30 +329,18 @@ class SimulatedGpu:
         return self.max_clock_mhz if locked is None else locked
 
     def set_locked_sm_clock(self, clock_mhz: int | None) -> None:
-        """Lock to `clock_mhz`, or unlock with None; a no-op when already so."""
-        if self.locked_sm_clock_mhz() == clock_mhz:
-            return
-        with self._writing():
-            _write_atomic(self._clock_path, "unlocked\n" if clock_mhz is None else f"{clock_mhz}\n")
+        """Lock to `clock_mhz`, or unlock with None."""
+        with self._clock.locked():
+            self._clock.write(_CLOCK.pack(clock_mhz or 0))
 
     # Energy ----------------------------------------------------------------------------------
 
     def _points(self) -> list[tuple[float, float]]:
-        """The curve's breakpoints, re-read only when the file was replaced since."""
-        try:
-            st = self._energy_path.stat()
-            key = (st.st_ino, st.st_mtime_ns)
-            cached = self._points_cache
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            raw = json.loads(self._energy_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            raise GpuError(f"simulated energy state of {self.uuid} is unreadable: {exc}") from None
-        points = [(float(t), float(e)) for t, e in raw]
-        self._points_cache = (key, points)
-        return points
+        data = self._energy.read()
+        return list(_POINT.iter_unpack(data[: len(data) - len(data) % _POINT.size]))
+
+    def _write_points(self, points: list[tuple[float, float]]) -> None:
+        self._energy.write(b"".join(_POINT.pack(t, e) for t, e in points[-MAX_POINTS:]))
 
     def _value(self, points: list[tuple[float, float]], t_s: float) -> float:
         if not points:
@@ -306,18 +377,18 @@ class SimulatedGpu:
 
     def ensure_energy(self, now_s: float) -> None:
         """Start the energy curve at zero if there is none yet."""
-        if self._energy_path.exists():
+        if self._points():
             return
-        with self._writing():
-            if not self._energy_path.exists():
-                _write_atomic(self._energy_path, json.dumps([[now_s, 0.0]]))
+        with self._energy.locked():
+            if not self._points():
+                self._write_points([(now_s, 0.0)])
 
     def rebase_energy(self, new_now_s: float) -> None:
         """Carry the counter over to new settings (time scale, interval): its value now under
         this GPU's settings becomes the start of the new curve, as a reloaded driver keeps it."""
-        with self._writing():
+        with self._energy.locked():
             value = self.energy_j(self.settings.now_s())
-            _write_atomic(self._energy_path, json.dumps([[new_now_s, value]]))
+            self._write_points([(new_now_s, value)])
 
     def record_work(self, start_s: float, duration_s: float, energy_j: float) -> None:
         """The GPU works from `start_s` for `duration_s` simulated seconds, spending `energy_j`.
@@ -327,7 +398,7 @@ class SimulatedGpu:
             raise ValueError(f"duration must be a finite number >= 0 s, got {duration_s}")
         if not (math.isfinite(energy_j) and energy_j >= 0):
             raise ValueError(f"energy must be a finite number >= 0 J, got {energy_j}")
-        with self._writing():
+        with self._energy.locked():
             points = self._points()
             start_e = self._value(points, start_s)
             times = [p[0] for p in points]
@@ -337,7 +408,7 @@ class SimulatedGpu:
             kept = kept[first:]
             kept.append((start_s, start_e))
             kept.append((start_s + duration_s, start_e + energy_j))
-            _write_atomic(self._energy_path, json.dumps(kept))
+            self._write_points(kept)
 
 
 class SimulatedBackend(GpuBackend):
@@ -400,9 +471,9 @@ class SimulatedBackend(GpuBackend):
                 settings = NodeSettings(**{**asdict(wanted), "epoch_wall_s": old.epoch_wall_s})
             elif old is not None:
                 for i in range(min(old.num_gpus, wanted.num_gpus)):
-                    SimulatedGpu(self.state_dir, i, old, truth.max_frequency_mhz).rebase_energy(
-                        wanted.now_s()
-                    )
+                    old_gpu = SimulatedGpu(self.state_dir, i, old, truth.max_frequency_mhz)
+                    old_gpu.rebase_energy(wanted.now_s())
+                    old_gpu.close()
             _write_atomic(self.state_dir / PROFILE_FILE, truth.to_csv())
             _write_atomic(self.state_dir / NODE_FILE, json.dumps(asdict(settings)))
         return settings
@@ -457,3 +528,7 @@ class SimulatedBackend(GpuBackend):
 
     def power_w(self, uuid: str) -> float:
         return self._gpu(uuid).power_w(self.settings.now_s())
+
+    def close(self) -> None:
+        for gpu in self._gpus.values():
+            gpu.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Path, status
 
 from perseus_sidecar.api import EventsAccepted, EventsIn, RankRegistered, RankRegistration
@@ -33,6 +35,7 @@ async def post_events(
     if token is None:
         raise AuthError("a job token is required")
     rank = node.authenticate_rank(rank_id, token, source_ip)
+    rank.received_ns = time.time_ns()
     for event in body.events:
         rank.on_event(EVENT_CODES[event.kind], event.microbatch, event.t_ns)
     node.metrics.events_http.inc(len(body.events))
