@@ -10,6 +10,10 @@ export PATH=$PWD/.venv/bin:$PATH
 echo "==> unit tests"
 python -m pytest -q -m "not e2e" "$@"
 if [ "${PERSEUS_SKIP_E2E:-0}" != 1 ]; then
+  echo "==> image install check: the Dockerfile's install step in a clean venv (no image is built)"
+  scripts/image-install-check.sh
+  # The chart checks (scripts/chart-check.sh, on a private control plane) run as the e2e test
+  # tests/chart/test_chart_check.py.
   echo "==> e2e tests on a local control plane (scripts/cluster.sh)"
   scripts/cluster.sh build
   E2E_RUN=$(mktemp -d "${TMPDIR:-/tmp}/perseus-e2e.XXXXXX")
