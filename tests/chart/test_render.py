@@ -1,5 +1,7 @@
-"""What the chart renders: security posture, placement, wiring. Needs helm (scripts/cluster.sh
-build fetches it); skipped where helm is absent."""
+"""What the chart renders: security posture, placement, wiring.
+
+Marked e2e because helm arrives with the control-plane build (scripts/cluster.sh build), which
+CI runs in its e2e stage; no cluster is contacted. Skipped where helm is absent."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import yaml
 from tests.chart._scripts import helm_binary, helm_template
 
 HELM = helm_binary()
-pytestmark = pytest.mark.skipif(HELM is None, reason="helm not found: run scripts/cluster.sh build")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(HELM is None, reason="helm not found: run scripts/cluster.sh build"),
+]
 
 Obj = dict[str, Any]
 
