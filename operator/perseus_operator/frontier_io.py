@@ -23,7 +23,15 @@ from perseus_operator.planner import (
 )
 from perseus_profiles import StageProfile
 
-__all__ = ["FORMAT", "FrontierFormatError", "dump_frontier", "load_frontier", "plot_frontier"]
+__all__ = [
+    "FORMAT",
+    "FrontierFormatError",
+    "dump_frontier",
+    "frontier_to_dict",
+    "load_frontier",
+    "plot_frontier",
+    "write_frontier",
+]
 
 FORMAT = "perseus-frontier/v1"
 REL_TOLERANCE = 1e-6
@@ -43,12 +51,12 @@ def frontier_to_dict(frontier: Frontier) -> dict[str, Any]:
             "microbatches": shape.microbatches,
         },
         "blocking_power_w": frontier.blocking_power_w,
-        "order": [list(seq) for seq in frontier.order],
+        "order": frontier.order,
         "plans": [
             {
                 "iteration_time_s": p.iteration_time_s,
                 "energy_j": p.energy_j,
-                "frequencies_mhz": [list(row) for row in p.frequencies_mhz],
+                "frequencies_mhz": p.frequencies_mhz,
             }
             for p in frontier.plans
         ],
@@ -57,6 +65,18 @@ def frontier_to_dict(frontier: Frontier) -> dict[str, Any]:
 
 def dump_frontier(frontier: Frontier) -> str:
     return json.dumps(frontier_to_dict(frontier), separators=(",", ":")) + "\n"
+
+
+def write_frontier(frontier: Frontier, path: str | Path) -> None:
+    """Write the document plan by plan, so a large frontier never exists twice as one string."""
+    doc = frontier_to_dict(frontier)
+    plans = doc.pop("plans")
+    head = json.dumps(doc, separators=(",", ":"))
+    with Path(path).open("w", encoding="utf-8") as out:
+        out.write(head[:-1] + ',"plans":[')
+        for n, plan in enumerate(plans):
+            out.write(("," if n else "") + json.dumps(plan, separators=(",", ":")))
+        out.write("]}\n")
 
 
 def _number(value: object, where: str, *, positive: bool = True) -> float:

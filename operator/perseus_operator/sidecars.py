@@ -56,11 +56,17 @@ class NodeSnapshot:
 class SidecarGateway:
     """Talks to any number of sidecars over one pooled HTTP client."""
 
-    def __init__(self, token: str, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        token: str,
+        timeout_s: float = 2.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._client = httpx.AsyncClient(
             timeout=timeout_s,
             headers={"Authorization": f"Bearer {token}"},
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=256),
+            transport=transport,
         )
         self._gpus: dict[str, tuple[str, frozenset[int]]] = {}
         self._applied: dict[tuple[str, str, str], frozenset[rc.Entry]] = {}

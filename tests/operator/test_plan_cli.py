@@ -191,3 +191,14 @@ def test_loader_rejects_non_json(small_doc: tuple[dict[str, Any], StageProfile])
     _, profile = small_doc
     with pytest.raises(FrontierFormatError, match="not valid JSON"):
         load_frontier("{", profile)
+
+
+def test_streamed_file_equals_the_document(
+    small_doc: tuple[dict[str, Any], StageProfile], tmp_path: Path
+) -> None:
+    from perseus_operator.frontier_io import write_frontier
+
+    doc, profile = small_doc
+    frontier = load_frontier(json.dumps(doc), profile)
+    write_frontier(frontier, tmp_path / "f.json")
+    assert json.loads((tmp_path / "f.json").read_text()) == json.loads(dump_frontier(frontier))

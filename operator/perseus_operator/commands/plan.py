@@ -45,7 +45,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perseus_operator.frontier_io import dump_frontier, plot_frontier
+    from perseus_operator.frontier_io import plot_frontier, write_frontier
     from perseus_operator.planner import PipelineShape, compute_frontier
     from perseus_profiles import ProfileError, example, read_profile
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     frontier = compute_frontier(profile, shape, blocking_w, progress=_Progress(started))
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(dump_frontier(frontier), encoding="utf-8")
+        write_frontier(frontier, args.out)
         if args.plot is not None:
             args.plot.parent.mkdir(parents=True, exist_ok=True)
             plot_frontier(frontier, args.plot)

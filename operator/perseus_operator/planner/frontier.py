@@ -136,6 +136,7 @@ class _Search:
         self.batch = BatchFill(dag, table)
         self.cls = self.batch.cls
         self.idle_power_w = dag.shape.stages * table.blocking_power_w
+        self._pool: dict[int, int] = {}
 
     def baseline(self) -> tuple[float, float]:
         t_s = self.table.max_clock_time_s[self.cls]
@@ -232,12 +233,16 @@ class _Search:
 
     def to_plan(self, idx: IntArray, t: float, e: float) -> Plan:
         freqs = self.table.frequency_mhz[self.cls, idx.astype(np.int64)]
+        # Share one int object per clock across all plans: a 16k-instruction frontier of
+        # hundreds of plans would otherwise hold millions of separate ints.
+        pool, codes = np.unique(freqs, return_inverse=True)
+        values = [self._pool.setdefault(int(f), int(f)) for f in pool]
         off = self.dag.offsets
         return Plan(
             iteration_time_s=t,
             energy_j=e,
             frequencies_mhz=tuple(
-                tuple(int(f) for f in freqs[off[s] : off[s + 1]])
+                tuple(map(values.__getitem__, codes[off[s] : off[s + 1]].tolist()))
                 for s in range(self.dag.shape.stages)
             ),
         )
