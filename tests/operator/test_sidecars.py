@@ -1,0 +1,137 @@
+"""The sidecar gateway against a mocked transport: status codes map to clear errors, steady
+polls stay at two requests, bodies are the sidecar's own models."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from perseus_operator import reconcile as rc
+from perseus_operator.sidecars import (
+    SidecarGateway,
+    SidecarRejectedError,
+    SidecarUnreachableError,
+)
+
+GPUS = {
+    "node_name": "n0",
+    "gpus": [
+        {
+            "index": 0,
+            "uuid": "GPU-0",
+            "name": "A100",
+            "supported_sm_clocks_mhz": [1410, 1395, 1380],
+            "max_sm_clock_mhz": 1410,
+            "usable": True,
+        },
+        {
+            "index": 1,
+            "uuid": "GPU-1",
+            "name": "A100",
+            "supported_sm_clocks_mhz": [1410, 1395],
+            "max_sm_clock_mhz": 1410,
+            "usable": True,
+        },
+    ],
+}
+JOB = {
+    "namespace": "ns",
+    "name": "p",
+    "pods": [],
+    "ranks": [],
+    "schedule_entries": 0,
+    "profiling": False,
+}
+TIMINGS = {"namespace": "ns", "name": "p", "window_s": 5.0, "ranks": [], "pipelines": []}
+
+
+class Sidecar:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+        self.job: dict[str, object] | None = dict(JOB)
+        self.schedule: dict[str, object] | None = None
+        self.fail: int | None = None
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.requests.append((request.method, path))
+        assert request.headers["authorization"] == "Bearer tok"
+        if self.fail is not None:
+            return httpx.Response(self.fail, json={"detail": "refused: bad schedule"})
+        if path == "/v1/gpus":
+            return httpx.Response(200, json=GPUS)
+        if path.endswith("/timings"):
+            return httpx.Response(200, json=TIMINGS)
+        if path.endswith("/schedule"):
+            if request.method == "PUT":
+                body = json.loads(request.content)
+                self.schedule = {"namespace": "ns", "name": "p", "active_ranks": [], **body}
+                assert self.job is not None
+                self.job["schedule_entries"] = len(body["entries"])
+            if self.schedule is None:
+                return httpx.Response(404, json={"detail": "none"})
+            return httpx.Response(200, json=self.schedule)
+        if self.job is None:
+            return httpx.Response(404, json={"detail": "no job"})
+        return httpx.Response(200, json=self.job)
+
+
+def gateway(sidecar: Sidecar) -> SidecarGateway:
+    return SidecarGateway("tok", transport=httpx.MockTransport(sidecar))
+
+
+ENTRY = rc.Entry(0, 0, ("F0", "B0"), (1410, 1395))
+
+
+async def test_snapshot_and_steady_polls() -> None:
+    sidecar = Sidecar()
+    gw = gateway(sidecar)
+    snap = await gw.snapshot("h:1", "ns", "p", 5)
+    assert snap.gpu_model == ("A100", frozenset({1410, 1395}))  # clocks every GPU supports
+    assert snap.entries == frozenset() and snap.timings is not None
+    await gw.apply("h:1", "ns", "p", [ENTRY])
+    sidecar.requests.clear()
+    snap = await gw.snapshot("h:1", "ns", "p", 5)
+    assert snap.entries == frozenset({ENTRY})
+    assert len(sidecar.requests) == 2  # job + timings; gpus cached, schedule known
+    sidecar.job = None  # the sidecar restarted and forgot the job
+    snap = await gw.snapshot("h:1", "ns", "p", 5)
+    assert snap.announced_pods == frozenset() and snap.entries == frozenset()
+    await gw.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "text"),
+    [(503, SidecarUnreachableError, "HTTP 503"), (422, SidecarRejectedError, "bad schedule")],
+)
+async def test_errors_are_one_line(code: int, error: type[Exception], text: str) -> None:
+    sidecar = Sidecar()
+    gw = gateway(sidecar)
+    await gw.gpu_model("h:1")
+    sidecar.fail = code
+    with pytest.raises(error) as info:
+        await gw.apply("h:1", "ns", "p", [ENTRY])
+    assert text in str(info.value) and "\n" not in str(info.value)
+    await gw.close()
+
+
+async def test_connection_refused_is_unreachable() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    gw = SidecarGateway("tok", transport=httpx.MockTransport(refuse))
+    with pytest.raises(SidecarUnreachableError, match="connection refused"):
+        await gw.snapshot("h:1", "ns", "p", 5)
+    await gw.close()
+
+
+async def test_no_usable_gpu_is_unreachable() -> None:
+    def no_gpus(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"node_name": "n", "gpus": []})
+
+    gw = SidecarGateway("tok", transport=httpx.MockTransport(no_gpus))
+    with pytest.raises(SidecarUnreachableError, match="no usable GPU"):
+        await gw.gpu_model("h:1")
+    await gw.close()
