@@ -173,7 +173,12 @@ class FakeSidecar:
             for d in range(PIPELINES)
         ]
         out = TimingsOut(
-            namespace=key[0], name=key[1], window_s=60, ranks=ranks, pipelines=pipelines
+            namespace=key[0],
+            name=key[1],
+            window_s=60,
+            ranks=ranks,
+            stages=[],
+            pipelines=pipelines,
         )
         return self._json(out)
 

@@ -141,11 +141,18 @@ class SimCluster:
 
     async def create_namespace(self) -> None:
         body = client.V1Namespace(metadata=client.V1ObjectMeta(name=self.job.namespace))
-        try:
-            await self.core.create_namespace(body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
+
+        async def created() -> bool:
+            try:
+                await self.core.create_namespace(body)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                current = await self.core.read_namespace(self.job.namespace)
+                return current.status.phase != "Terminating"  # a previous run's: wait
+            return True
+
+        await wait_for(f"namespace {self.job.namespace}", created, 120, 0.5)
 
         async def has_sa() -> bool:
             try:

@@ -44,7 +44,14 @@ JOB = {
     "schedule_entries": 0,
     "profiling": False,
 }
-TIMINGS = {"namespace": "ns", "name": "p", "window_s": 5.0, "ranks": [], "pipelines": []}
+TIMINGS = {
+    "namespace": "ns",
+    "name": "p",
+    "window_s": 5.0,
+    "ranks": [],
+    "stages": [],
+    "pipelines": [],
+}
 
 
 class Sidecar:
