@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.chart._scripts import helm_binary, helm_template
+from tests.chart._scripts import CHART, helm_binary, helm_template
 
 HELM = helm_binary()
 pytestmark = [
@@ -255,3 +256,33 @@ def test_every_rendered_setting_is_one_the_component_reads(
         monkeypatch.setenv(key, value)
     settings = settings_cls()
     assert str(settings.token_file) == "/var/run/perseus/operator-token/token"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("sidecar.gpuBackend=cuda", 'must be one of the following: "nvml", "simulated"'),
+        ("sidecar.privilegd=true", "Additional property privilegd is not allowed"),
+        ("sidecar.port=70000", "sidecar.port"),
+        ("operator.watchNamespaces[0]=Team_A", "operator.watchNamespaces.0"),
+        ("sidecar.maxUnavailable=0", "sidecar.maxUnavailable"),
+        ("image.pullPolicy=Sometimes", "image.pullPolicy"),
+        ("sidecar.stateHostPath=relative/dir", "sidecar.stateHostPath"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(value: str, message: str) -> None:
+    assert HELM is not None
+    done = subprocess.run(
+        [str(HELM), "template", "perseus", str(CHART), "--set", value],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+
+
+def test_percent_max_unavailable_is_accepted() -> None:
+    objs = render("--set", "sidecar.maxUnavailable=25%")
+    strategy = objs["DaemonSet/perseus-sidecar"]["spec"]["updateStrategy"]
+    assert strategy["rollingUpdate"]["maxUnavailable"] == "25%"
