@@ -38,6 +38,7 @@ __all__ = [
     "ScheduleEntry",
     "ScheduleIn",
     "ScheduleOut",
+    "StageTimings",
     "TimingsOut",
     "parse_instruction",
 ]
@@ -58,7 +59,15 @@ _INSTRUCTION = re.compile(r"^([FB])(0|[1-9][0-9]{0,5})$")
 
 
 class _Model(BaseModel):
+    """Requests: unknown fields are an error (a typo never passes silently)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class _Out(BaseModel):
+    """Responses: unknown fields are ignored, so an older operator reads a newer sidecar."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 def parse_instruction(text: str) -> tuple[bool, int]:
@@ -69,7 +78,7 @@ def parse_instruction(text: str) -> tuple[bool, int]:
     return match.group(1) == "F", int(match.group(2))
 
 
-class ErrorOut(_Model):
+class ErrorOut(_Out):
     """Every non-validation error: one readable line."""
 
     detail: str
@@ -78,17 +87,17 @@ class ErrorOut(_Model):
 # ---- health and inventory ------------------------------------------------------------------
 
 
-class HealthOut(_Model):
+class HealthOut(_Out):
     status: Literal["ok"] = "ok"
 
 
-class ReadyOut(_Model):
+class ReadyOut(_Out):
     ready: bool
     reason: str = ""
     usable_gpus: int = 0
 
 
-class GpuOut(_Model):
+class GpuOut(_Out):
     index: int
     uuid: str
     name: str
@@ -100,7 +109,7 @@ class GpuOut(_Model):
     applied_sm_clock_mhz: int | None = None
 
 
-class GpusOut(_Model):
+class GpusOut(_Out):
     node_name: str
     gpus: list[GpuOut]
 
@@ -130,7 +139,7 @@ class JobAnnouncement(_Model):
         return self
 
 
-class JobOut(_Model):
+class JobOut(_Out):
     namespace: str
     name: str
     pods: list[PodAnnouncement]
@@ -152,7 +161,7 @@ class RankRegistration(_Model):
     gpu_uuid: GpuUuid
 
 
-class RankRegistered(_Model):
+class RankRegistered(_Out):
     rank_id: str
     event_port: int
     schedule_active: bool
@@ -174,7 +183,7 @@ class EventsIn(_Model):
     events: Annotated[list[EventIn], Field(min_length=1, max_length=10_000)]
 
 
-class EventsAccepted(_Model):
+class EventsAccepted(_Out):
     accepted: int
     schedule_active: bool
 
@@ -237,7 +246,7 @@ class ScheduleIn(_Model):
         return self
 
 
-class ScheduleOut(_Model):
+class ScheduleOut(_Out):
     namespace: str
     name: str
     entries: list[ScheduleEntry]
@@ -262,7 +271,7 @@ class ProfilingRequest(_Model):
         return self
 
 
-class ProfilingMeasurement(_Model):
+class ProfilingMeasurement(_Out):
     """Mean time and energy of one instruction of one stage at one frequency on this node, with
     the standard error of each mean. `energy_j` is estimated from the coarse energy counter."""
 
@@ -276,7 +285,7 @@ class ProfilingMeasurement(_Model):
     samples: int
 
 
-class ProfilingStatus(_Model):
+class ProfilingStatus(_Out):
     namespace: str
     name: str
     state: ProfilingState
@@ -293,14 +302,14 @@ class ProfilingStatus(_Model):
 # ---- timings (operator) ----------------------------------------------------------------------
 
 
-class InstructionTiming(_Model):
+class InstructionTiming(_Out):
     instruction: InstructionName
     count: int
     mean_s: float
     std_s: float
 
 
-class RankTimings(_Model):
+class RankTimings(_Out):
     rank_id: str
     pod: str
     rank: int
@@ -318,7 +327,17 @@ class RankTimings(_Model):
     stale: bool
 
 
-class PipelineTimings(_Model):
+class StageTimings(_Out):
+    """One pipeline stage on this node, pooled over its ranks (data-parallel and tensor)."""
+
+    pipeline_rank: int
+    ranks: int
+    instructions: list[InstructionTiming]
+    energy_per_iteration_mean_j: float | None
+    """Mean over this stage's GPUs of the energy one GPU spends per iteration."""
+
+
+class PipelineTimings(_Out):
     """Per data-parallel pipeline: its stage-0 compute span (first instruction begin to last
     instruction end of an iteration), which the operator compares across pipelines to spot a
     straggler."""
@@ -331,17 +350,18 @@ class PipelineTimings(_Model):
     iteration_time_mean_s: float | None
 
 
-class TimingsOut(_Model):
+class TimingsOut(_Out):
     namespace: str
     name: str
     window_s: float
     ranks: list[RankTimings]
     pipelines: list[PipelineTimings]
+    stages: list[StageTimings] = Field(default_factory=list)
 
 
 # ---- reset (operator) ------------------------------------------------------------------------
 
 
-class ClockResetResponse(_Model):
+class ClockResetResponse(_Out):
     reset_gpus: list[str]
     schedules_removed: int

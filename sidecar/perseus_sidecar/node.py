@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import math
 import secrets
 import time
 from collections.abc import Iterator
@@ -19,13 +18,10 @@ from dataclasses import dataclass, field
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from perseus_sidecar.api import (
-    InstructionTiming,
     JobAnnouncement,
-    PipelineTimings,
     PodAnnouncement,
     ProfilingRequest,
     RankRegistration,
-    RankTimings,
     ScheduleEntry,
     ScheduleIn,
     TimingsOut,
@@ -36,7 +32,8 @@ from perseus_sidecar.gpu.base import GpuBackend, GpuError, GpuInfo
 from perseus_sidecar.lockstate import LockState
 from perseus_sidecar.metrics import Metrics
 from perseus_sidecar.profiling import ProfilingSession
-from perseus_sidecar.ranks import IterationRecord, Rank
+from perseus_sidecar.ranks import Rank
+from perseus_sidecar.timings import job_timings
 
 __all__ = [
     "AuthError",
@@ -478,67 +475,7 @@ class Node:
     # ---- timings ----------------------------------------------------------------------------
 
     def timings(self, namespace: str, name: str, window_s: float) -> TimingsOut:
-        job = self.job(namespace, name)
-        since_ns = time.time_ns() - int(window_s * 1e9)
-        now = time.monotonic()
-        ranks_out: list[RankTimings] = []
-        stage0: dict[int, list[IterationRecord]] = {}
-        for rank in sorted(job.ranks.values(), key=lambda r: r.rank):
-            records = [rec for rec in rank.history if rec.end_ns >= since_ns]
-            if rank.pipeline_rank == 0:
-                stage0.setdefault(rank.data_rank, []).extend(records)
-            instructions = []
-            for label, durations in (
-                ("forward", [d for rec in records for d in rec.forward_s]),
-                ("backward", [d for rec in records for d in rec.backward_s]),
-            ):
-                if durations:
-                    mean, std = _mean_std(durations)
-                    instructions.append(
-                        InstructionTiming(
-                            instruction=label,
-                            count=len(durations),
-                            mean_s=mean,
-                            std_s=std,
-                        )
-                    )
-            ranks_out.append(
-                RankTimings(
-                    rank_id=rank.rank_id,
-                    pod=rank.pod,
-                    rank=rank.rank,
-                    pipeline_rank=rank.pipeline_rank,
-                    data_rank=rank.data_rank,
-                    tensor_rank=rank.tensor_rank,
-                    gpu_uuid=rank.gpu_uuid,
-                    iterations=len(records),
-                    instructions=instructions,
-                    iteration_time_mean_s=_mean_of(r.iteration_s for r in records),
-                    compute_span_mean_s=_mean_of(r.span_s for r in records),
-                    energy_per_iteration_mean_j=_mean_of(r.energy_j for r in records),
-                    seconds_since_last_event=now - rank.last_event_mono,
-                    schedule_active=rank.controlled,
-                    stale=rank.stale,
-                )
-            )
-        pipelines = []
-        for data_rank in sorted(stage0):
-            records = sorted(stage0[data_rank], key=lambda r: r.end_ns)
-            spans = [r.span_s for r in records if r.span_s is not None]
-            stats = _mean_std(spans) if spans else None
-            pipelines.append(
-                PipelineTimings(
-                    data_rank=data_rank,
-                    iterations=len(records),
-                    stage0_span_mean_s=stats[0] if stats else None,
-                    stage0_span_std_s=stats[1] if stats else None,
-                    stage0_span_last_s=spans[-1] if spans else None,
-                    iteration_time_mean_s=_mean_of(r.iteration_s for r in records),
-                )
-            )
-        return TimingsOut(
-            namespace=namespace, name=name, window_s=window_s, ranks=ranks_out, pipelines=pipelines
-        )
+        return job_timings(namespace, name, self.job(namespace, name).ranks.values(), window_s)
 
     # ---- metrics ----------------------------------------------------------------------------
 
@@ -573,15 +510,3 @@ class Node:
                 [rank.job_key[0], rank.job_key[1], str(rank.rank)], 1.0 if rank.controlled else 0.0
             )
         yield from (clock, locked, energy, power, active)
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
-
-
-def _mean_of(values: Iterator[float | None] | list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None

@@ -210,6 +210,10 @@ def test_http_events_record_timings(client: TestClient) -> None:
     assert rank["iteration_time_mean_s"] == pytest.approx(1.0)
     assert rank["compute_span_mean_s"] == pytest.approx(0.5)
     assert rank["energy_per_iteration_mean_j"] is not None
+    (stage,) = t["stages"]
+    assert stage["pipeline_rank"] == 0 and stage["ranks"] == 1
+    assert stage["instructions"][0]["mean_s"] == pytest.approx(0.1)
+    assert stage["energy_per_iteration_mean_j"] == rank["energy_per_iteration_mean_j"]
     (pipe,) = t["pipelines"]
     assert pipe["data_rank"] == 0
     assert pipe["stage0_span_mean_s"] == pytest.approx(0.5)
@@ -387,3 +391,37 @@ def test_dependency_override_swaps_the_node(
     body = client.get("/v1/gpus", headers=OP).json()
     assert body["node_name"] == "other"
     assert [g["uuid"] for g in body["gpus"]] == fake.uuids
+
+
+def test_per_stage_and_per_pipeline_timings(client: TestClient) -> None:
+    """Two pipelines (data ranks) of two stages; pipeline 1's stage 0 runs slower."""
+    announce(client)
+    layout = {(0, 0): 0.1, (0, 1): 0.2, (1, 0): 0.16, (1, 1): 0.2}  # (data, stage) -> fwd s
+    t0 = time.time_ns()
+    for i, ((data, stage), fwd_s) in enumerate(layout.items()):
+        rank_id = register(
+            client, rank=i, pipeline_rank=stage, data_rank=data, gpu=f"GPU-sim-n1-{i}"
+        )
+        events = []
+        for it in range(2):
+            base = t0 + it * 2_000_000_000
+            fe = base + int(fwd_s * 1e9)
+            events += [
+                {"kind": "FB", "microbatch": 0, "t_ns": base},
+                {"kind": "FE", "microbatch": 0, "t_ns": fe},
+                {"kind": "BB", "microbatch": 0, "t_ns": fe},
+                {"kind": "BE", "microbatch": 0, "t_ns": fe + 2 * int(fwd_s * 1e9)},
+                {"kind": "IE", "microbatch": -1, "t_ns": base + 1_000_000_000},
+            ]
+        r = client.post(f"/v1/ranks/{rank_id}/events", json={"events": events}, headers=JOB)
+        assert r.status_code == 200
+    t = client.get(f"/v1/jobs/{NS}/{NAME}/timings", params={"window_s": 600}, headers=OP).json()
+    assert [s["pipeline_rank"] for s in t["stages"]] == [0, 1]
+    stage0, stage1 = t["stages"]
+    assert stage0["ranks"] == 2
+    fwd0 = next(i for i in stage0["instructions"] if i["instruction"] == "forward")
+    assert fwd0["count"] == 4 and fwd0["mean_s"] == pytest.approx(0.13)
+    fwd1 = next(i for i in stage1["instructions"] if i["instruction"] == "forward")
+    assert fwd1["mean_s"] == pytest.approx(0.2)
+    spans = {p["data_rank"]: p["stage0_span_mean_s"] for p in t["pipelines"]}
+    assert spans == {0: pytest.approx(0.3), 1: pytest.approx(0.48)}
