@@ -32,6 +32,7 @@ the useful ones.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,8 +55,11 @@ ProgressCallback = Callable[[int, int], None]
 
 GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0 ...
 MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the work
+GAP_TARGET = 0.0015  # consecutive plans before T* at most this far apart (fraction of T0)
 LP_MAX_INSTRUCTIONS = 6144  # larger pipelines skip the LP rounding (HiGHS time grows fast)
 _BASES = "fast,cheap"
+_GAP_ROUNDS = 6
+_GAP_NUDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _FILL_STEPS = 12  # rungs of the price ladder (plus μ = 0)
 _LANE_ELEMENTS = 2_000_000  # lanes x nodes per batch: bounds memory on large pipelines
 
@@ -210,6 +214,60 @@ class _Search:
                 done += base.shape[1]
                 if progress is not None:
                     progress(done, total)
+        return self.close_gaps(kept, t0, prices)
+
+    def cheapest_steps(self, plan: IntArray, count: int) -> IntArray:
+        """The `count` nodes whose next slower option saves the most effective energy per second
+        it adds."""
+        nxt = np.minimum(plan + 1, self.table.count[self.cls] - 1)
+        gain = self.batch.cost[self.cls, plan] - self.batch.cost[self.cls, nxt]
+        extra = self.batch.time[self.cls, nxt] - self.batch.time[self.cls, plan]
+        rate = np.where(nxt > plan, gain / np.where(nxt > plan, extra, 1.0), -np.inf)
+        best = np.argsort(-rate, kind="stable")[:count]
+        out: IntArray = best[rate[best] > 0]
+        return out
+
+    def close_gaps(
+        self, kept: list[tuple[float, float, IntArray]], t0: float, prices: list[float]
+    ) -> list[tuple[float, float, IntArray]]:
+        """Where consecutive plans before T* are far apart (typically right after an LP-rounded
+        plan that no filled plan beats), fill the plan at the gap's start to deadlines inside
+        the gap. Repeats a few times; a gap that stays has no useful plan found inside it."""
+        for _ in range(_GAP_ROUNDS):
+            star = min(range(len(kept)), key=lambda k: kept[k][1])
+            bases, deadlines = [], []
+            for (ta, _, ia), (tb, _, _) in itertools.pairwise(kept[: star + 1]):
+                if tb - ta > GAP_TARGET * t0:
+                    plan = ia.astype(np.int64)
+                    for d in np.arange(ta + GRID_FRACTION * t0 / 2, tb, GRID_FRACTION * t0 / 2):
+                        bases.append(plan)
+                        deadlines.append(float(d))
+                    # A plan stuck in its float still has cheaper neighbours: its instructions
+                    # that save most per second, one option slower each (1, 2, 3, ... of them).
+                    steps = self.cheapest_steps(plan, _GAP_NUDGES[-1])
+                    for k in _GAP_NUDGES:
+                        if k > len(steps):
+                            break
+                        nudged = plan.copy()
+                        nudged[steps[:k]] += 1
+                        bases.append(nudged)
+                        deadlines.append(ta)
+            if not bases:
+                break
+            found = []
+            chunk = max(1, _LANE_ELEMENTS // self.dag.num_nodes)
+            for first in range(0, len(bases), chunk):
+                base = np.stack(bases[first : first + chunk], axis=1)
+                deadline_s = np.maximum(
+                    np.asarray(deadlines[first : first + chunk]), self.batch.makespans(base)
+                )
+                for backward in (False, True):
+                    idx = self.batch.fill(base, deadline_s, prices, backward=backward)
+                    times = self.batch.makespans(idx)
+                    energies = self.batch.costs(idx) + self.idle_power_w * times
+                    found += [(float(t), float(e), i.astype(np.int16))
+                              for t, e, i in zip(times, energies, idx.T, strict=True)]  # fmt: skip
+            kept = _useful(kept + found, self.idle_power_w)
         return kept
 
     def lp_lanes(
