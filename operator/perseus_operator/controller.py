@@ -239,6 +239,10 @@ class Controller:
             obs = await self._plan_inputs(rt, spec, obs, snapshots)
         decision = rc.decide(obs)
         await self._act(rt, decision, snapshots, spec)
+        applying = any(isinstance(a, rc.ApplySchedule) for a in decision.actions)
+        if decision.optimizing and not applying and rt.regime.name != _regime_name(rt):
+            # The sidecars already run the plan (an operator restart): measure from now on.
+            rt.regime = Regime(_regime_name(rt), time.time())
         rt.was_optimizing = decision.optimizing
         await self._write_status(body, rt, decision, generation)
         return decision
@@ -250,6 +254,8 @@ class Controller:
             rt.baseline_j = float(base["energyJoules"])
             rt.baseline_iteration_s = float(base["iterationTimeSeconds"])
             rt.baseline_gpus = int(base.get("gpus") or 0)
+        saving = status.get("measuredSavingPercent")
+        rt.measured_saving = float(saving) if saving is not None else None
         rt.was_optimizing = status.get("phase") in ("Optimizing", "Degraded")
         rt.had_pods = status.get("phase") in ("Optimizing", "Degraded", "Completed")
         rt.last_status = dict(status)

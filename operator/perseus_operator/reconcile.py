@@ -54,6 +54,11 @@ class PodView:
     host_network: bool = False
 
     @property
+    def identity(self) -> str:
+        """What an announcement must match: a recreated pod (new UID or IP) is announced again."""
+        return f"{self.name}/{self.uid}/{self.pod_ip}"
+
+    @property
     def running(self) -> bool:
         return self.phase == "Running" and bool(self.pod_ip) and bool(self.node_name)
 
@@ -83,6 +88,7 @@ class NodeView:
     has_sidecar: bool
     reachable: bool = False
     announced_pods: frozenset[str] = frozenset()
+    """`PodView.identity` of each pod the sidecar knows for this job."""
     ranks: tuple[RankView, ...] = ()
     entries: frozenset[Entry] = frozenset()
     unreachable_reason: str = ""
@@ -274,7 +280,7 @@ def decide(obs: Observed) -> Decision:
         view = obs.nodes.get(node)
         if view is None or not view.reachable:
             continue
-        if view.announced_pods != frozenset(p.name for p in pods):
+        if view.announced_pods != frozenset(p.identity for p in pods):
             actions.append(Announce(node, tuple(sorted(pods, key=lambda p: p.name))))
     ranks = [r for n in sorted(by_node) if n in obs.nodes for r in obs.nodes[n].ranks]
     registered = len({(r.data_rank, r.pipeline_rank, r.tensor_rank) for r in ranks})

@@ -151,7 +151,8 @@ class SidecarGateway:
                 for e in (schedule.entries if schedule else [])
             )
             self._applied[key] = entries
-        return NodeSnapshot(address, model, frozenset(p.name for p in job.pods), entries, timings)
+        announced = frozenset(f"{p.name}/{p.uid}/{p.ip}" for p in job.pods)  # PodView.identity
+        return NodeSnapshot(address, model, announced, entries, timings)
 
     async def announce(
         self,

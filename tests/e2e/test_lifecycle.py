@@ -4,12 +4,16 @@ saving close to the prediction, a SIGKILLed sidecar, the job finishing, deletion
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
+from kubernetes_asyncio import client
 
+from perseus_operator.model import GROUP, PLURAL, VERSION
 from perseus_operator.sidecars import SidecarGateway, SidecarUnreachableError
 from perseus_operator.simcluster import SimCluster, wait_for
 from tests.e2e.conftest import (
+    KUBECONFIG,
     condition,
     create_policy,
     kubectl,
@@ -71,6 +75,29 @@ async def test_optimize_crash_finish_delete(sim: SimCluster) -> None:
     assert float(st["predictedSavingPercent"]) > 5
     recent = sim.trainer_iterations()[-4:]
     assert all(abs(t / base - 1) <= 0.02 for _, t, base, _ in recent), recent
+
+    # operator restart: resumes from the status and the stored profile (no import, no baseline)
+    baseline = st["measuredBaseline"]
+    sim.stop_operator()
+    sim.start_operator(KUBECONFIG)
+    patched = await client.CustomObjectsApi(sim.api).patch_namespaced_custom_object(  # type: ignore[call-arg]
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        name,
+        {"spec": {"stragglers": {"threshold": 0.06}}},
+        _content_type="application/merge-patch+json",
+    )
+
+    async def resumed() -> dict[str, Any] | None:
+        s = await status(sim)
+        return s if s.get("observedGeneration") == patched["metadata"]["generation"] else None
+
+    st = await wait_for("the restarted operator's status", resumed, 60, 0.2)
+    assert st["phase"] == "Optimizing" and st["measuredBaseline"] == baseline
+    assert condition(st, "Profiled")["message"].startswith("stored profile")
+    assert condition(st, "Ready")["status"] == "True"
 
     # kill -9 one sidecar: Degraded; restarted, it resets its clocks and gets the schedule again
     sim.kill_sidecar(1)

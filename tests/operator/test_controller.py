@@ -45,6 +45,7 @@ class Gateway:
     def __init__(self, clocks: frozenset[int] = CLOCKS, active: bool = False) -> None:
         self.clocks = clocks
         self.announced: set[str] = set()
+        self.identities: set[str] = set()
         self.entries: frozenset[rc.Entry] = frozenset()
         self.calls: list[str] = []
         self.down = False
@@ -79,14 +80,16 @@ class Gateway:
             namespace=namespace, name=name, window_s=window_s, ranks=ranks, stages=[], pipelines=[]
         )
         return NodeSnapshot(
-            address, ("A100", self.clocks), frozenset(self.announced), self.entries, timings
+            address, ("A100", self.clocks), frozenset(self.identities), self.entries, timings
         )
 
     async def announce(
         self, address: str, namespace: str, name: str, token_sha256: str, pods: Iterable[rc.PodView]
     ) -> None:
         self.calls.append("announce")
+        pods = list(pods)
         self.announced = {p.name for p in pods}
+        self.identities = {p.identity for p in pods}
 
     async def apply(
         self, address: str, namespace: str, name: str, entries: Iterable[rc.Entry]

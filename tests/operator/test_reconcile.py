@@ -56,7 +56,7 @@ def node(d: int, entries: frozenset[Entry] = frozenset()) -> NodeView:
     return NodeView(
         has_sidecar=True,
         reachable=True,
-        announced_pods=frozenset({f"p{d}0", f"p{d}1"}),
+        announced_pods=frozenset({PODS[2 * d].identity, PODS[2 * d + 1].identity}),
         ranks=(RankView(d, 0, 0, f"p{d}0"), RankView(d, 1, 0, f"p{d}1")),
         entries=entries,
     )

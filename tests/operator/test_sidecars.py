@@ -60,6 +60,7 @@ class Sidecar:
         self.job: dict[str, object] | None = dict(JOB)
         self.schedule: dict[str, object] | None = None
         self.fail: int | None = None
+        self.announced: list[dict[str, object]] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -80,6 +81,11 @@ class Sidecar:
             if self.schedule is None:
                 return httpx.Response(404, json={"detail": "none"})
             return httpx.Response(200, json=self.schedule)
+        if request.method == "PUT":
+            body = json.loads(request.content)
+            assert body["token_sha256"] == "0" * 64
+            self.announced = body["pods"]
+            return httpx.Response(200, json=self.job)
         if self.job is None:
             return httpx.Response(404, json={"detail": "no job"})
         return httpx.Response(200, json=self.job)
@@ -103,6 +109,15 @@ async def test_snapshot_and_steady_polls() -> None:
     snap = await gw.snapshot("h:1", "ns", "p", 5)
     assert snap.entries == frozenset({ENTRY})
     assert len(sidecar.requests) == 2  # job + timings; gpus cached, schedule known
+    pod = rc.PodView("p0", "uid0", "Running", "10.0.0.1", "10.1.0.1", "n0")
+    await gw.announce("h:1", "ns", "p", "0" * 64, [pod])
+    assert sidecar.announced == [
+        {"namespace": "ns", "name": "p0", "uid": "uid0", "ip": "10.0.0.1", "host_network": False}
+    ]
+    assert sidecar.job is not None
+    sidecar.job["pods"] = sidecar.announced
+    snap = await gw.snapshot("h:1", "ns", "p", 5)
+    assert snap.announced_pods == frozenset({pod.identity})
     sidecar.job = None  # the sidecar restarted and forgot the job
     snap = await gw.snapshot("h:1", "ns", "p", 5)
     assert snap.announced_pods == frozenset() and snap.entries == frozenset()
