@@ -212,6 +212,11 @@ def test_gpu_backend_failure_at_start_is_a_readiness_reason(
     client = make_client(fake)
     r = client.get("/v1/readyz")
     assert r.status_code == 503 and "NVML says no" in r.json()["reason"]
+    r = client.get("/v1/gpus", headers=OP)
+    assert r.status_code == 503 and "NVML says no" in r.json()["detail"]
+    fake.fail = None  # the driver came back: readiness and the inventory recover
+    assert client.get("/v1/readyz").status_code == 200
+    assert len(client.get("/v1/gpus", headers=OP).json()["gpus"]) == 2
 
 
 # ---- the real process, killed -9 ---------------------------------------------------------------

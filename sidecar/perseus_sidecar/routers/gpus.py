@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 
 from perseus_sidecar.api import GpuOut, GpusOut
 from perseus_sidecar.deps import NodeDep, require_operator
+from perseus_sidecar.gpu.base import GpuError
 
 router = APIRouter(tags=["gpus"], dependencies=[Depends(require_operator)])
 
@@ -13,6 +14,8 @@ router = APIRouter(tags=["gpus"], dependencies=[Depends(require_operator)])
 @router.get("/gpus")
 async def list_gpus(node: NodeDep) -> GpusOut:
     node.discover()
+    if node.gpu_error is not None:
+        raise GpuError(f"cannot list GPUs: {node.gpu_error}")
     return GpusOut(
         node_name=node.node_name,
         gpus=[

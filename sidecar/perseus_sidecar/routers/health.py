@@ -18,6 +18,8 @@ async def healthz() -> HealthOut:
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
 async def readyz(node: NodeDep) -> JSONResponse:
+    if node.gpu_error is not None or not node.gpus:
+        node.discover()  # the driver may have come back, or GPUs become visible
     usable = sum(1 for g in node.gpus.values() if g.usable)
     if node.gpu_error is not None:
         out = ReadyOut(ready=False, reason=f"GPU backend failed: {node.gpu_error}")
