@@ -21,6 +21,7 @@ __all__ = ["MAX_LINE_BYTES", "EventProtocol", "start_event_server"]
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 512
+HANDSHAKE_TIMEOUT_S = 10.0
 BATCH_LINES = 256
 """Lines handled per loop callback; with more pending, reading pauses and the rest is handled
 in later callbacks, so a flooding client cannot starve HTTP or other ranks (and feels TCP
@@ -44,6 +45,11 @@ class EventProtocol(asyncio.Protocol):
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self._peer_ip = peer[0] if isinstance(peer, tuple) else None
+        asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._handshake_deadline)
+
+    def _handshake_deadline(self) -> None:
+        if self._rank is None:
+            self.close("no handshake in time")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True

@@ -152,3 +152,12 @@ def test_events_split_across_packets(client: TestClient) -> None:
     (record,) = node.ranks[rank_id].history
     assert record.forward_s == pytest.approx((0.05,))
     sock.close()
+
+
+def test_silent_connection_is_closed_after_the_handshake_timeout(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("perseus_sidecar.transport.HANDSHAKE_TIMEOUT_S", 0.05)
+    sock = EventSocket(node_of(client).event_port)
+    assert sock.readline() == "ERR no handshake in time"
+    sock.close()
