@@ -280,8 +280,9 @@ class Node:
         self.ranks[rank_id] = rank
         job.ranks[rank_id] = rank
         self._apply_schedule_to_rank(job, rank)
-        if job.profiling is not None and not job.profiling.cancelled:
-            self._join_profiling(job.profiling, rank)
+        session = job.profiling
+        if session is not None and not session.cancelled and not session.done:
+            self._join_profiling(session, rank)
         log.info("rank registered", extra={"rank_id": rank_id, "gpu": body.gpu_uuid})
         return rank
 
@@ -397,8 +398,14 @@ class Node:
         return session
 
     def _join_profiling(self, session: ProfilingSession, rank: Rank) -> None:
-        rp = session.add_rank(rank.rank_id, rank.gpu_uuid, rank.pipeline_rank, rank.seconds_per_ns)
-        rank.set_profiling(rp)
+        """A re-registered rank (restarted process) carries on where its session stood."""
+        rp = session.ranks.get(rank.rank_id)
+        if rp is None:
+            rp = session.add_rank(
+                rank.rank_id, rank.gpu_uuid, rank.pipeline_rank, rank.seconds_per_ns
+            )
+        if not rp.done:
+            rank.set_profiling(rp)
 
     def cancel_profiling(self, namespace: str, name: str) -> ProfilingSession:
         job = self.job(namespace, name)

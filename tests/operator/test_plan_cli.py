@@ -202,3 +202,24 @@ def test_streamed_file_equals_the_document(
     frontier = load_frontier(json.dumps(doc), profile)
     write_frontier(frontier, tmp_path / "f.json")
     assert json.loads((tmp_path / "f.json").read_text()) == json.loads(dump_frontier(frontier))
+
+
+def test_plot_without_matplotlib_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    csv = write_csv(tmp_path, GOOD_ROWS)
+    args = plan(tmp_path, "--profile", str(csv), "--microbatches", "2", "--blocking-power-w", "5",
+                "--plot", str(tmp_path / "f.png"))  # fmt: skip
+    assert main(args) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = write_csv(tmp_path, GOOD_ROWS)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["plan", "--profile", str(csv), "--microbatches", "2", "--blocking-power-w", "5",
+            "--out", str(blocker / "f.json")]  # fmt: skip
+    assert main(args) == 2
+    assert "cannot write output" in capsys.readouterr().err

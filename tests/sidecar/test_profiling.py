@@ -215,3 +215,23 @@ def test_profiling_runs_to_completion_over_http(
     assert status["ranks_done"] == 1
     assert not node_of(client).ranks[rank_id].controlled
     assert sim_backend.locked_sm_clock_mhz(GPU0) is None
+    # a rank registering after the session finished is not drawn into it
+    late = register(client, rank=1, gpu="GPU-sim-n1-1")
+    assert not node_of(client).ranks[late].controlled
+    assert client.get(url, headers=OP).json()["state"] == "done"
+
+
+def test_restarted_rank_resumes_its_profiling(client: TestClient, profile: StageProfile) -> None:
+    announce(client)
+    rank_id = register(client)
+    url = f"/v1/jobs/{NS}/{NAME}/profiling"
+    body = {"frequencies_mhz": list(profile.frequencies_mhz[:3]), "iterations_per_frequency": 1}
+    client.post(url, json=body, headers=OP)
+    node = node_of(client)
+    progress = node.ranks[rank_id].profiling
+    assert progress is not None
+    events = [{"kind": "IE", "microbatch": -1, "t_ns": time.time_ns() + i} for i in range(3)]
+    client.post(f"/v1/ranks/{rank_id}/events", json={"events": events}, headers=JOB)
+    assert progress.index == 1
+    assert register(client) == rank_id  # the process restarted and registered again
+    assert node.ranks[rank_id].profiling is progress

@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             plot_frontier(frontier, args.plot)
     except OSError as exc:
         raise CliError(f"cannot write output: {exc}") from None
+    except ImportError:
+        raise CliError("--plot needs matplotlib: pip install 'perseus-k8s[plot]'") from None
     elapsed = time.perf_counter() - started
     t0, e0 = frontier.t0_s, frontier.baseline_energy_j
     fastest, star = frontier.fastest, frontier.t_star
