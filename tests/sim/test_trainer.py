@@ -78,7 +78,7 @@ def test_all_max_iteration_time_within_two_percent(
     with sidecar_process(tmp_path, example=example, time_scale=0.1) as sidecar:
         code, out, err = _run_cli(
             [
-                "--node", sidecar.node_arg, "--microbatches", "12", "--iterations", "5",
+                "--node", sidecar.node_arg, "--microbatches", "12", "--iterations", "7",
                 "--operator-token-file", str(tmp_path / "operator.token"), "--job", "fidelity",
                 "--job-token", JOB_TOKEN, "--keep-job", "--time-scale", "0.1",
                 "--json", str(out_json),
@@ -88,20 +88,25 @@ def test_all_max_iteration_time_within_two_percent(
         assert code == 0, err
         timings = sidecar.timings("default", "fidelity")
     results = json.loads(out_json.read_text())
-    assert len(results) == 5
+    assert len(results) == 7
     assert f"all-max-clock iteration {t0_s:.4f} s" in out
     assert all(r["expected_s"] == pytest.approx(t0_s) for r in results)
-    # Medians: a load spike on a shared machine may delay one iteration.
-    assert statistics.median(r["time_s"] for r in results) == pytest.approx(t0_s, rel=0.02)
-    assert statistics.median(r["timeline_s"] for r in results) == pytest.approx(t0_s, rel=0.02)
-    assert statistics.median(r["energy_j"] for r in results) == pytest.approx(energy_j, rel=0.02)
+    # On a shared, overloaded host a rank thread may wake up more than max_lag_s late: the
+    # trainer counts such late starts per iteration. Judge the iterations the host kept up with,
+    # and insist on enough of them.
+    clean = [r for r in results if r["late_starts"] == 0]
+    assert len(clean) >= 3, f"host too loaded: late starts {[r['late_starts'] for r in results]}"
+    assert statistics.median(r["time_s"] for r in clean) == pytest.approx(t0_s, rel=0.02)
+    assert statistics.median(r["timeline_s"] for r in clean) == pytest.approx(t0_s, rel=0.02)
+    assert statistics.median(r["energy_j"] for r in clean) == pytest.approx(energy_j, rel=0.02)
+    assert statistics.median(r["time_s"] for r in results) == pytest.approx(t0_s, rel=0.1)
     ranks = timings["ranks"]
     assert [r["rank"] for r in ranks] == list(range(8))
     for r in ranks:
-        assert r["iterations"] == 5
+        assert r["iterations"] == 7
         by_name = {i["instruction"]: i for i in r["instructions"]}
         for name in INSTRUCTIONS:
-            assert by_name[name]["count"] == 60
+            assert by_name[name]["count"] == 84
             f_max = profile.max_frequency_mhz
             expected = profile.measurement(r["pipeline_rank"], name, f_max).time_s
             assert by_name[name]["mean_s"] == pytest.approx(expected, rel=0.01)
@@ -209,7 +214,7 @@ def crash_sidecar(tmp_path: Path) -> Iterator[SidecarProcess]:
 def test_crash_shows_in_the_sidecar_and_the_rank_comes_back(
     crash_sidecar: SidecarProcess,
 ) -> None:
-    """Rank 2 dies at iteration 2 for 1.5 s: the sidecar sees its events stop first, times it
+    """Rank 2 dies in iteration 2 for 1.5 s: the sidecar sees its events stop first, times it
     out (resetting its locked clock), and the restarted rank re-registers under the same id."""
     sidecar = crash_sidecar
     config = SimConfig(

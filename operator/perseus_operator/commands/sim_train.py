@@ -77,7 +77,8 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="RANK:ITER[:DOWN_S]",
-        help="rank RANK dies at iteration ITER and restarts after DOWN_S wall seconds (5)",
+        help="rank RANK dies halfway through iteration ITER and restarts after DOWN_S wall "
+        "seconds (5)",
     )
     parser.add_argument(
         "--time-scale", type=float, help="check the nodes run at this time scale (wall/sim)"
@@ -86,7 +87,7 @@ def add_parser(subparsers: Any) -> None:
         "--allreduce-s", type=float, default=0.0, help="simulated all-reduce time per iteration"
     )
     parser.add_argument(
-        "--max-lag-ms", type=float, default=10.0, help="host lag forgiven before a late start"
+        "--max-lag-ms", type=float, default=50.0, help="host lag forgiven before a late start"
     )
     parser.add_argument("--connect-timeout-s", type=float, default=10.0)
     parser.add_argument("--json", type=Path, help="also write the per-iteration results here")

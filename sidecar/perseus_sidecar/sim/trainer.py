@@ -82,8 +82,10 @@ class Straggler:
 
 @dataclass(frozen=True)
 class Crash:
-    """Rank `rank` dies at the start of iteration `at_iteration` (its event stream drops, its GPU
-    idles, the job stalls behind it) and restarts after `down_s` wall seconds, registering again."""
+    """Rank `rank` dies halfway through iteration `at_iteration` (its event stream drops, its GPU
+    idles, the job stalls behind it) and restarts after `down_s` wall seconds, registering again
+    and redoing that iteration's remaining instructions, as a job restarted from its last
+    checkpoint would, only faster to simulate."""
 
     rank: int
     at_iteration: int
@@ -107,7 +109,8 @@ class SimConfig:
     crashes: tuple[Crash, ...] = ()
     allreduce_s: float = 0.0
     """Simulated seconds between the pipelines' end and the next iteration (GPUs idle)."""
-    max_lag_s: float = 0.01
+    max_lag_s: float = 0.05
+    """Host lag (wall seconds) absorbed by the GPU timeline, as a launch queue absorbs it."""
     connect_timeout_s: float = 10.0
     """How long to wait for every rank's event stream before starting (wall seconds)."""
 
@@ -473,16 +476,16 @@ class SimTrainer:
         try:
             for iteration in range(self.config.iterations):
                 crash = crashes.get(iteration)
-                if crash is not None:
-                    log.warning("rank %d crashes at iteration %d", p.rank, iteration)
-                    hooks.close(0.0)
-                    self._sleep_wall(crash.down_s)
-                    hooks = self._hooks(p)
-                    hooks.wait_connected(self.config.connect_timeout_s)
-                    start = max(start, self._now())
                 factor = self.config.straggle_factor(p.data_rank, iteration)
                 prev_end = start
-                for forward, m in self.orders[s]:
+                for index, (forward, m) in enumerate(self.orders[s]):
+                    if crash is not None and index == len(self.orders[s]) // 2:
+                        log.warning("rank %d crashes in iteration %d", p.rank, iteration)
+                        hooks.close(0.0)
+                        self._sleep_wall(crash.down_s)
+                        hooks = self._hooks(p)
+                        hooks.wait_connected(self.config.connect_timeout_s)
+                        prev_end = max(prev_end, self._now())
                     if forward:
                         dep = self._get(acts[s], m) if s > 0 else -math.inf
                     else:
