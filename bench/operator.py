@@ -319,6 +319,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -392,7 +397,19 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
                 {"status": {"phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1"}},
             )
         await sim.create_profile_configmap("bench-profile")
-        sim.start_operator(os.environ["KUBECONFIG"])
+        profile_out = os.environ.get("PERSEUS_BENCH_CPROFILE")
+        command = None
+        if profile_out:  # to see where the operator's CPU goes
+            command = [
+                sys.executable,
+                "-m",
+                "cProfile",
+                "-o",
+                profile_out,
+                "-m",
+                "perseus_operator.main",
+            ]
+        sim.start_operator(os.environ["KUBECONFIG"], command=command)
         assert sim.operator is not None
         pid = sim.operator.pid
 
@@ -431,10 +448,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
             f"    all {args.policies} Ready {time.monotonic() - t0:.0f}s after the last was created"
         )
         await asyncio.sleep(5)
+        cpu0, t0 = cpu_s(pid), time.monotonic()
         scaled = report(
             f"scaled ({args.policies} policies, {args.noise_pods} unrelated pods)",
             *await bench.measure(names, args.samples),
         )
+        busy = (cpu_s(pid) - cpu0) / (time.monotonic() - t0)
+        print(f"operator CPU while measuring: {busy * 100:.0f}% of one core", flush=True)
         scaled_rss = rss_mb(pid)
         print(f"operator RSS: {base_rss:.0f} MB baseline, {scaled_rss:.0f} MB scaled")
         for key in ("spec_p99", "timing_p99"):
@@ -443,6 +463,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
         print("targets (p99 < 1 s, RSS < 300 MB):", "met" if ok else "NOT met")
         return 0
     finally:
+        with contextlib.suppress(ApiException, TimeoutError):
+            await sim.delete_policies(timeout_s=120)
         sim.stop_operator()
         for runner in runners:
             await runner.cleanup()

@@ -34,7 +34,14 @@ from perseus_operator.straggler import Sample, StragglerState
 from perseus_operator.straggler import update as straggler_update
 from perseus_profiles import ProfileError, StageProfile, parse_profile_csv
 
-__all__ = ["Controller", "PodRecord", "PolicyRuntime", "Store", "cleanup_policy"]
+__all__ = [
+    "Controller",
+    "PodRecord",
+    "PolicyRecord",
+    "PolicyRuntime",
+    "Store",
+    "cleanup_policy",
+]
 
 log = logging.getLogger("perseus.operator")
 
@@ -62,6 +69,19 @@ class PodRecord:
             self.node_name,
             self.host_network,
         )
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    """What the policy index keeps: enough to tell which policy owns a pod."""
+
+    name: str
+    created: str
+    deleting: bool
+    selector: tuple[tuple[str, str], ...]
+
+    def selects(self, labels: Mapping[str, str]) -> bool:
+        return bool(self.selector) and all(labels.get(k) == v for k, v in self.selector)
 
 
 class Store(Protocol):
@@ -131,6 +151,8 @@ class PolicyRuntime:
     was_optimizing: bool = False
     last_status: dict[str, Any] = field(default_factory=dict)
     gpu_models: dict[str, tuple[str, frozenset[int]]] = field(default_factory=dict)
+    conflict_key: tuple[Any, ...] | None = None
+    conflict: str | None = None
 
 
 class Controller:
@@ -174,7 +196,7 @@ class Controller:
         *,
         pods: Callable[[], Iterable[PodRecord]],
         sidecars: Callable[[], Mapping[str, str]],
-        others: Callable[[], Iterable[Mapping[str, Any]]],
+        others: Callable[[], Iterable[PolicyRecord]],
         stopped: Callable[[], bool],
         tick_s: float,
     ) -> None:
@@ -200,7 +222,7 @@ class Controller:
         rt: PolicyRuntime,
         pods: list[PodRecord],
         sidecars: Mapping[str, str],
-        others: list[Mapping[str, Any]],
+        others: list[PolicyRecord],
     ) -> rc.Decision:
         meta = body["metadata"]
         generation = int(meta.get("generation") or 0)
@@ -213,7 +235,7 @@ class Controller:
         except SpecError as exc:
             spec, spec_error = None, str(exc)
         selected = [p for p in pods if spec is not None and spec.selector.matches(dict(p.labels))]
-        conflict = _conflict(meta, selected, others) if spec is not None else None
+        conflict = self._conflict(rt, meta, selected, others) if spec is not None else None
         running = [p for p in selected if p.view().running]
         rt.had_pods = rt.had_pods or bool(selected)
         nodes: dict[str, rc.NodeView] = {}
@@ -246,6 +268,28 @@ class Controller:
         rt.was_optimizing = decision.optimizing
         await self._write_status(body, rt, decision, generation)
         return decision
+
+    @staticmethod
+    def _conflict(
+        rt: PolicyRuntime,
+        meta: Mapping[str, Any],
+        selected: list[PodRecord],
+        others: list[PolicyRecord],
+    ) -> str | None:
+        """The name of an older policy (creation time, then name) selecting any of these pods;
+        cached until the policies or the pods change."""
+        mine = (meta.get("creationTimestamp") or "", meta["name"])
+        older = tuple(
+            o for o in others if not o.deleting and (o.created, o.name) < mine and o.name != mine[1]
+        )
+        key = (older, tuple(p.name for p in selected))
+        if rt.conflict_key == key:
+            return rt.conflict
+        rt.conflict_key = key
+        rt.conflict = next(
+            (o.name for o in older if any(o.selects(p.labels) for p in selected)), None
+        )
+        return rt.conflict
 
     def _resume(self, rt: PolicyRuntime, status: Mapping[str, Any]) -> None:
         """After an operator restart: the measured baseline and phase come from the status."""
@@ -650,28 +694,6 @@ def _enough(ranks: list[Any], iterations: int) -> bool:
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
-
-
-def _conflict(
-    meta: Mapping[str, Any], selected: list[PodRecord], others: list[Mapping[str, Any]]
-) -> str | None:
-    """The name of an older policy (creation time, then name) selecting any of these pods."""
-    mine = (meta.get("creationTimestamp") or "", meta["name"])
-    names = {p.name for p in selected}
-    for other in others:
-        ometa = other["metadata"]
-        if ometa["name"] == meta["name"] or ometa.get("deletionTimestamp"):
-            continue
-        theirs = (ometa.get("creationTimestamp") or "", ometa["name"])
-        if theirs >= mine:
-            continue
-        try:
-            selector = parse_spec(other.get("spec") or {}).selector
-        except SpecError:
-            continue
-        if any(selector.matches(dict(p.labels)) for p in selected if p.name in names):
-            return str(ometa["name"])
-    return None
 
 
 def _check_profile(

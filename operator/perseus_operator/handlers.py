@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import kopf
 
-from perseus_operator.controller import Controller, PodRecord, cleanup_policy
+from perseus_operator.controller import Controller, PodRecord, PolicyRecord, cleanup_policy
 from perseus_operator.kube import Kube
 from perseus_operator.model import GROUP, PLURAL, VERSION, parse_spec
 from perseus_operator.reconcile import EventSpec
@@ -130,8 +130,17 @@ def sidecars(
 
 
 @kopf.index(GROUP, VERSION, PLURAL, id="policies")
-def policies(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
-    return {namespace or "": {"metadata": dict(body.metadata), "spec": dict(body.spec)}}
+def policies(
+    *, namespace: str | None, name: str, meta: Mapping[str, Any], spec: Mapping[str, Any], **_: Any
+) -> dict[str, PolicyRecord]:
+    labels = (spec.get("selector") or {}).get("matchLabels") or {}
+    record = PolicyRecord(
+        name=name,
+        created=str(meta.get("creationTimestamp") or ""),
+        deleting=bool(meta.get("deletionTimestamp")),
+        selector=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+    )
+    return {namespace or "": record}
 
 
 def _selected(
@@ -161,7 +170,7 @@ async def reconcile(
 ) -> None:
     job_pods: kopf.Index[Any, PodRecord] = kwargs["job_pods"]
     sidecars: kopf.Index[str, str] = kwargs["sidecars"]
-    policies: kopf.Index[str, dict[str, Any]] = kwargs["policies"]
+    policies: kopf.Index[str, PolicyRecord] = kwargs["policies"]
     controller = STATE.ready()
     namespace = namespace or ""
     await controller.run_policy(
@@ -182,13 +191,12 @@ def spec_changed(*, namespace: str | None, name: str, **_: Any) -> None:
 @kopf.on.event("pods", id="wake-on-pod")
 def wake_on_pod(*, namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
     """A job pod started, moved or finished: its policy reacts now, not at its next tick."""
-    policies: kopf.Index[str, Any] = kwargs["policies"]
+    policies: kopf.Index[str, PolicyRecord] = kwargs["policies"]
     if STATE.controller is None or namespace is None:
         return
     for policy in policies.get(namespace, ()):
-        selector = ((policy.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-        if selector and all(labels.get(k) == v for k, v in selector.items()):
-            STATE.controller.wake(namespace, policy["metadata"]["name"])
+        if policy.selects(labels):
+            STATE.controller.wake(namespace, policy.name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup")

@@ -9,11 +9,12 @@ side) raises :class:`SidecarRejectedError` with the sidecar's message.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import httpx
+import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from perseus_operator import reconcile as rc
@@ -53,64 +54,63 @@ class NodeSnapshot:
     timings: TimingsOut | None
 
 
-class SidecarGateway:
-    """Talks to any number of sidecars over one pooled HTTP client."""
+Send = Callable[[str, str, bytes | None], Awaitable[tuple[int, bytes]]]
+"""(method, url, JSON body) -> (status, body): the HTTP exchange, swappable in tests."""
 
-    def __init__(
-        self,
-        token: str,
-        timeout_s: float = 2.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=timeout_s,
-            headers={"Authorization": f"Bearer {token}"},
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=256),
-            transport=transport,
-        )
+
+class SidecarGateway:
+    """Talks to any number of sidecars over one pooled aiohttp session (httpx's pool and its
+    per-request async-library probing cost ~1.5 ms of CPU per call at 200 calls/s)."""
+
+    def __init__(self, token: str, timeout_s: float = 2.0, send: Send | None = None) -> None:
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self._send: Send = send or self._aiohttp_send
         self._gpus: dict[str, tuple[str, frozenset[int]]] = {}
         self._applied: dict[tuple[str, str, str], frozenset[rc.Entry]] = {}
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _aiohttp_send(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=256, limit_per_host=16),
+            )
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        async with self._session.request(method, url, data=body, headers=headers) as resp:
+            return resp.status, await resp.read()
 
     async def _call(
-        self,
-        method: str,
-        address: str,
-        path: str,
-        *,
-        body: BaseModel | None = None,
-        params: Mapping[str, Any] | None = None,
-    ) -> httpx.Response | None:
-        """The response, or None for a 404; raises on anything else that is not a success."""
+        self, method: str, address: str, path: str, *, body: BaseModel | None = None
+    ) -> bytes | None:
+        """The response body, or None for a 404; raises on anything else but a success."""
         url = f"http://{address}/v1{path}"
         content = body.model_dump_json().encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if content is not None else None
         try:
-            resp = await self._client.request(
-                method, url, content=content, params=params, headers=headers
-            )
-        except httpx.HTTPError as exc:
-            raise SidecarUnreachableError(
-                f"{address}: {type(exc).__name__} {exc}".strip()
-            ) from None
-        if resp.status_code == 404:
+            status, data = await self._send(method, url, content)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise SidecarUnreachableError(f"{address}: {reason}") from None
+        if status == 404:
             return None
-        if resp.status_code >= 500:
-            raise SidecarUnreachableError(f"{address}: HTTP {resp.status_code}")
-        if resp.status_code >= 400:
-            raise SidecarRejectedError(f"{address}: HTTP {resp.status_code}: {_detail(resp)}")
-        return resp
+        if status >= 500:
+            raise SidecarUnreachableError(f"{address}: HTTP {status}")
+        if status >= 400:
+            raise SidecarRejectedError(f"{address}: HTTP {status}: {_detail(data)}")
+        return data
 
-    async def _get(
-        self, address: str, path: str, model: type[M], params: Mapping[str, Any] | None = None
-    ) -> M | None:
-        resp = await self._call("GET", address, path, params=params)
-        if resp is None:
+    async def _get(self, address: str, path: str, model: type[M]) -> M | None:
+        data = await self._call("GET", address, path)
+        if data is None:
             return None
         try:
-            return model.model_validate_json(resp.content)
+            return model.model_validate_json(data)
         except ValidationError as exc:
             raise SidecarUnreachableError(
                 f"{address}: unexpected {model.__name__}: {exc}"
@@ -138,7 +138,7 @@ class SidecarGateway:
         if job is None:
             return NodeSnapshot(address, model, frozenset(), frozenset(), None)
         timings = await self._get(
-            address, f"{job_path}/timings", TimingsOut, params={"window_s": f"{window_s:.3f}"}
+            address, f"{job_path}/timings?window_s={window_s:.3f}", TimingsOut
         )
         key = (address, namespace, name)
         entries = self._applied.get(key)
@@ -214,11 +214,11 @@ class SidecarGateway:
         return await self._get(address, f"/jobs/{namespace}/{name}/profiling", ProfilingStatus)
 
 
-def _detail(resp: httpx.Response) -> str:
+def _detail(data: bytes) -> str:
     try:
-        data = resp.json()
+        parsed = json.loads(data)
     except ValueError:
-        return resp.text[:200]
-    if isinstance(data, dict):
-        return str(data.get("message") or data.get("detail") or data)[:300]
-    return str(data)[:300]
+        return data[:200].decode(errors="replace")
+    if isinstance(parsed, dict):
+        return str(parsed.get("message") or parsed.get("detail") or parsed)[:300]
+    return str(parsed)[:300]

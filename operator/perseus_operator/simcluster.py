@@ -290,7 +290,12 @@ class SimCluster:
 
                 await wait_for(f"sidecar {i}", up, timeout_s)
 
-    def start_operator(self, kubeconfig: str, extra_env: Mapping[str, str] | None = None) -> None:
+    def start_operator(
+        self,
+        kubeconfig: str,
+        extra_env: Mapping[str, str] | None = None,
+        command: Sequence[str] | None = None,
+    ) -> None:
         env = {
             **os.environ,
             "KUBECONFIG": kubeconfig,
@@ -305,7 +310,10 @@ class SimCluster:
         }
         log = (self.workdir / "operator.log").open("ab")
         self.operator = subprocess.Popen(
-            [str(BIN / "perseus-operator")], env=env, stdout=log, stderr=subprocess.STDOUT
+            list(command or [str(BIN / "perseus-operator")]),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def start_trainer(

@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from perseus_operator import reconcile as rc
-from perseus_operator.controller import Controller, PodRecord, cleanup_policy
+from perseus_operator.controller import (
+    Controller,
+    PodRecord,
+    PolicyRecord,
+    PolicyRuntime,
+    cleanup_policy,
+)
 from perseus_operator.sidecars import NodeSnapshot, SidecarUnreachableError
 from perseus_profiles import load_example
 from perseus_sidecar.api import RankTimings, TimingsOut
@@ -213,3 +219,15 @@ async def test_cleanup_retries_are_bounded() -> None:
     assert left == ["a:1"] and gateway.calls.count("forget") == 3 and sleeps == [0.5, 1.0]
     gateway.down = False
     assert await cleanup_policy(gateway, ["a:1"], "ns", "p", attempts=3, sleep=sleep) == []  # type: ignore[arg-type]
+
+
+def test_older_policy_selecting_the_pods_wins() -> None:
+    rt = PolicyRuntime("ns", "p")
+    meta = {"name": "p", "creationTimestamp": "2026-01-02T00:00:00Z"}
+    older = PolicyRecord("a", "2026-01-01T00:00:00Z", False, (("job", "p"),))
+    newer = PolicyRecord("z", "2026-01-03T00:00:00Z", False, (("job", "p"),))
+    other_job = PolicyRecord("b", "2026-01-01T00:00:00Z", False, (("job", "q"),))
+    gone = PolicyRecord("c", "2026-01-01T00:00:00Z", True, (("job", "p"),))
+    assert Controller._conflict(rt, meta, PODS, [newer, other_job, gone]) is None
+    assert Controller._conflict(rt, meta, PODS, [newer, older]) == "a"
+    assert Controller._conflict(rt, meta, [], [older]) is None

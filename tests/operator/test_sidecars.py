@@ -1,11 +1,12 @@
-"""The sidecar gateway against a mocked transport: status codes map to clear errors, steady
+"""The sidecar gateway against a fake HTTP exchange: status codes map to clear errors, steady
 polls stay at two requests, bodies are the sidecar's own models."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 
 from perseus_operator import reconcile as rc
@@ -62,37 +63,39 @@ class Sidecar:
         self.fail: int | None = None
         self.announced: list[dict[str, object]] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        self.requests.append((request.method, path))
-        assert request.headers["authorization"] == "Bearer tok"
+    async def __call__(self, method: str, url: str, content: bytes | None) -> tuple[int, bytes]:
+        path = url.split("/", 3)[3].split("?", maxsplit=1)[0]
+        path = "/" + path
+        self.requests.append((method, path))
         if self.fail is not None:
-            return httpx.Response(self.fail, json={"detail": "refused: bad schedule"})
+            return self.fail, json.dumps({"detail": "refused: bad schedule"}).encode()
+        status, body = self.route(method, path, json.loads(content) if content else None)
+        return status, json.dumps(body).encode()
+
+    def route(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if path == "/v1/gpus":
-            return httpx.Response(200, json=GPUS)
+            return 200, GPUS
         if path.endswith("/timings"):
-            return httpx.Response(200, json=TIMINGS)
+            return 200, TIMINGS
         if path.endswith("/schedule"):
-            if request.method == "PUT":
-                body = json.loads(request.content)
+            if method == "PUT":
                 self.schedule = {"namespace": "ns", "name": "p", "active_ranks": [], **body}
                 assert self.job is not None
                 self.job["schedule_entries"] = len(body["entries"])
             if self.schedule is None:
-                return httpx.Response(404, json={"detail": "none"})
-            return httpx.Response(200, json=self.schedule)
-        if request.method == "PUT":
-            body = json.loads(request.content)
+                return 404, {"detail": "none"}
+            return 200, self.schedule
+        if method == "PUT":
             assert body["token_sha256"] == "0" * 64
             self.announced = body["pods"]
-            return httpx.Response(200, json=self.job)
+            return 200, self.job
         if self.job is None:
-            return httpx.Response(404, json={"detail": "no job"})
-        return httpx.Response(200, json=self.job)
+            return 404, {"detail": "no job"}
+        return 200, self.job
 
 
 def gateway(sidecar: Sidecar) -> SidecarGateway:
-    return SidecarGateway("tok", transport=httpx.MockTransport(sidecar))
+    return SidecarGateway("tok", send=sidecar)
 
 
 ENTRY = rc.Entry(0, 0, ("F0", "B0"), (1410, 1395))
@@ -140,20 +143,54 @@ async def test_errors_are_one_line(code: int, error: type[Exception], text: str)
 
 
 async def test_connection_refused_is_unreachable() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
+    async def refuse(method: str, url: str, content: bytes | None) -> tuple[int, bytes]:
+        raise aiohttp.ClientConnectionError("connection refused")
 
-    gw = SidecarGateway("tok", transport=httpx.MockTransport(refuse))
+    gw = SidecarGateway("tok", send=refuse)
     with pytest.raises(SidecarUnreachableError, match="connection refused"):
         await gw.snapshot("h:1", "ns", "p", 5)
     await gw.close()
 
 
 async def test_no_usable_gpu_is_unreachable() -> None:
-    def no_gpus(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"node_name": "n", "gpus": []})
+    async def no_gpus(method: str, url: str, content: bytes | None) -> tuple[int, bytes]:
+        return 200, b'{"node_name": "n", "gpus": []}'
 
-    gw = SidecarGateway("tok", transport=httpx.MockTransport(no_gpus))
+    gw = SidecarGateway("tok", send=no_gpus)
     with pytest.raises(SidecarUnreachableError, match="no usable GPU"):
         await gw.gpu_model("h:1")
     await gw.close()
+
+
+async def test_real_http_with_the_token() -> None:
+    """The default aiohttp exchange, against a real local server: bearer token, query, 404."""
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def timings(request: web.Request) -> web.Response:
+        seen.append(request.headers["Authorization"] + " " + request.query["window_s"])
+        return web.json_response(TIMINGS)
+
+    async def gpus(request: web.Request) -> web.Response:
+        return web.json_response(GPUS)
+
+    async def job(request: web.Request) -> web.Response:
+        return web.json_response(JOB)
+
+    app = web.Application()
+    app.router.add_get("/v1/gpus", gpus)
+    app.router.add_get("/v1/jobs/ns/p", job)
+    app.router.add_get("/v1/jobs/ns/p/timings", timings)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    gw = SidecarGateway("tok")
+    try:
+        snap = await gw.snapshot(f"127.0.0.1:{port}", "ns", "p", 2.5)
+        assert snap.timings is not None and seen == ["Bearer tok 2.500"]
+    finally:
+        await gw.close()
+        await runner.cleanup()
