@@ -299,3 +299,31 @@ def test_concurrent_writers_never_corrupt_the_state(profile: StageProfile, tmp_p
     gpu = backend.gpu(uuid)
     assert gpu.energy_j(1299.5) - gpu.energy_j(1299.0) == pytest.approx(10.0)
     assert not list(tmp_path.glob("*.tmp")) + list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_writer_dying_mid_write_does_not_wedge_readers(
+    profile: StageProfile, tmp_path: Path
+) -> None:
+    """A process killed between its two sequence bumps leaves the sequence odd: readers fall
+    back to the writers' lock instead of spinning forever, and the next write heals it."""
+    backend = _backend(profile, tmp_path)
+    uuid = "GPU-sim-n1-0"
+    backend.set_locked_sm_clock(uuid, 800)
+    path = tmp_path / "gpu-0.clock"
+    raw = bytearray(path.read_bytes())
+    raw[8] |= 1  # the sequence number (little-endian u64 at offset 8) becomes odd
+    path.write_bytes(bytes(raw))
+    _, _, gpus = open_node(tmp_path)
+    assert gpus[0].locked_sm_clock_mhz() == 800
+    backend.set_locked_sm_clock(uuid, 1000)
+    assert gpus[0].locked_sm_clock_mhz() == 1000
+    assert int.from_bytes(path.read_bytes()[8:16], "little") % 2 == 0
+
+
+def test_a_foreign_file_is_reinitialised(profile: StageProfile, tmp_path: Path) -> None:
+    (tmp_path / "gpu-0.clock").write_text("1410\n")  # not a simulated-GPU record
+    backend = _backend(profile, tmp_path)
+    assert backend.locked_sm_clock_mhz("GPU-sim-n1-0") is None
+    backend.set_locked_sm_clock("GPU-sim-n1-0", 800)
+    assert backend.locked_sm_clock_mhz("GPU-sim-n1-0") == 800
+    backend.close()

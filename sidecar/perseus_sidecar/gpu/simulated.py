@@ -251,13 +251,11 @@ class _SharedRecord:
             data = m[self.HEADER.size : self.HEADER.size + length]
             if struct.unpack_from("<Q", m, 8)[0] == seq:
                 return data
-        # A writer is slow or died mid-write: wait for the lock, then take what is there.
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        # A writer is slow or died mid-write: wait for the writers' locks (the thread lock too,
+        # as flock does not exclude threads sharing this descriptor), then take what is there.
+        with self.locked():
             length = min(struct.unpack_from("<I", m, 16)[0], self.capacity)
             return m[self.HEADER.size : self.HEADER.size + length]
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with self._thread_lock:
