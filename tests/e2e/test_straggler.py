@@ -58,7 +58,8 @@ async def test_straggler_replans_others_without_flapping(sim: SimCluster) -> Non
     assert waiting and following, its
     before, after = sum(waiting) / len(waiting), sum(following) / len(following)
     print(
-        f"job energy per iteration: {before:.0f} J waiting at full clock, {after:.0f} J following"
+        f"job energy per iteration under the straggler: {before:.0f} J before the re-plan, "
+        f"{after:.0f} J after"
     )
     assert after < before * 0.98
     assert st["measuredSavingPercent"] is None or st["measuredSavingPercent"] > 0
