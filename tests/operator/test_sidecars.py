@@ -1,12 +1,12 @@
-"""The sidecar gateway against a fake HTTP exchange: status codes map to clear errors, steady
-polls stay at two requests, bodies are the sidecar's own models."""
+"""The sidecar gateway (over the sidecar's own client) against a mocked transport: status codes
+map to clear errors, steady polls stay at two requests, bodies are the sidecar's own models."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-import aiohttp
+import httpx
 import pytest
 
 from perseus_operator import reconcile as rc
@@ -63,14 +63,16 @@ class Sidecar:
         self.fail: int | None = None
         self.announced: list[dict[str, object]] = []
 
-    async def __call__(self, method: str, url: str, content: bytes | None) -> tuple[int, bytes]:
-        path = url.split("/", 3)[3].split("?", maxsplit=1)[0]
-        path = "/" + path
-        self.requests.append((method, path))
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.requests.append((request.method, path))
+        assert request.headers["authorization"] == "Bearer tok"
         if self.fail is not None:
-            return self.fail, json.dumps({"detail": "refused: bad schedule"}).encode()
-        status, body = self.route(method, path, json.loads(content) if content else None)
-        return status, json.dumps(body).encode()
+            return httpx.Response(self.fail, json={"detail": "refused: bad schedule"})
+        status, body = self.route(
+            request.method, path, json.loads(request.content) if request.content else None
+        )
+        return httpx.Response(status, json=body)
 
     def route(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if path == "/v1/gpus":
@@ -95,7 +97,7 @@ class Sidecar:
 
 
 def gateway(sidecar: Sidecar) -> SidecarGateway:
-    return SidecarGateway("tok", send=sidecar)
+    return SidecarGateway("tok", transport=httpx.MockTransport(sidecar))
 
 
 ENTRY = rc.Entry(0, 0, ("F0", "B0"), (1410, 1395))
@@ -143,27 +145,27 @@ async def test_errors_are_one_line(code: int, error: type[Exception], text: str)
 
 
 async def test_connection_refused_is_unreachable() -> None:
-    async def refuse(method: str, url: str, content: bytes | None) -> tuple[int, bytes]:
-        raise aiohttp.ClientConnectionError("connection refused")
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
 
-    gw = SidecarGateway("tok", send=refuse)
+    gw = SidecarGateway("tok", transport=httpx.MockTransport(refuse))
     with pytest.raises(SidecarUnreachableError, match="connection refused"):
         await gw.snapshot("h:1", "ns", "p", 5)
     await gw.close()
 
 
 async def test_no_usable_gpu_is_unreachable() -> None:
-    async def no_gpus(method: str, url: str, content: bytes | None) -> tuple[int, bytes]:
-        return 200, b'{"node_name": "n", "gpus": []}'
+    def no_gpus(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"node_name": "n", "gpus": []})
 
-    gw = SidecarGateway("tok", send=no_gpus)
+    gw = SidecarGateway("tok", transport=httpx.MockTransport(no_gpus))
     with pytest.raises(SidecarUnreachableError, match="no usable GPU"):
         await gw.gpu_model("h:1")
     await gw.close()
 
 
 async def test_real_http_with_the_token() -> None:
-    """The default aiohttp exchange, against a real local server: bearer token, query, 404."""
+    """A real local server: the bearer token and the timing window arrive as sent."""
     from aiohttp import web
 
     seen: list[str] = []
@@ -190,7 +192,7 @@ async def test_real_http_with_the_token() -> None:
     gw = SidecarGateway("tok")
     try:
         snap = await gw.snapshot(f"127.0.0.1:{port}", "ns", "p", 2.5)
-        assert snap.timings is not None and seen == ["Bearer tok 2.500"]
+        assert snap.timings is not None and seen == ["Bearer tok 2.5"]
     finally:
         await gw.close()
         await runner.cleanup()
