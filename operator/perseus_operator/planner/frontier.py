@@ -11,20 +11,24 @@ API (stable; the operator and the CLI use it):
 How the search works. With effective costs c = e - P_b*t (see `model`), the least-energy plan
 that finishes by a deadline D minimises ``sum(c_i)`` subject to the longest path <= D. Its LP
 relaxation is a project-crashing problem whose optimum prices time per instruction: the flow of
-critical paths through it. We build plans on the real discrete options in three moves:
+critical paths through it. We build plans on the real discrete options in four moves:
 
 1. *Uniform price.* For a price of time λ (J/s), every instruction takes the option minimising
    ``c + λ*t``. This is the LP optimum for a single critical chain, and sweeping λ over every
    breakpoint of the options' convex hulls gives a ladder of plans from all-fastest (λ = ∞) to
    all-cheapest (λ = 0, the end of any frontier: no plan has a lower ``sum(c)``).
-2. *Slack filling* (`fill`). For each deadline, starting from the all-fastest plan and from the
-   cheapest uniform plan that meets it, instructions are slowed within their float along a
-   descending price ladder, forwards and backwards through the DAG. Deadlines are 0.1% of T0
-   apart (at most 400), and all of them are filled in one batched sweep.
-3. *LP rounding* (`lp`, pipelines up to `LP_MAX_INSTRUCTIONS` instructions). At T0, the deadline
-   of "no slowdown", the LP optimum (HiGHS) is rounded instruction by instruction under its
-   own finish times, then filled: filling alone cannot see how critical-path flows price each
-   instruction, the LP can.
+2. *Crashing along minimum cuts* (`crash`, pipelines up to `CRASH_MAX_INSTRUCTIONS`). From the
+   all-cheapest plan, repeatedly shorten every critical path at the least cost (a minimum vertex
+   cut of the critical subgraph, Phillips-Dessouky style, on the real options). This speeds up
+   what all critical paths share (the pipeline's fill and drain) instead of whole stages.
+3. *Slack filling* (`fill`). For each deadline, starting from the all-fastest plan, the cheapest
+   uniform plan and the cheapest crashed plan that meet it, instructions are slowed within
+   their float along a descending price ladder, forwards and backwards through the DAG.
+   Deadlines are 0.1% of T0 apart (at most 400), all filled in one batched sweep; then gaps
+   left before T* are filled from the plans at their start.
+4. *LP rounding* (`lp`, pipelines up to `LP_MAX_INSTRUCTIONS`). At T0, the deadline of "no
+   slowdown", the LP optimum (HiGHS) is rounded instruction by instruction under its own finish
+   times, then filled: the LP sees how critical-path flows price each instruction.
 
 Every candidate is costed exactly (longest path, energies, blocking power) and the frontier keeps
 the useful ones.
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from perseus_operator.planner.crash import crash_by_cuts
 from perseus_operator.planner.evaluate import forward_pass
 from perseus_operator.planner.fill import BatchFill
 from perseus_operator.planner.lp import lp_finish_times
@@ -57,7 +62,9 @@ GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0 ...
 MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the work
 GAP_TARGET = 0.0015  # consecutive plans before T* at most this far apart (fraction of T0)
 LP_MAX_INSTRUCTIONS = 6144  # larger pipelines skip the LP rounding (HiGHS time grows fast)
-_BASES = "fast,cheap"
+CRASH_MAX_INSTRUCTIONS = 2048  # larger pipelines skip the min-cut crash (Python max-flow)
+CRASH_STEP = 0.001  # each cut shortens the critical paths by this fraction of T0 ...
+CRASH_MAX_ROUNDS = 300  # ... or more, so that about this many cuts span the frontier
 _GAP_ROUNDS = 6
 _GAP_NUDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _FILL_STEPS = 12  # rungs of the price ladder (plus μ = 0)
@@ -169,31 +176,43 @@ class _Search:
 
     def run(self, progress: ProgressCallback | None) -> list[tuple[float, float, IntArray]]:
         slopes = self.table.hull_slopes()
-        uniform = np.stack([self.uniform(p) for p in _ladder_prices(slopes)])
+        uniform = np.stack([self.uniform(p) for p in _ladder_prices(slopes)])  # plans x nodes
         u_time = self.batch.makespans(uniform.T)
         u_cost = self.batch.costs(uniform.T)
         t0, _ = self.baseline()
         fastest_t, slowest_t = float(u_time.min()), float(u_time.max())
+        # Crash from the cheapest plan (every instruction at its least e - P_b*t) down to the
+        # fastest one along minimum cuts: plans that slow the pipeline's steady state, not its
+        # fill and drain.
+        crashed = np.zeros((0, self.dag.num_nodes), dtype=np.int64)
+        if self.dag.num_nodes <= CRASH_MAX_INSTRUCTIONS:
+            step = max(CRASH_STEP * t0, (slowest_t - fastest_t) / CRASH_MAX_ROUNDS)
+            cheapest = uniform[int(np.argmin(u_cost))]
+            found = crash_by_cuts(self.batch, cheapest, fastest_t, step, 2 * CRASH_MAX_ROUNDS)
+            if found:
+                crashed = np.stack(found)
+        c_time = self.batch.makespans(crashed.T) if len(crashed) else np.zeros(0)
+        c_cost = self.batch.costs(crashed.T) if len(crashed) else np.zeros(0)
         step = max(GRID_FRACTION * t0, (slowest_t - fastest_t) / MAX_DEADLINES)
         deadlines = sorted({*np.arange(fastest_t, slowest_t + step / 2, step).tolist(), t0})
+        fastest = uniform[int(np.argmin(u_time))]
         bases, lane_deadlines = [], []
         for deadline in deadlines:
             fitting = np.nonzero(u_time <= deadline)[0]
-            by_cost = fitting[np.argsort(u_cost[fitting], kind="stable")]
-            chosen = {int(np.argmin(u_time))} if "fast" in _BASES else set()
-            chosen |= {int(i) for i in by_cost[: _BASES.count("cheap")]}
-            if "slowest" in _BASES:
-                chosen.add(int(fitting[np.argmax(u_time[fitting])]))
-            for i in sorted(chosen):
-                bases.append(uniform[i])
-                lane_deadlines.append(deadline)
+            chosen = [fastest, uniform[fitting[np.argmin(u_cost[fitting])]]]
+            fitting = np.nonzero(c_time <= deadline)[0]
+            if len(fitting):
+                chosen.append(crashed[fitting[np.argmin(c_cost[fitting])]])
+            bases += chosen
+            lane_deadlines += [deadline] * len(chosen)
         bases.append(self.max_clock_plan())
         lane_deadlines.append(t0)
         prices = _fill_prices(slopes)
         extra = self.lp_lanes(t0, prices) if self.dag.num_nodes <= LP_MAX_INSTRUCTIONS else []
         kept = _useful(
             [(float(t), float(c) + self.idle_power_w * float(t), u.astype(np.int16))
-             for t, c, u in zip(u_time, u_cost, uniform, strict=True)] + extra,
+             for t, c, u in zip([*u_time, *c_time], [*u_cost, *c_cost], [*uniform, *crashed],
+                                strict=True)] + extra,
             self.idle_power_w,
         )  # fmt: skip
         chunk = max(1, _LANE_ELEMENTS // self.dag.num_nodes)
