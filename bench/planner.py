@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from perseus_profiles import EXAMPLES, Measurement, StageProfile, load_example
 
-from perseus_operator.planner.evaluate import _cost, plan_durations
+from perseus_operator.planner.evaluate import dag_cost, plan_durations
 from perseus_operator.planner.model import build_options
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
+from perseus_profiles import EXAMPLES, Measurement, StageProfile, load_example
 
 REPO = Path(__file__).resolve().parent.parent
 PERSEUS = [sys.executable, "-m", "perseus_operator.cli"]
@@ -59,7 +59,7 @@ class Exact:
 
     def cost(self, freqs: Sequence[Sequence[int]]) -> Point:
         t, e = plan_durations(self.profile, self.dag, freqs)
-        return _cost(self.dag, t, e, self.blocking_w)
+        return dag_cost(self.dag, t, e, self.blocking_w)
 
     def baseline(self) -> Point:
         f = self.profile.max_frequency_mhz
@@ -67,29 +67,46 @@ class Exact:
 
 
 def run_ours(csv: Path, shape: PipelineShape, blocking_w: float, out: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of `perseus plan` in a fresh process."""
+    """Wall seconds and peak RSS (MB, sampled every 20 ms) of `perseus plan` in a fresh process."""
+    import psutil
+
     cmd = [*PERSEUS, "plan", "--profile", str(csv), "--stages", str(shape.stages),
            "--microbatches", str(shape.microbatches), "--blocking-power-w", str(blocking_w),
            "--out", str(out)]  # fmt: skip
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        watch = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                peak = max(peak, watch.memory_info().rss)
+            except psutil.Error:
+                break
+            time.sleep(0.02)
+        proc.wait()
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"perseus plan failed: {err.read().decode().strip()}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, peak / 2**20
 
 
-def run_lowtime(profile: StageProfile, shape: PipelineShape, blocking_w: float) -> tuple[float, list[list[list[int]]]]:
+def run_lowtime(
+    profile: StageProfile, shape: PipelineShape, blocking_w: float
+) -> tuple[float, list[list[list[int]]]]:
     """lowtime as Zeus's Perseus example drives it; returns seconds and every plan it yields."""
-    import networkx as nx
+    import networkx as nx  # type: ignore[import-untyped]
     from lowtime.cost_model import ExponentialModel
     from lowtime.graph_utils import DependencyResolver, add_sink_node, add_source_node
     from lowtime.operation import CandidateExecutionOptions, ExecutionOption, OperationSpec
-    from lowtime.perseus.instruction import Backward, Forward, Instruction, backward_dep, forward_dep
+    from lowtime.perseus.instruction import (
+        Backward,
+        Forward,
+        Instruction,
+        backward_dep,
+        forward_dep,
+    )
     from lowtime.perseus.schedule import Synchronous1F1B
     from lowtime.solver import PhillipsDessouky
 
@@ -99,14 +116,17 @@ def run_lowtime(profile: StageProfile, shape: PipelineShape, blocking_w: float) 
         specs[s] = {}
         for kind, inst_type in enumerate((Forward, Backward)):
             options = [
-                ExecutionOption[int](real_time=m.time_s, unit_time=0.001, cost=m.energy_j,
-                                     knob=m.frequency_mhz)  # fmt: skip
+                ExecutionOption[int](
+                    real_time=m.time_s, unit_time=0.001, cost=m.energy_j, knob=m.frequency_mhz
+                )
                 for m in profile.options[s][kind]
             ]
             cand = CandidateExecutionOptions[int](options=options)
             for option in cand.options:
                 option.cost -= blocking_w * option.quant_time * option.unit_time
-            specs[s][inst_type] = OperationSpec[int](options=cand, cost_model=ExponentialModel(cand))
+            specs[s][inst_type] = OperationSpec[int](
+                options=cand, cost_model=ExponentialModel(cand)
+            )
     dag = nx.DiGraph()
     node = 2
     stages: list[list[Any]] = []
@@ -140,7 +160,9 @@ def run_lowtime(profile: StageProfile, shape: PipelineShape, blocking_w: float) 
     return time.perf_counter() - start, plans
 
 
-def lp_bound(profile: StageProfile, dag: PipelineDag, blocking_w: float, deadline_s: float) -> float:
+def lp_bound(
+    profile: StageProfile, dag: PipelineDag, blocking_w: float, deadline_s: float
+) -> float:
     """Least energy of the LP relaxation at `deadline_s` (HiGHS): durations continuous on the
     lower convex hull of each instruction's (t, e - P_b*t) options, 1F1B precedence kept."""
     from scipy.optimize import linprog
@@ -313,8 +335,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['max_gap_pct']:>8.3f}{r['t_fast_rel']:>8.4f}"
         )
     print(
-        "\nours s: wall time of the whole `perseus plan` process; MB: its peak RSS; LP %/ours %/lt %:"
-        " saving at zero slowdown (t <= T0) of the LP bound, our plans, lowtime's plans; gap pp:"
+        "\nours s: wall time of the whole `perseus plan` process; MB: its peak RSS;"
+        " LP %/ours %/lt %: saving at zero slowdown (t <= T0) of the LP bound, our plans,"
+        " lowtime's plans; gap pp:"
         " LP - ours; worse%: largest energy excess of our best plan over a lowtime plan at the"
         " same or a later time (0 = never worse); strag: our straggler choice's cost vs the best"
         " lowtime plan chosen the same way (negative = we spend less); gap%T0: largest spacing"
@@ -326,8 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profiles", nargs="+", default=list(EXAMPLES), choices=list(EXAMPLES))
     parser.add_argument("--microbatches", nargs="+", type=int, default=[12, 24, 48, 96])
-    parser.add_argument("--lowtime-up-to", type=int, default=24,
-                        help="run lowtime on cases with at most this many microbatches")  # fmt: skip
+    parser.add_argument(
+        "--lowtime-up-to",
+        type=int,
+        default=24,
+        help="run lowtime on cases with at most this many microbatches",
+    )
     parser.add_argument("--no-lowtime", action="store_true")
     parser.add_argument("--no-lp", action="store_true", help="skip the LP bound")
     parser.add_argument("--synthetic", action="store_true", help="add 32 stages x 256 microbatches")

@@ -15,7 +15,14 @@ import numpy.typing as npt
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
 from perseus_profiles import INSTRUCTIONS, ProfileError, StageProfile
 
-__all__ = ["backward_pass", "evaluate_plan", "forward_pass", "plan_durations", "stage_spans"]
+__all__ = [
+    "backward_pass",
+    "dag_cost",
+    "evaluate_plan",
+    "forward_pass",
+    "plan_durations",
+    "stage_spans",
+]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -97,12 +104,13 @@ def evaluate_plan(
     """
     dag = build_dag(pipeline)
     time_s, energy_j = plan_durations(profile, dag, frequencies_mhz)
-    return _cost(dag, time_s, energy_j, blocking_power_w)
+    return dag_cost(dag, time_s, energy_j, blocking_power_w)
 
 
-def _cost(
+def dag_cost(
     dag: PipelineDag, time_s: FloatArray, energy_j: FloatArray, blocking_power_w: float
 ) -> tuple[float, float]:
+    """(makespan, energy) from per-node profiled times and energies."""
     finish = forward_pass(dag, time_s)
     makespan = float(finish[:-1].max())
     idle = dag.shape.stages * makespan - float(time_s.sum())
