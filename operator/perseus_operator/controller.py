@@ -41,6 +41,7 @@ __all__ = [
     "PolicyRuntime",
     "Store",
     "cleanup_policy",
+    "merge_patch",
 ]
 
 log = logging.getLogger("perseus.operator")
@@ -637,10 +638,7 @@ class Controller:
             old.get(k) is None for k in old if k not in new and k in _OWNED
         ):
             return
-        patch = dict(new)
-        for key in _OWNED:
-            if key not in patch and old.get(key) is not None:
-                patch[key] = None
+        patch = merge_patch({k: old.get(k) for k in _OWNED}, new)
         await self.store.patch_status(rt.namespace, rt.name, patch)
         for event in rc.events_between(
             old.get("phase"), old.get("conditions") or [], decision.phase, decision.conditions
@@ -663,6 +661,22 @@ _OWNED = (
     "straggler",
     "measuredBaseline",
 )
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `old` into `new`: keys that went are set to null at every
+    level (a nested object is merged, not replaced, by the API server)."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() | new.keys():
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            patch[key] = merge_patch(before, after)
+        elif key not in new or after is None:
+            if before is not None:
+                patch[key] = None
+        else:
+            patch[key] = after
+    return patch
 
 
 def _regime_name(rt: PolicyRuntime) -> str:

@@ -22,11 +22,13 @@ pytestmark = [pytest.mark.e2e, needs_cluster, pytest.mark.timeout(300)]
 
 ONSET = 18
 """Iteration from which pipeline 1 runs 1.25x slower (after the policy is Ready)."""
+RECOVERY = 36
+"""Iteration from which it runs at full speed again (after the no-flapping check)."""
 
 
 async def test_straggler_replans_others_without_flapping(sim: SimCluster) -> None:
     await create_policy(sim)
-    await start_job(sim, f"--straggler=1:1.25:{ONSET}")
+    await start_job(sim, f"--straggler=1:1.25:{ONSET}", f"--straggler=1:0.8:{RECOVERY}")
     await wait_condition(sim, "Ready", "True", 60)
     assert (await status(sim))["straggler"] == {"detected": False}
 
@@ -46,15 +48,18 @@ async def test_straggler_replans_others_without_flapping(sim: SimCluster) -> Non
     replanned_at = len(sim.trainer_iterations())
 
     # No flapping: the straggler stays followed while the other pipeline runs slower on purpose.
-    for _ in range(20):
+    checks = 0
+    while checks < 20 and sim.trainer_iterations()[-1][0] < RECOVERY - 2:
+        checks += 1
         st = await status(sim)
         assert st["straggler"]["detected"] and st["straggler"]["dataRank"] == 1, st["straggler"]
         assert condition(st, "Planned")["reason"] == "FollowingStraggler"
         await asyncio.sleep(0.5)
+    assert checks >= 10, "the straggler recovered before the no-flapping check could run"
 
     its = sim.trainer_iterations()
     waiting = [e for i, _, _, e in its if ONSET + 1 <= i < replanned_at - 1]
-    following = [e for i, _, _, e in its if i >= replanned_at + 1]
+    following = [e for i, _, _, e in its if replanned_at + 1 <= i < RECOVERY]
     assert waiting and following, its
     before, after = sum(waiting) / len(waiting), sum(following) / len(following)
     print(
@@ -63,3 +68,15 @@ async def test_straggler_replans_others_without_flapping(sim: SimCluster) -> Non
     )
     assert after < before * 0.98
     assert st["measuredSavingPercent"] is None or st["measuredSavingPercent"] > 0
+
+    # The straggler recovers: every pipeline goes back to the no-straggler plan.
+    async def recovered() -> float | None:
+        done = sim.trainer_iterations()
+        return time.monotonic() if done and done[-1][0] >= RECOVERY - 1 else None
+
+    t_recovered: float = await wait_for(f"iteration {RECOVERY}", recovered, 60, 0.05)
+    st = await wait_condition(sim, "Planned", "True", 30, reason="PlanChosen")
+    st = await wait_condition(sim, "ScheduleApplied", "True", 30)
+    back_s = time.monotonic() - t_recovered
+    print(f"straggler recovered -> back to the normal plan: {back_s:.1f}s")
+    assert back_s < 10 and st["straggler"] == {"detected": False}

@@ -15,6 +15,7 @@ from perseus_operator.controller import (
     PolicyRecord,
     PolicyRuntime,
     cleanup_policy,
+    merge_patch,
 )
 from perseus_operator.sidecars import NodeSnapshot, SidecarUnreachableError
 from perseus_profiles import load_example
@@ -231,3 +232,13 @@ def test_older_policy_selecting_the_pods_wins() -> None:
     assert Controller._conflict(rt, meta, PODS, [newer, other_job, gone]) is None
     assert Controller._conflict(rt, meta, PODS, [newer, older]) == "a"
     assert Controller._conflict(rt, meta, [], [older]) is None
+
+
+def test_merge_patch_nulls_what_went_at_every_level() -> None:
+    old = {"straggler": {"detected": True, "dataRank": 1}, "frontier": {"plans": 3}, "phase": "A"}
+    new = {"straggler": {"detected": False}, "phase": "B"}
+    assert merge_patch(old, new) == {
+        "straggler": {"detected": False, "dataRank": None},
+        "frontier": None,
+        "phase": "B",
+    }
