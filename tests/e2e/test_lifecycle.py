@@ -62,6 +62,11 @@ async def test_optimize_crash_finish_delete(sim: SimCluster) -> None:
     assert header.split() == ["NAME", "PHASE", "READY", "SAVING%", "ITERATION(S)", "AGE"]
     assert row.split()[:3] == [name, "Optimizing", "True"]
     assert kubectl("-n", ns, "get", "enp", name).returncode == 0  # the short name
+    events = await client.CoreV1Api(sim.api).list_namespaced_event(
+        ns, field_selector=f"involvedObject.name={name},involvedObject.kind=EnergyPolicy"
+    )
+    reasons = {e.reason for e in events.items}
+    assert {"Pending", "Planning", "Optimizing", "ProfileReady", "Applied"} <= reasons, reasons
 
     async def close_to_prediction() -> dict[str, object] | None:
         s = await status(sim)
