@@ -261,8 +261,12 @@ class Controller:
         if spec is not None and conflict is None and running and not spec.suspend:
             obs = await self._plan_inputs(rt, spec, obs, snapshots)
         decision = rc.decide(obs)
-        await self._act(rt, decision, snapshots, spec)
+        applied = await self._act(rt, decision, snapshots, spec)
         applying = any(isinstance(a, rc.ApplySchedule) for a in decision.actions)
+        if applied:
+            # Report what the sidecars now hold, not what they held a moment ago.
+            nodes = {n: replace(v, entries=applied.get(n, v.entries)) for n, v in obs.nodes.items()}
+            decision = replace(rc.decide(replace(obs, nodes=nodes)), actions=decision.actions)
         if decision.optimizing and not applying and rt.regime.name != _regime_name(rt):
             # The sidecars already run the plan (an operator restart): measure from now on.
             rt.regime = Regime(_regime_name(rt), time.time())
@@ -356,8 +360,9 @@ class Controller:
         snaps: Mapping[str, NodeSnapshot],
     ) -> rc.Observed:
         registered = sum(len(v.ranks) for v in obs.nodes.values())
-        if not snaps or (registered < spec.pipeline.ranks and rt.profile is None):
-            return obs
+        everyone = registered >= spec.pipeline.ranks
+        if not snaps or (not everyone and rt.profile is None and spec.profile.measure is not None):
+            return obs  # a sweep needs every rank; an import does not: it overlaps the startup
         await self._ensure_profile(rt, spec, snaps)
         if rt.profile_error is not None:
             return replace(obs, profile=rc.ProfileView("invalid", rt.profile_error))
@@ -365,6 +370,8 @@ class Controller:
             state = "measuring" if rt.profiling is not None else "missing"
             return replace(obs, profile=rc.ProfileView(state, rt.profile_msg))  # type: ignore[arg-type]
         obs = replace(obs, profile=rc.ProfileView("ready", rt.profile_msg))
+        if spec.mode == "Optimize" and rt.baseline_j is None:
+            self._measure_baseline(rt, spec, snaps)  # while the planner works, not after it
         await self._ensure_frontier(rt, spec)
         if rt.frontier is None or rt.plan is None:
             return obs
@@ -381,7 +388,7 @@ class Controller:
             straggler_plan=rt.straggler_plan,
             straggler_pace_s=rt.straggler.pace_s,
         )
-        self._measure_energy(rt, spec, snaps, obs)
+        self._measure_saving(rt, spec, snaps)
         return replace(
             obs,
             baseline_ready=rt.baseline_j is not None,
@@ -541,28 +548,29 @@ class Controller:
                 chosen = plan_for_straggler(rt.frontier, verdict.state.pace_s)
                 rt.straggler_plan = _plan_view(rt.profile, rt.frontier, chosen)
 
-    def _measure_energy(
-        self,
-        rt: PolicyRuntime,
-        spec: EnergyPolicySpec,
-        snaps: Mapping[str, NodeSnapshot],
-        obs: rc.Observed,
+    def _measure_baseline(
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, snaps: Mapping[str, NodeSnapshot]
     ) -> None:
+        """All-max-clock energy per iteration of the whole job, over a window with no schedule."""
         ranks = [r for s in snaps.values() if s.timings is not None for r in s.timings.ranks]
-        expected = spec.pipeline.ranks
-        if len(ranks) < expected:
+        if len(ranks) < spec.pipeline.ranks:
             return
-        if rt.baseline_j is None:
-            if rt.regime.name != "baseline":
-                rt.regime = Regime("baseline", time.time())
-                return
-            if any(r.schedule_active for r in ranks):
-                return
-            if not _enough(ranks, self.baseline_iterations):
-                return
-            rt.baseline_j = sum(r.energy_per_iteration_mean_j or 0.0 for r in ranks)
-            rt.baseline_iteration_s = _mean([r.iteration_time_mean_s for r in ranks])
-            rt.baseline_gpus = len(ranks)
+        if rt.regime.name != "baseline":
+            rt.regime = Regime("baseline", time.time())
+            return
+        if any(r.schedule_active for r in ranks) or not _enough(ranks, self.baseline_iterations):
+            return
+        rt.baseline_j = sum(r.energy_per_iteration_mean_j or 0.0 for r in ranks)
+        rt.baseline_iteration_s = _mean([r.iteration_time_mean_s for r in ranks])
+        rt.baseline_gpus = len(ranks)
+
+    def _measure_saving(
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, snaps: Mapping[str, NodeSnapshot]
+    ) -> None:
+        """Energy per iteration under the current plan against the baseline (fair under a
+        straggler: the followers' baseline also pays blocking power for the wait)."""
+        ranks = [r for s in snaps.values() if s.timings is not None for r in s.timings.ranks]
+        if len(ranks) < spec.pipeline.ranks or rt.baseline_j is None:
             return
         if not rt.regime.name.startswith("plan:"):
             return
@@ -588,9 +596,11 @@ class Controller:
         decision: rc.Decision,
         snaps: Mapping[str, NodeSnapshot],
         spec: EnergyPolicySpec | None,
-    ) -> None:
+    ) -> dict[str, frozenset[rc.Entry]]:
+        """Carry out the actions; returns the entries now applied, by node."""
         token_hash = hashlib.sha256((rt.token or "").encode()).hexdigest()
         plan_regime = _regime_name(rt)
+        applied: dict[str, frozenset[rc.Entry]] = {}
         for action in decision.actions:
             snap = snaps.get(action.node)
             if snap is None:
@@ -602,6 +612,7 @@ class Controller:
                     )
                 elif isinstance(action, rc.ApplySchedule):
                     await self.gateway.apply(snap.address, rt.namespace, rt.name, action.entries)
+                    applied[action.node] = frozenset(action.entries)
                     if rt.regime.name != plan_regime:
                         rt.regime = Regime(plan_regime, time.time())
                         rt.measured_saving = None
@@ -611,6 +622,7 @@ class Controller:
                 log.warning("%s/%s: %s on node %s", rt.namespace, rt.name, exc, action.node)
         if decision.phase in ("Completed", "Failed") or (spec is not None and spec.suspend):
             rt.regime = Regime("none", 0.0)
+        return applied
 
     async def _write_status(
         self, body: Mapping[str, Any], rt: PolicyRuntime, decision: rc.Decision, generation: int
