@@ -104,11 +104,12 @@ class Store(Protocol):
         key: str,
         csv_text: str,
         source: str,
+        blocking_power_w: float | None = None,
     ) -> str: ...
 
     async def load_profile(
         self, namespace: str, gpu_model: str, stages: int, tensor_parallel: int, key: str
-    ) -> tuple[str, str] | None: ...
+    ) -> tuple[str, str, float | None] | None: ...
 
 
 EventSink = Callable[[Mapping[str, Any], rc.EventSpec], None]
@@ -136,6 +137,8 @@ class PolicyRuntime:
     profile_msg: str = ""
     profile_error: str | None = None
     profile_cm: str | None = None
+    blocking_w: float | None = None
+    """Blocking power measured while profiling (or stored with the profile)."""
     profiling: ProfileSession | None = None
     frontier: Frontier | None = None
     frontier_sig: tuple[Any, ...] | None = None
@@ -377,7 +380,7 @@ class Controller:
             return obs
         frontier = rt.frontier
         fview = _frontier_view(frontier)
-        obs = replace(obs, frontier=fview, plan=rt.plan)
+        obs = replace(obs, frontier=fview, plan=rt.plan, blocking_power_w=_blocking_w(rt, spec))
         if spec.mode == "Observe":
             return obs
         timings = [s.timings for s in snaps.values() if s.timings is not None]
@@ -426,7 +429,7 @@ class Controller:
             except ProfileError as exc:
                 log.warning("stored profile %s unusable (%s); fetching again", stored[0], exc)
             else:
-                rt.profile, rt.profile_cm = profile, stored[0]
+                rt.profile, rt.profile_cm, rt.blocking_w = profile, stored[0], stored[2]
                 rt.profile_msg = f"stored profile {self.profile_namespace}/{stored[0]} ({model})"
                 return
         if source.import_ is not None:
@@ -456,6 +459,7 @@ class Controller:
             key=spec.profile_key,
             csv_text=profile.to_csv(),
             source=source_note,
+            blocking_power_w=rt.blocking_w,
         )
         rt.profile, rt.profile_cm = profile, name
         rt.profile_msg = f"{source_note}; stored as {self.profile_namespace}/{name} ({model})"
@@ -486,6 +490,10 @@ class Controller:
         if not done:
             return None
         rt.profiling = None
+        rt.blocking_w = session.blocking_power_w()
+        if rt.blocking_w is None and spec.blocking_power_w is None:
+            rt.profile_error = "profiling measured no blocking power: set spec.blockingPowerW"
+            return None
         try:
             return session.result()
         except ProfileError as exc:
@@ -495,17 +503,16 @@ class Controller:
     async def _ensure_frontier(self, rt: PolicyRuntime, spec: EnergyPolicySpec) -> None:
         assert rt.profile is not None
         shape = PipelineShape(spec.pipeline.stages, spec.pipeline.microbatches)
-        sig = (rt.profile_cm, id(rt.profile), shape, spec.blocking_power_w, spec.max_slowdown)
+        blocking_w = _blocking_w(rt, spec)
+        sig = (rt.profile_cm, id(rt.profile), shape, blocking_w, spec.max_slowdown)
         if rt.frontier_sig == sig:
             return
         profile = rt.profile
-        key = (hashlib.sha256(profile.to_csv().encode()).hexdigest(), shape, spec.blocking_power_w)
+        key = (hashlib.sha256(profile.to_csv().encode()).hexdigest(), shape, blocking_w)
         frontier = self._frontiers.get(key)
         if frontier is None:
             # Policies of identical jobs share one frontier: the planner's CPU runs once.
-            frontier = await asyncio.to_thread(
-                compute_frontier, profile, shape, spec.blocking_power_w
-            )
+            frontier = await asyncio.to_thread(compute_frontier, profile, shape, blocking_w)
             self._frontiers[key] = frontier
             while len(self._frontiers) > 64:
                 self._frontiers.pop(next(iter(self._frontiers)))
@@ -585,7 +592,7 @@ class Controller:
         base = rt.baseline_j * len(counted) / max(rt.baseline_gpus, 1)
         wait_s = max(0.0, (iteration_s or 0.0) - rt.baseline_iteration_s)
         if straggler is not None:
-            base += spec.blocking_power_w * len(counted) * wait_s
+            base += _blocking_w(rt, spec) * len(counted) * wait_s
         rt.measured_saving = rc.saving_percent(energy, base)
 
     # ---- acting and reporting -----------------------------------------------------------------
@@ -639,6 +646,7 @@ class Controller:
             **decision.status,
             "straggler": _straggler_status(rt, old),
             "profileConfigMap": rt.profile_cm,
+            "blockingPowerW": round(rt.blocking_w, 2) if rt.blocking_w else None,
         }
         if rt.baseline_j is not None and rt.baseline_iteration_s is not None:
             new["measuredBaseline"] = {
@@ -661,6 +669,7 @@ class Controller:
 
 _OWNED = (
     "phase",
+    "blockingPowerW",
     "observedGeneration",
     "conditions",
     "expectedRanks",
@@ -689,6 +698,13 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
         else:
             patch[key] = after
     return patch
+
+
+def _blocking_w(rt: PolicyRuntime, spec: EnergyPolicySpec) -> float:
+    """The spec's blocking power, else the one profiling measured (the spec requires one of
+    them: an import needs blockingPowerW, a sweep that measured none fails)."""
+    value = spec.blocking_power_w if spec.blocking_power_w is not None else rt.blocking_w
+    return float(value or 0.0)
 
 
 def _regime_name(rt: PolicyRuntime) -> str:

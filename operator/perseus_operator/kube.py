@@ -27,6 +27,7 @@ __all__ = [
 MERGE_PATCH = "application/merge-patch+json"
 TOKEN_KEY = "token"
 PROFILE_KEY = "profile.csv"
+BLOCKING_ANNOTATION = "perseus.dev/blocking-power-w"
 
 
 def job_secret_name(policy: str) -> str:
@@ -138,6 +139,7 @@ class Kube:
         key: str,
         csv_text: str,
         source: str,
+        blocking_power_w: float | None = None,
     ) -> str:
         """Create or replace the profile ConfigMap for this key; returns its name."""
         name = profile_configmap_name(gpu_model, stages, tensor_parallel, key)
@@ -152,7 +154,15 @@ class Kube:
                     "perseus.dev/tensor-parallel": str(tensor_parallel),
                     "perseus.dev/profile-key": _label_value(key),
                 },
-                annotations={"perseus.dev/gpu-model": gpu_model, "perseus.dev/source": source},
+                annotations={
+                    "perseus.dev/gpu-model": gpu_model,
+                    "perseus.dev/source": source,
+                    **(
+                        {BLOCKING_ANNOTATION: f"{blocking_power_w:.3f}"}
+                        if blocking_power_w is not None
+                        else {}
+                    ),
+                },
             ),
             data={PROFILE_KEY: csv_text},
         )
@@ -166,8 +176,21 @@ class Kube:
 
     async def load_profile(
         self, namespace: str, gpu_model: str, stages: int, tensor_parallel: int, key: str
-    ) -> tuple[str, str] | None:
-        """(ConfigMap name, CSV text) of a stored profile, or None."""
+    ) -> tuple[str, str, float | None] | None:
+        """(ConfigMap name, CSV text, measured blocking power) of a stored profile, or None."""
         name = profile_configmap_name(gpu_model, stages, tensor_parallel, key)
-        text = await self.read_configmap_key(namespace, name, PROFILE_KEY)
-        return None if text is None else (name, text)
+        try:
+            cm = await self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        text = (cm.data or {}).get(PROFILE_KEY)
+        if text is None:
+            return None
+        raw = (cm.metadata.annotations or {}).get(BLOCKING_ANNOTATION)
+        try:
+            blocking_w = float(raw) if raw is not None else None
+        except ValueError:
+            blocking_w = None
+        return name, str(text), blocking_w

@@ -152,8 +152,12 @@ class EnergyPolicySpec(_Model):
         description="names what makes a profile reusable (model, microbatch size, sequence length)",
     )
     profile: ProfileSource
-    blocking_power_w: float = Field(
-        alias="blockingPowerW", gt=0, le=2000, description="GPU power while waiting, watts"
+    blocking_power_w: float | None = Field(
+        default=None,
+        alias="blockingPowerW",
+        gt=0,
+        le=2000,
+        description="GPU power while waiting, watts; omit it to measure it while profiling",
     )
     stragglers: Stragglers = Stragglers()
     max_slowdown: float = Field(
@@ -189,6 +193,10 @@ def cross_field_errors(spec: EnergyPolicySpec) -> list[str]:
     source = spec.profile
     if (source.measure is None) == (source.import_ is None):
         errors.append("spec.profile: set exactly one of measure or import")
+    if spec.blocking_power_w is None and source.measure is None:
+        errors.append(
+            "spec.blockingPowerW: required with an imported profile (profiling measures it)"
+        )
     if source.measure is not None and source.measure.frequencies is not None:
         rng = source.measure.frequencies
         if rng.min_mhz > rng.max_mhz:
@@ -268,3 +276,8 @@ class EnergyPolicyStatus(_Model):
     measured_saving_percent: float | None = None
     straggler: StragglerStatus | None = None
     measured_baseline: MeasuredBaseline | None = None
+    blocking_power_w: float | None = Field(
+        default=None,
+        alias="blockingPowerW",
+        description="blocking power measured while profiling, watts",
+    )

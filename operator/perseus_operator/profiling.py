@@ -57,6 +57,12 @@ class ProfileSession:
     in_flight: list[int] = field(default_factory=list)
     samples: dict[tuple[int, int, int], list[ProfilingMeasurement]] = field(default_factory=dict)
     stopped_early: bool = False
+    blocking_samples_w: list[float] = field(default_factory=list)
+
+    def blocking_power_w(self) -> float | None:
+        """The sidecars' estimate of GPU power while waiting, averaged over chunks and nodes."""
+        found = [w for w in self.blocking_samples_w if w > 0]
+        return sum(found) / len(found) if found else None
 
     @classmethod
     def create(cls, clocks: frozenset[int], measure: Measure, *, stages: int) -> ProfileSession:
@@ -87,6 +93,8 @@ class ProfileSession:
                 return False
             for s in statuses:
                 assert s is not None
+                if s.blocking_power_w is not None:
+                    self.blocking_samples_w.append(s.blocking_power_w)
                 for m in s.measurements:
                     key = (m.pipeline_rank, INSTRUCTIONS.index(m.instruction), m.frequency_mhz)
                     self.samples.setdefault(key, []).append(m)

@@ -139,6 +139,8 @@ class Observed:
     straggler_plan: PlanView | None = None
     """The plan for the others at the straggler's pace."""
     straggler_pace_s: float | None = None
+    blocking_power_w: float | None = None
+    """The blocking power in use: the spec's, or the one measured while profiling."""
     baseline_ready: bool = False
     measured_saving_percent: float | None = None
     was_optimizing: bool = False
@@ -336,7 +338,7 @@ def decide(obs: Observed) -> Decision:
     pace = obs.straggler_pace_s if obs.straggler is not None else plan.iteration_time_s
     follow = obs.straggler_plan if obs.straggler is not None and obs.straggler_plan else plan
     predicted = predicted_saving_percent(
-        follow, frontier, spec.blocking_power_w, stages, pace or 0.0
+        follow, frontier, obs.blocking_power_w or spec.blocking_power_w or 0.0, stages, pace or 0.0
     )
     status: dict[str, Any] = {
         **base_status,

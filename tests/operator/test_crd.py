@@ -58,7 +58,7 @@ def test_names_columns_and_required_fields() -> None:
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == ["Phase", "Ready", "Saving%", "Predicted%", "Iteration(s)", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert spec["required"] == ["selector", "pipeline", "profile", "blockingPowerW"]
+    assert spec["required"] == ["selector", "pipeline", "profile"]
     assert spec["properties"]["mode"]["enum"] == ["Optimize", "Observe"]
     assert spec["properties"]["pipeline"]["properties"]["stages"]["minimum"] == 1
 

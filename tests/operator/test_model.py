@@ -46,6 +46,7 @@ def test_defaults() -> None:
             "minMHz (1400) exceeds maxMHz (900)",
         ),
         ({"selector": {"matchLabels": {}}}, "spec.selector.matchLabels"),
+        ({"blockingPowerW": None}, "spec.blockingPowerW: required with an imported profile"),
         ({"unknownField": 1}, "spec.unknownField"),
     ],
 )
@@ -54,6 +55,11 @@ def test_bad_specs_give_one_line(over: dict[str, Any], fragment: str) -> None:
         parse_spec(spec(**over))
     message = str(info.value)
     assert fragment in message and "\n" not in message
+
+
+def test_blocking_power_may_be_measured() -> None:
+    s = parse_spec(spec(blockingPowerW=None, profile={"measure": {}}))
+    assert s.blocking_power_w is None
 
 
 def test_label_selector_matching() -> None:

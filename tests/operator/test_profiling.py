@@ -65,6 +65,7 @@ class Sidecars:
             ranks_done=1,
             ranks_total=1,
             measurements=ms if done else [],
+            blocking_power_w=80.0 + len(self.requests) if done else None,
         )
 
 
@@ -97,6 +98,8 @@ async def test_sweep_stops_early_once_energy_keeps_rising() -> None:
     best = min(profile.instruction_options(1, "forward"), key=lambda m: m.energy_j)
     assert best.frequency_mhz == 1200
     assert "stopped early" in session.progress()
+    chunks = len(sidecars.requests)
+    assert session.blocking_power_w() == pytest.approx(80 + (chunks + 1) / 2)
 
 
 async def test_lost_request_is_redone() -> None:
