@@ -208,14 +208,17 @@ class Controller:
         meta = body["metadata"]
         rt = self.runtime(meta["namespace"], meta["name"])
         while not stopped() and not body["metadata"].get("deletionTimestamp"):
+            started = time.monotonic()
             try:
                 await self.reconcile_once(body, rt, list(pods()), sidecars(), list(others()))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("reconcile of %s/%s failed; retrying", rt.namespace, rt.name)
+            # Start to start: a slow pass does not stretch the period a timing change waits.
+            pause_s = max(0.05, tick_s - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rt.wake.wait(), timeout=tick_s)
+                await asyncio.wait_for(rt.wake.wait(), timeout=pause_s)
             rt.wake.clear()
 
     # ---- one pass ----------------------------------------------------------------------------
