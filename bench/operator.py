@@ -349,7 +349,7 @@ def report(label: str, spec: list[float], timing: list[float]) -> dict[str, floa
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> int:
-    await config.load_kube_config()
+    await config.load_kube_config(config_file=os.environ["KUBECONFIG"])
     api = client.ApiClient()
     job = SimJob(
         namespace=NS, policy="unused", node_prefix="bench-node", gpus_per_node=STAGES * PIPELINES

@@ -37,7 +37,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     from perseus_profiles import load_example
 
     kubeconfig = os.environ["KUBECONFIG"]
-    await config.load_kube_config()
+    await config.load_kube_config(config_file=kubeconfig)
     api = client.ApiClient()
     manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     policy = manifest["metadata"]["name"]

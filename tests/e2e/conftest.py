@@ -45,7 +45,7 @@ def kubectl(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]
 
 @pytest.fixture
 async def sim(tmp_path: Path) -> AsyncIterator[SimCluster]:
-    await config.load_kube_config()
+    await config.load_kube_config(config_file=KUBECONFIG)
     api = client.ApiClient()
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     job = SimJob(namespace=name, policy="train", time_scale=0.5, node_prefix=name)
@@ -63,7 +63,7 @@ async def sim(tmp_path: Path) -> AsyncIterator[SimCluster]:
 @pytest.fixture
 async def bare(tmp_path: Path) -> AsyncIterator[SimCluster]:
     """Only the CRD and a namespace: for what the API server decides alone."""
-    await config.load_kube_config()
+    await config.load_kube_config(config_file=KUBECONFIG)
     api = client.ApiClient()
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     job = SimJob(namespace=name, policy="train", node_prefix=name)
