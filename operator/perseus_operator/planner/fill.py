@@ -65,6 +65,17 @@ class BatchFill:
         self.keys = np.concatenate(
             [c * self.span + table.time_s[c, : table.count[c]] for c in range(classes)]
         )
+        # Per level, precomputed once: its classes as a column, their offset into the flat option
+        # tables and into `keys` (the per-level loops run tens of thousands of times).
+        self.width = width
+        self.flat_time = self.time.ravel()
+        self.flat_next_hull = self.next_hull.ravel()
+        self.flat_prev_hull = self.prev_hull.ravel()
+        self.level_col = tuple(c[:, None] for c in self.level_cls)
+        self.level_row = tuple(c[:, None] * width for c in self.level_cls)
+        self.level_key = tuple(c[:, None] * self.span for c in self.level_cls)
+        self.level_block = tuple(self.block_start[c][:, None] for c in self.level_cls)
+        self.node_row = self.cls[:, None] * width
 
     def best_on_hull(self, price: float) -> IntArray:
         """Per class, the hull option minimising ``c + price*t``."""
@@ -73,7 +84,7 @@ class BatchFill:
         return out
 
     def durations(self, idx: IntArray) -> FloatArray:
-        out: FloatArray = self.time[self.cls[:, None], idx]
+        out: FloatArray = self.flat_time[self.node_row + idx]
         return out
 
     def makespans(self, idx: IntArray) -> FloatArray:
@@ -107,18 +118,18 @@ class BatchFill:
     ) -> IntArray:
         """The option each node of level k (rows) takes in each lane (columns), given the time it
         may use."""
-        cls = self.level_cls[k][:, None]
-        query = cls * self.span + np.clip(avail_s, -0.5, self.max_time_s)
-        hi = np.searchsorted(self.keys, query, side="right") - 1 - self.block_start[cls]
+        row = self.level_row[k]
+        query = self.level_key[k] + np.minimum(np.maximum(avail_s, -0.5), self.max_time_s)
+        hi = self.keys.searchsorted(query, side="right") - 1 - self.level_block[k]
         # Guard the last ulp of the offset keys against the true times.
-        hi -= (hi >= 0) & (self.time[cls, np.maximum(hi, 0)] > avail_s)
+        hi -= (hi >= 0) & (self.flat_time[row + np.maximum(hi, 0)] > avail_s)
         hi = np.maximum(hi, current)
         if target is None:
             out_hi: IntArray = hi
             return out_hi
-        lo = self.next_hull[cls, current]
-        top = self.prev_hull[cls, hi]
-        moved = np.minimum(np.maximum(target[cls], lo), np.maximum(top, lo))
+        lo = self.flat_next_hull[row + row // self.width + current]
+        top = self.flat_prev_hull[row + hi]
+        moved = np.minimum(np.maximum(target[self.level_col[k]], lo), np.maximum(top, lo))
         out: IntArray = np.where(lo <= top, np.maximum(moved, current), current)
         return out
 
@@ -132,7 +143,7 @@ class BatchFill:
             start = np.maximum(finish[p0], finish[p1])
             chosen = self._choose(k, idx[lv], finish_s[lv][:, None] - start, None)
             idx[lv] = chosen
-            finish[lv] = start + self.time[self.level_cls[k][:, None], chosen]
+            finish[lv] = start + self.flat_time[self.level_row[k] + chosen]
         return idx
 
     def fill(
@@ -152,7 +163,7 @@ class BatchFill:
                     avail = latest_start[lv] + duration[lv] - start
                     chosen = self._choose(k, idx[lv], avail, target)
                     idx[lv] = chosen
-                    finish[lv] = start + self.time[self.level_cls[k][:, None], chosen]
+                    finish[lv] = start + self.flat_time[self.level_row[k] + chosen]
             else:
                 finish = self.forward(duration)
                 latest_start = np.empty((dag.num_nodes + 1, idx.shape[1]))
@@ -164,5 +175,5 @@ class BatchFill:
                     avail = latest_finish - (finish[lv] - duration[lv])
                     chosen = self._choose(k, idx[lv], avail, target)
                     idx[lv] = chosen
-                    latest_start[lv] = latest_finish - self.time[self.level_cls[k][:, None], chosen]
+                    latest_start[lv] = latest_finish - self.flat_time[self.level_row[k] + chosen]
         return idx
