@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import statistics
@@ -480,6 +481,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
 
 
 def main() -> int:
+    # The operator drops its connections to the fake sidecars when it stops: not worth a trace.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", type=int, default=50)
     parser.add_argument("--noise-pods", type=int, default=5000)
