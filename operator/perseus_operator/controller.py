@@ -29,7 +29,12 @@ from perseus_operator.planner import (
     stage_spans,
 )
 from perseus_operator.profiling import ProfileSession
-from perseus_operator.sidecars import NodeSnapshot, SidecarGateway, SidecarUnreachableError
+from perseus_operator.sidecars import (
+    NodeSnapshot,
+    SidecarGateway,
+    SidecarRejectedError,
+    SidecarUnreachableError,
+)
 from perseus_operator.straggler import Sample, StragglerState
 from perseus_operator.straggler import update as straggler_update
 from perseus_profiles import ProfileError, StageProfile, parse_profile_csv
@@ -139,6 +144,7 @@ class PolicyRuntime:
     profile_cm: str | None = None
     blocking_w: float | None = None
     """Blocking power measured while profiling (or stored with the profile)."""
+    plan_error: str | None = None
     profiling: ProfileSession | None = None
     frontier: Frontier | None = None
     frontier_sig: tuple[Any, ...] | None = None
@@ -267,12 +273,13 @@ class Controller:
         if spec is not None and conflict is None and running and not spec.suspend:
             obs = await self._plan_inputs(rt, spec, obs, snapshots)
         decision = rc.decide(obs)
-        applied = await self._act(rt, decision, snapshots, spec)
+        applied, rejected = await self._act(rt, decision, snapshots, spec)
         applying = any(isinstance(a, rc.ApplySchedule) for a in decision.actions)
-        if applied:
-            # Report what the sidecars now hold, not what they held a moment ago.
+        if applied or rejected:
+            # Report what the sidecars now hold (or refused), not what they held a moment ago.
             nodes = {n: replace(v, entries=applied.get(n, v.entries)) for n, v in obs.nodes.items()}
-            decision = replace(rc.decide(replace(obs, nodes=nodes)), actions=decision.actions)
+            after = replace(obs, nodes=nodes, rejected="; ".join(rejected) or None)
+            decision = replace(rc.decide(after), actions=decision.actions)
         if decision.optimizing and not applying and rt.regime.name != _regime_name(rt):
             # The sidecars already run the plan (an operator restart): measure from now on.
             rt.regime = Regime(_regime_name(rt), time.time())
@@ -379,6 +386,8 @@ class Controller:
         if spec.mode == "Optimize" and rt.baseline_j is None:
             self._measure_baseline(rt, spec, snaps)  # while the planner works, not after it
         await self._ensure_frontier(rt, spec)
+        if rt.plan_error is not None:
+            return replace(obs, plan_error=rt.plan_error)
         if rt.frontier is None or rt.plan is None:
             return obs
         frontier = rt.frontier
@@ -515,11 +524,15 @@ class Controller:
         frontier = self._frontiers.get(key)
         if frontier is None:
             # Policies of identical jobs share one frontier: the planner's CPU runs once.
-            frontier = await asyncio.to_thread(compute_frontier, profile, shape, blocking_w)
+            try:
+                frontier = await asyncio.to_thread(compute_frontier, profile, shape, blocking_w)
+            except ValueError as exc:
+                rt.plan_error, rt.frontier_sig = f"the planner refused: {exc}", sig
+                return
             self._frontiers[key] = frontier
             while len(self._frontiers) > 64:
                 self._frontiers.pop(next(iter(self._frontiers)))
-        rt.frontier, rt.frontier_sig = frontier, sig
+        rt.frontier, rt.frontier_sig, rt.plan_error = frontier, sig, None
         rt.plan = _plan_view(profile, frontier, plan_for_no_straggler(frontier, spec.max_slowdown))
         rt.straggler, rt.straggler_plan, rt.last_spans = StragglerState(), None, {}
 
@@ -606,11 +619,13 @@ class Controller:
         decision: rc.Decision,
         snaps: Mapping[str, NodeSnapshot],
         spec: EnergyPolicySpec | None,
-    ) -> dict[str, frozenset[rc.Entry]]:
-        """Carry out the actions; returns the entries now applied, by node."""
+    ) -> tuple[dict[str, frozenset[rc.Entry]], list[str]]:
+        """Carry out the actions; returns the entries now applied by node, and what the
+        sidecars refused."""
         token_hash = hashlib.sha256((rt.token or "").encode()).hexdigest()
         plan_regime = _regime_name(rt)
         applied: dict[str, frozenset[rc.Entry]] = {}
+        rejected: list[str] = []
         for action in decision.actions:
             snap = snaps.get(action.node)
             if snap is None:
@@ -628,11 +643,13 @@ class Controller:
                         rt.measured_saving = None
                 else:
                     await self.gateway.remove(snap.address, rt.namespace, rt.name)
+            except SidecarRejectedError as exc:
+                rejected.append(f"node {action.node}: {exc}")
             except SidecarUnreachableError as exc:
                 log.warning("%s/%s: %s on node %s", rt.namespace, rt.name, exc, action.node)
         if decision.phase in ("Completed", "Failed") or (spec is not None and spec.suspend):
             rt.regime = Regime("none", 0.0)
-        return applied
+        return applied, rejected
 
     async def _write_status(
         self, body: Mapping[str, Any], rt: PolicyRuntime, decision: rc.Decision, generation: int

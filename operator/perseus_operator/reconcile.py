@@ -141,6 +141,10 @@ class Observed:
     straggler_pace_s: float | None = None
     blocking_power_w: float | None = None
     """The blocking power in use: the spec's, or the one measured while profiling."""
+    plan_error: str | None = None
+    """The planner refused the inputs: the policy fails with this message."""
+    rejected: str | None = None
+    """A sidecar refused the schedule pushed to it (its message)."""
     baseline_ready: bool = False
     measured_saving_percent: float | None = None
     was_optimizing: bool = False
@@ -330,6 +334,12 @@ def decide(obs: Observed) -> Decision:
         return waiting("Pending", "WaitingForRanks", msg, UNKNOWN)
     if obs.profile.state != "ready":
         return waiting("Profiling", profiled[1], obs.profile.message, UNKNOWN)
+    if obs.plan_error is not None:
+        failed: C = ("False", "PlanningFailed", obs.plan_error)
+        conds = _conds(failed, profiled, failed, failed)
+        return Decision(
+            "Failed", conds, tuple(actions) + _remove_everywhere(obs), base_status, False
+        )
     if obs.frontier is None or obs.plan is None:
         return waiting("Planning", "Planning", "computing the frontier", ("False", "Planning", ""))
 
@@ -394,6 +404,10 @@ def decide(obs: Observed) -> Decision:
         if view.entries != want:
             actions.append(ApplySchedule(node, tuple(sorted(want, key=_entry_key))))
             pending_nodes.append(node)
+    if obs.rejected is not None:
+        refused: C = ("False", "SidecarRejected", obs.rejected)
+        conds = _conds(refused, profiled, planned, refused)
+        return Decision("Degraded", conds, tuple(actions), status, optimizing=True)
     if degraded_msg:
         unavailable: C = ("False", "SidecarUnavailable", degraded_msg)
         return Decision(

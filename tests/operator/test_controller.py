@@ -17,7 +17,7 @@ from perseus_operator.controller import (
     cleanup_policy,
     merge_patch,
 )
-from perseus_operator.sidecars import NodeSnapshot, SidecarUnreachableError
+from perseus_operator.sidecars import NodeSnapshot, SidecarRejectedError, SidecarUnreachableError
 from perseus_profiles import load_example
 from perseus_sidecar.api import RankTimings, TimingsOut
 
@@ -98,10 +98,14 @@ class Gateway:
         self.announced = {p.name for p in pods}
         self.identities = {p.identity for p in pods}
 
+    reject: str | None = None
+
     async def apply(
         self, address: str, namespace: str, name: str, entries: Iterable[rc.Entry]
     ) -> None:
         self.calls.append("apply")
+        if self.reject is not None:
+            raise SidecarRejectedError(self.reject)
         self.entries = frozenset(entries)
 
     async def remove(self, address: str, namespace: str, name: str) -> None:
@@ -138,7 +142,7 @@ async def passes(
 ) -> tuple[Controller, list[rc.Decision], list[rc.EventSpec]]:
     events: list[rc.EventSpec] = []
     controller = Controller(
-        store,
+        store,  # type: ignore[arg-type]
         gateway,  # type: ignore[arg-type]
         profile_namespace="perseus",
         baseline_iterations=3,
@@ -242,3 +246,13 @@ def test_merge_patch_nulls_what_went_at_every_level() -> None:
         "frontier": None,
         "phase": "B",
     }
+
+
+async def test_a_refused_schedule_is_degraded_with_the_sidecars_message() -> None:
+    store, gateway = Store(PROFILE.to_csv()), Gateway()
+    gateway.reject = "h:1: HTTP 422: frequency 1410 MHz is not supported"
+    _, decisions, events = await passes(store, gateway, 6)
+    assert decisions[-1].phase == "Degraded"
+    assert store.patches[-1]["conditions"][3]["reason"] == "SidecarRejected"
+    assert "1410 MHz is not supported" in store.patches[-1]["conditions"][0]["message"]
+    assert any(e.type == "Warning" and e.reason == "Degraded" for e in events)

@@ -199,3 +199,12 @@ def test_events_for_transitions_only() -> None:
     assert [e.reason for e in events] == ["Failed", "Invalid"]
     old = merge_conditions([], new, 1, "t")
     assert events_between("Failed", old, "Failed", new) == []
+
+
+def test_planner_refusal_and_sidecar_rejection_are_reported() -> None:
+    d = decide(ready_obs(frontier=None, plan=None, plan_error="the planner refused: x"))
+    assert d.phase == "Failed" and cond(d, "Planned").reason == "PlanningFailed"
+    assert cond(d, "Ready").message == "the planner refused: x"
+    d = decide(ready_obs(rejected="node n0: HTTP 422: clock 5 MHz unsupported"))
+    assert d.phase == "Degraded" and cond(d, "ScheduleApplied").reason == "SidecarRejected"
+    assert "clock 5 MHz unsupported" in cond(d, "Ready").message
