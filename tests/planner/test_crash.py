@@ -48,3 +48,20 @@ def test_crashed_plans_get_faster_and_costlier() -> None:
     assert (np.diff(times) <= 1e-12).all()
     assert costs.min() >= float(batch.costs(cheapest[:, None])[0]) - 1e-9
     assert times[-1] == pytest.approx(t_fast, rel=0.01)
+
+
+def test_near_critical_cuts_cross_the_frontier_in_about_one_round_per_step() -> None:
+    """8 x 24 on a real profile has many almost-tied critical paths; cutting only the exactly
+    critical ones used 600 rounds to cover a third of the way to the fastest plan."""
+    profile = load_example("gpt3-175b-a100")
+    dag = build_dag(PipelineShape(stages=8, microbatches=24))
+    table = build_options(profile, dag, 83.64)
+    batch = BatchFill(dag, table)
+    cheapest = (table.count[batch.cls] - 1).astype(np.int64)
+    fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+    t_fast = float(batch.makespans(fastest[:, None])[0])
+    t_slow = float(batch.makespans(cheapest[:, None])[0])
+    step = (t_slow - t_fast) / 100
+    plans = crash_by_cuts(batch, cheapest, t_fast, step, 300)
+    times = batch.makespans(np.stack(plans, axis=1))
+    assert times[-1] <= t_fast * 1.01

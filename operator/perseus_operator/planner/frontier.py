@@ -252,11 +252,14 @@ class _Search:
         """Where consecutive plans before T* are far apart (typically right after an LP-rounded
         plan that no filled plan beats), fill the plan at the gap's start to deadlines inside
         the gap. Repeats a few times; a gap that stays has no useful plan found inside it."""
+        tried: set[tuple[float, float]] = set()
         for _ in range(_GAP_ROUNDS):
             star = min(range(len(kept)), key=lambda k: kept[k][1])
             bases, deadlines = [], []
             for (ta, _, ia), (tb, _, _) in itertools.pairwise(kept[: star + 1]):
-                if tb - ta > GAP_TARGET * t0:
+                # A gap already filled from the same plan would give the same lanes again.
+                if tb - ta > GAP_TARGET * t0 and (ta, tb) not in tried:
+                    tried.add((ta, tb))
                     plan = ia.astype(np.int64)
                     for d in np.arange(ta + GRID_FRACTION * t0 / 2, tb, GRID_FRACTION * t0 / 2):
                         bases.append(plan)
