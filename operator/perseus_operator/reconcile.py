@@ -404,28 +404,16 @@ def decide(obs: Observed) -> Decision:
         if view.entries != want:
             actions.append(ApplySchedule(node, tuple(sorted(want, key=_entry_key))))
             pending_nodes.append(node)
+    problem: C | None = None
     if obs.rejected is not None:
-        refused: C = ("False", "SidecarRejected", obs.rejected)
-        conds = _conds(refused, profiled, planned, refused)
+        problem = ("False", "SidecarRejected", obs.rejected)
+    elif degraded_msg:
+        problem = ("False", "SidecarUnavailable", degraded_msg)
+    elif registered < expected:
+        problem = ("False", "RanksMissing", f"{registered} of {expected} ranks registered")
+    if problem is not None:
+        conds = _conds(problem, profiled, planned, problem)
         return Decision("Degraded", conds, tuple(actions), status, optimizing=True)
-    if degraded_msg:
-        unavailable: C = ("False", "SidecarUnavailable", degraded_msg)
-        return Decision(
-            "Degraded",
-            _conds(unavailable, profiled, planned, unavailable),
-            tuple(actions),
-            status,
-            optimizing=True,
-        )
-    if registered < expected:
-        lost: C = ("False", "RanksMissing", f"{registered} of {expected} ranks registered")
-        return Decision(
-            "Degraded",
-            _conds(lost, profiled, planned, lost),
-            tuple(actions),
-            status,
-            optimizing=True,
-        )
     applied: C
     ready: C
     if pending_nodes:
