@@ -1,4 +1,5 @@
-"""The LP rounding and the batched filling keep every deadline and never raise the cost."""
+"""The LP relaxation bounds every plan, its roundings and the batched filling keep every deadline,
+and filling never raises the cost."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy.typing as npt
 import pytest
 
 from perseus_operator.planner.fill import BatchFill
-from perseus_operator.planner.lp import lp_finish_times
+from perseus_operator.planner.lp import LpRelaxation, hull_prices
 from perseus_operator.planner.model import OptionTable, build_options
 from perseus_operator.planner.pipeline import PipelineShape, build_dag
 from perseus_profiles import load_example
@@ -41,17 +42,59 @@ def frequencies(s: Setup, column: npt.NDArray[np.int64]) -> list[list[int]]:
     return [[int(f) for f in row] for row in np.split(freqs, s.batch.dag.offsets[1:-1])]
 
 
-def test_lp_rounding_meets_the_deadline(setup: Setup) -> None:
-    deadline = 1.02 * setup.t_fast_s
-    finish = lp_finish_times(setup.batch.dag, setup.table, deadline)
-    assert finish is not None
-    assert finish.max() <= deadline * (1 + 1e-9)
-    idx = setup.batch.round_under(finish)
-    # Every instruction finishes no later than in the LP solution, so the plan meets the deadline.
-    done = setup.batch.forward(setup.batch.durations(idx))[:-1, 0]
-    assert (done <= finish + 1e-9).all()
-    t, _ = reference.cost(PROFILE, MICROBATCHES, BLOCKING_W, frequencies(setup, idx[:, 0]))
-    assert t <= deadline * (1 + 1e-12)
+def test_lp_bounds_every_discrete_plan_and_is_infeasible_below_the_fastest(setup: Setup) -> None:
+    batch, table = setup.batch, setup.table
+    lp = LpRelaxation(batch.dag, table)
+    assert lp.solve(0.999 * setup.t_fast_s) is None
+    deadlines = setup.t_fast_s * np.array([1.0, 1.02, 1.1, 1.3])
+    # Discrete plans that meet each deadline: filled from the all-fastest plan.
+    base = np.zeros((batch.dag.num_nodes, len(deadlines)), dtype=np.int64)
+    plans = batch.fill(base, deadlines, [0.0], backward=False)
+    previous = np.inf
+    for col, deadline in enumerate(deadlines):
+        solution = lp.solve(float(deadline))
+        assert solution is not None
+        relaxed = solution.duration_s
+        assert float(batch.forward(relaxed[:, None])[:-1].max()) <= deadline * (1 + 1e-9)
+        assert float(batch.costs(plans[:, [col]])[0]) >= solution.cost_j - 1e-6
+        assert solution.cost_j <= previous + 1e-9  # more time never costs more
+        previous = solution.cost_j
+
+
+def test_hull_prices_pick_what_the_relaxation_picked(setup: Setup) -> None:
+    """At the price of its relaxed duration, a node's best hull option is that duration's
+    breakpoint, or one of the two ends of the segment it lies inside."""
+    batch, table = setup.batch, setup.table
+    solution = LpRelaxation(batch.dag, table).solve(1.05 * setup.t_fast_s)
+    assert solution is not None
+    price = hull_prices(table, batch.cls, solution.duration_s[:, None])[:, 0]
+    for node in range(batch.dag.num_nodes):
+        c = batch.cls[node]
+        hull = table.hull_indices(c)
+        t, cost = table.time_s[c, hull], table.cost_j[c, hull]
+        score = cost + price[node] * t
+        best = t[np.isclose(score, score.min(), rtol=1e-9, atol=1e-9)]
+        assert best.min() - 1e-9 <= solution.duration_s[node] <= best.max() + 1e-9
+
+
+def test_priced_rounding_meets_every_deadline(setup: Setup) -> None:
+    batch, table = setup.batch, setup.table
+    lp = LpRelaxation(batch.dag, table)
+    deadlines = setup.t_fast_s * np.array([1.0, 1.01, 1.04, 1.2])
+    relaxed = []
+    for deadline in deadlines:
+        solution = lp.solve(float(deadline))
+        assert solution is not None
+        relaxed.append(solution.duration_s)
+    duration = np.stack(relaxed, axis=1)
+    jitter = np.exp(0.2 * np.random.default_rng(1).standard_normal(duration.shape))
+    for price in (hull_prices(table, batch.cls, duration), jitter, np.zeros(duration.shape)):
+        idx = batch.round_priced(duration, price, deadlines)
+        assert ((idx >= 0) & (idx < table.count[batch.cls][:, None])).all()
+        for col in range(len(deadlines)):
+            freqs = frequencies(setup, idx[:, col])
+            t, _ = reference.cost(PROFILE, MICROBATCHES, BLOCKING_W, freqs)
+            assert t <= deadlines[col] * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("backward", [False, True])

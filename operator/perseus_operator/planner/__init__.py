@@ -1,7 +1,7 @@
 """Pure planner core: pipeline DAGs, the energy model and the time/energy frontier.
 
-numpy and the standard library, plus scipy (HiGHS for one LP, Dinic max-flow for the crash cuts;
-imported only when planning); frozen dataclasses in and out, no I/O. The API the operator and the
+numpy and the standard library, plus highspy (HiGHS, for the LP relaxation; imported only when
+planning); frozen dataclasses in and out, no I/O. The API the operator and the
 CLI rely on:
 
 - ``PipelineShape(stages, microbatches, schedule="1f1b")`` and ``instruction_order(shape)``;

@@ -133,15 +133,36 @@ class BatchFill:
         out: IntArray = np.where(lo <= top, np.maximum(moved, current), current)
         return out
 
-    def round_under(self, finish_s: FloatArray) -> IntArray:
-        """One plan (nodes x 1) taking for each node, in topological order, the cheapest option
-        that still finishes by `finish_s` (e.g. an LP solution's finish times): rounding errors
-        do not pile up along a chain, each node absorbs what the ones before it left."""
-        idx = np.zeros((self.dag.num_nodes, 1), dtype=np.int64)
-        finish = np.zeros((self.dag.num_nodes + 1, 1))
-        for k, (lv, (p0, p1)) in enumerate(zip(self.dag.levels, self.dag.level_preds, strict=True)):
+    def round_priced(
+        self, duration_s: FloatArray, price: FloatArray, deadline_s: FloatArray
+    ) -> IntArray:
+        """Discrete plans (nodes x lanes) from relaxed durations and per-node prices of time.
+
+        In topological order, each node may finish as late as the relaxed plan lets it (its
+        latest finish under `duration_s` and the lane's deadline), from wherever its
+        predecessors really finished. Among the options that fit, it takes the one minimising
+        ``c + price*t``, the slower one on a tie: a node the relaxation left between two hull
+        points goes up whenever the time its predecessors saved allows it, and down otherwise,
+        passing on what it saved. Every lane meets its deadline: no node ever finishes later than
+        its latest finish, and its relaxed duration always fits."""
+        dag = self.dag
+        lanes = duration_s.shape[1]
+        latest_finish = self.backward(duration_s, deadline_s)[:-1] + duration_s
+        idx = np.zeros((dag.num_nodes, lanes), dtype=np.int64)
+        finish = np.zeros((dag.num_nodes + 1, lanes))
+        slack = 1e-12 * float(np.max(deadline_s))
+        for k, (lv, (p0, p1)) in enumerate(zip(dag.levels, dag.level_preds, strict=True)):
             start = np.maximum(finish[p0], finish[p1])
-            chosen = self._choose(k, idx[lv], finish_s[lv][:, None] - start, None)
+            avail = latest_finish[lv] - start + slack  # (width, lanes)
+            times = self.time[self.level_cls[k]][:, None, :]  # (width, 1, options)
+            score = np.where(
+                times <= avail[:, :, None],
+                self.cost[self.level_cls[k]][:, None, :] + price[lv][:, :, None] * times,
+                np.inf,
+            )
+            best = score.min(axis=2, keepdims=True)
+            tied = score <= best + 1e-9 * np.abs(best) + 1e-12
+            chosen = self.width - 1 - np.argmax(tied[:, :, ::-1], axis=2)
             idx[lv] = chosen
             finish[lv] = start + self.flat_time[self.level_row[k] + chosen]
         return idx

@@ -1,15 +1,31 @@
-"""The LP relaxation at one deadline, and a discrete plan rounded from it.
+"""The LP relaxation, solved along the deadline axis, and the per-instruction prices it implies.
 
 Relaxing each instruction to any duration between its fastest and slowest option, with effective
 cost on the lower convex hull of its (t, c) points, turns the least-energy plan for a deadline
-into an LP (project crashing). Its optimum distributes time along the DAG the way the
-critical-path flows price it, which greedy filling only approximates; rounding it is how the
-planner gets close to the bound at the deadline that matters most, T0 (no slowdown).
+into an LP (project crashing). Its optimum shares the float of the DAG the way its critical-path
+flows price it, which no greedy filling matches; rounding it is how the planner gets close to
+the bound.
 
-scipy's HiGHS solves it; scipy is imported here only, when the planner asks for the LP.
+Formulation (one column per hull segment, so the model stays small): an instruction's duration
+is its fastest time plus the lengths y_k it uses of its hull segments, each costing the segment's
+slope per second (convexity makes the cheaper segments fill first); start times x carry the
+precedence rows ``x_child - x_parent - sum(y_parent) >= t_fast(parent)`` and the deadline rows
+``x_last + sum(y_last) <= D - t_fast(last)``. A deadline change only moves those right-hand
+sides, so HiGHS re-solves from the previous basis (dual simplex) in a few pivots: the planner
+sweeps the deadline axis instead of solving from scratch.
+
+HiGHS comes from `highspy` (its import costs about 50 ms, against 400 ms for scipy.optimize).
 """
 
 from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -17,75 +33,146 @@ import numpy.typing as npt
 from perseus_operator.planner.model import OptionTable
 from perseus_operator.planner.pipeline import PipelineDag
 
-__all__ = ["lp_finish_times"]
+__all__ = ["LpRelaxation", "LpSolution", "hull_prices"]
 
 FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
 
 
-def lp_finish_times(
-    dag: PipelineDag, table: OptionTable, deadline_s: float, time_limit_s: float = 10.0
-) -> FloatArray | None:
-    """Each instruction's finish time in an optimal LP solution, or None if HiGHS fails or runs
-    out of time (it grows superlinearly: 0.4 s for 1,536 instructions, minutes for 16,384)."""
-    from scipy.optimize import linprog
-    from scipy.sparse import coo_matrix
+class LpSolution(NamedTuple):
+    duration_s: FloatArray
+    """Each instruction's relaxed duration."""
+    cost_j: float
+    """The relaxed plan's summed effective cost: its energy is this plus idle power times the
+    deadline, a lower bound on every discrete plan that meets the deadline."""
 
-    n = dag.num_nodes
-    cls = 2 * dag.stage + dag.kind
-    hulls = [table.hull_indices(c) for c in range(table.num_classes)]
-    # Variables: start x (0..n), duration d (n..2n), effective cost z (2n..3n).
-    rows: list[npt.NDArray[np.int64]] = []
-    cols: list[npt.NDArray[np.int64]] = []
-    vals: list[FloatArray] = []
-    rhs: list[FloatArray] = []
-    n_rows = 0
 
-    def block(entries: list[tuple[npt.NDArray[np.int64], FloatArray]], bound: FloatArray) -> None:
-        nonlocal n_rows
-        r = np.arange(n_rows, n_rows + len(bound))
-        for col, val in entries:
-            rows.append(r)
-            cols.append(col)
-            vals.append(np.broadcast_to(val, r.shape).astype(np.float64))
-        rhs.append(bound)
-        n_rows += len(bound)
+class LpRelaxation:
+    """The relaxation of one DAG and option table, built once and re-solved per deadline."""
 
-    for k in range(2):
-        child = np.arange(n)
-        parent = dag.preds[:, k]
-        has = parent != n
-        child, parent = child[has], parent[has]
-        one = np.ones(len(child))
-        block([(parent, one), (n + parent, one), (child, -one)], np.zeros(len(child)))
-    sinks = np.nonzero((dag.succs == n).all(axis=1))[0]
-    block([(sinks, np.ones(len(sinks))), (n + sinks, np.ones(len(sinks)))],
-          np.full(len(sinks), deadline_s))  # fmt: skip
-    lower = np.empty(n)
-    upper = np.empty(n)
-    for c, hull in enumerate(hulls):
+    def __init__(self, dag: PipelineDag, table: OptionTable) -> None:
+        import highspy
+
+        self._highspy = highspy
+        n = dag.num_nodes
+        cls = 2 * dag.stage + dag.kind
+        self.num_nodes = n
+        segments = [_hull_segments(table, c) for c in range(table.num_classes)]
+        self.fastest_s: FloatArray = np.asarray([segments[c][0] for c in cls])
+        self.fastest_cost_j = float(table.cost_j[cls, 0].sum())
+        per_node = np.asarray([len(segments[c][1]) for c in cls], dtype=np.int64)
+        # Node i's segment columns are n + first[i] ... n + first[i+1] - 1.
+        self.first = np.concatenate(([0], np.cumsum(per_node))).astype(np.int64)
+        num_cols = n + int(self.first[-1])
+        cost = np.zeros(num_cols)
+        upper = np.full(num_cols, np.inf)
+        for c, (_, length_s, slope) in enumerate(segments):
+            nodes = np.nonzero(cls == c)[0]
+            for k in range(len(length_s)):
+                col = n + self.first[nodes] + k
+                cost[col], upper[col] = slope[k], length_s[k]
+        with _quiet_stdout():
+            # highspy's stubs lag its bindings (no changeRowsBounds): the model is used untyped.
+            model: Any = highspy.Highs()  # type: ignore[no-untyped-call]
+            model.setOptionValue("output_flag", False)
+        model.addVars(num_cols, np.zeros(num_cols), upper)
+        model.changeColsCost(num_cols, np.arange(num_cols, dtype=np.int32), cost)
+        parents, children = [], []
+        for k in range(2):
+            has = dag.preds[:, k] != n
+            parents.append(dag.preds[has, k])
+            children.append(np.nonzero(has)[0])
+        parent, child = np.concatenate(parents), np.concatenate(children)
+        self.sinks: IntArray = np.nonzero((dag.succs == n).all(axis=1))[0]
+        rows_index: list[IntArray] = []
+        rows_value: list[FloatArray] = []
+        for p, c in zip(parent.tolist(), child.tolist(), strict=True):
+            segs = np.arange(n + self.first[p], n + self.first[p + 1])
+            rows_index.append(np.concatenate(([c, p], segs)))
+            rows_value.append(np.concatenate(([1.0, -1.0], -np.ones(len(segs)))))
+        for s in self.sinks.tolist():
+            segs = np.arange(n + self.first[s], n + self.first[s + 1])
+            rows_index.append(np.concatenate(([s], segs)))
+            rows_value.append(np.ones(1 + len(segs)))
+        lengths = np.asarray([len(r) for r in rows_index])
+        lower = np.concatenate((self.fastest_s[parent], np.full(len(self.sinks), -np.inf)))
+        upper_row = np.concatenate((np.full(len(parent), np.inf), np.zeros(len(self.sinks))))
+        model.addRows(
+            len(rows_index),
+            lower,
+            upper_row,
+            int(lengths.sum()),
+            np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int32),
+            np.concatenate(rows_index).astype(np.int32),
+            np.concatenate(rows_value),
+        )
+        self.sink_rows = np.arange(len(parent), len(rows_index), dtype=np.int32)
+        self.model = model
+
+    def solve(self, deadline_s: float) -> LpSolution | None:
+        """An optimal relaxed plan at `deadline_s`, or None when no relaxed plan meets it
+        (faster than the fastest plan) or HiGHS fails."""
+        model = self.model
+        bound = deadline_s - self.fastest_s[self.sinks]
+        model.changeRowsBounds(
+            len(self.sink_rows), self.sink_rows, np.full(len(bound), -np.inf), bound
+        )
+        model.run()
+        if model.getModelStatus() != self._highspy.HighsModelStatus.kOptimal:
+            return None
+        used = np.asarray(model.getSolution().col_value)[self.num_nodes :]
+        sums = np.add.reduceat(np.concatenate((used, [0.0])), self.first[:-1])
+        sums[self.first[:-1] == self.first[1:]] = 0.0  # nodes with a single option
+        return LpSolution(
+            self.fastest_s + sums,
+            self.fastest_cost_j + float(model.getInfo().objective_function_value),
+        )
+
+
+def hull_prices(table: OptionTable, cls: IntArray, duration_s: FloatArray) -> FloatArray:
+    """Each node's price of time (J/s) at its relaxed duration (nodes x lanes): the saving rate
+    of the hull segment it lies inside, or between the two rates around a breakpoint it sits
+    on. An option minimising ``c + price*t`` is then what the LP would pick, ties included."""
+    out = np.zeros(duration_s.shape)
+    for c in range(table.num_classes):
         nodes = np.nonzero(cls == c)[0]
+        hull = table.hull_indices(c)
+        if len(nodes) == 0 or len(hull) < 2:
+            continue
         t, cost = table.time_s[c, hull], table.cost_j[c, hull]
-        lower[nodes], upper[nodes] = t[0], t[-1]
-        for a in range(len(hull) - 1):
-            slope = (cost[a + 1] - cost[a]) / (t[a + 1] - t[a])
-            block([(n + nodes, np.full(len(nodes), slope)), (2 * n + nodes, -np.ones(len(nodes)))],
-                  np.full(len(nodes), slope * t[a] - cost[a]))  # fmt: skip
-        if len(hull) == 1:
-            block([(2 * n + nodes, -np.ones(len(nodes)))], np.full(len(nodes), -cost[0]))
-    matrix = coo_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_rows, 3 * n)
-    ).tocsr()
-    bounds = np.column_stack(
-        [
-            np.r_[np.zeros(n), lower, np.full(n, -np.inf)],
-            np.r_[np.full(n, np.inf), upper, np.full(n, np.inf)],
-        ]
-    )
-    objective = np.r_[np.zeros(2 * n), np.ones(n)]
-    result = linprog(
-        objective, A_ub=matrix, b_ub=np.concatenate(rhs), bounds=bounds, method="highs"
-    )
-    if result.status != 0:
-        return None
-    finish: FloatArray = result.x[:n] + result.x[n : 2 * n]
-    return finish
+        rate = -np.diff(cost) / np.diff(t)
+        # rate_at[j]: the rate of the segment ending at breakpoint j (j = 0: above any rate).
+        rate_at = np.concatenate(([2.0 * rate[0] + 1.0], rate, [0.0]))
+        d = duration_s[nodes]
+        j = np.minimum(np.searchsorted(t, d, side="left"), len(t) - 1)
+        on_point = np.abs(t[j] - d) <= 1e-9 * t[-1]
+        out[nodes] = np.where(on_point, (rate_at[j] + rate_at[j + 1]) / 2, rate_at[j])
+    return out
+
+
+def _hull_segments(table: OptionTable, c: int) -> tuple[float, FloatArray, FloatArray]:
+    """Class c's fastest time, and the length (s) and slope (J/s, negative) of each hull
+    segment, fastest first."""
+    hull = table.hull_indices(c)
+    t, cost = table.time_s[c, hull], table.cost_j[c, hull]
+    length = np.diff(t)
+    return float(t[0]), length, np.diff(cost) / length
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """HiGHS prints its banner to the C-level stdout when a model is created, before any option
+    can turn that off; the planner's stdout is the user's summary (or a JSON frontier)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with Path(os.devnull).open("w") as null:
+            os.dup2(null.fileno(), 1)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError, AttributeError):
+                    ctypes.CDLL(None).fflush(None)
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
