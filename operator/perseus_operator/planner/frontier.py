@@ -55,13 +55,16 @@ ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` while the frontier is searched."""
 
 GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0 ...
+FAST_GRID_FRACTION = 0.0002  # ... and faster than T0, where the frontier is steep
 MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the work
 GAP_TARGET = 0.0015  # consecutive plans before T* at most this far apart (fraction of T0)
 LP_MAX_INSTRUCTIONS = 6144  # larger pipelines fill uniform-price plans instead (HiGHS time grows)
 LP_STEP = 0.005  # the LP is solved this far apart (fraction of T0) along the frontier ...
 MAX_LP_SOLVES = 120  # ... or wider, so that at most about this many solves span it
+DENSE_LP_ABOVE_T0 = 0.01  # the LP is solved every GRID_FRACTION up to this far past T0
 LP_COARSE_STEPS = 4  # past the relaxation's least-energy deadline, steps this many times wider
 RANDOM_LANES = 64  # randomized roundings at T0 ...
+RANDOM_LANES_NEAR_T0 = 4  # ... and at each LP solve up to DENSE_LP_ABOVE_T0 past it
 RANDOM_SPREADS = ((0.1, 0.0), (0.2, 0.0), (0.05, 0.1), (0.0, 0.1))  # ... their prices jittered
 # log-normally: (spread per class, spread per instruction), taken in turn
 RANDOM_SEED = 20241104
@@ -184,11 +187,12 @@ class _Search:
         fastest_t, slowest_t = float(u_time.min()), float(u_time.max())
         prices = _fill_prices(slopes)
         if self.dag.num_nodes <= LP_MAX_INSTRUCTIONS:
-            base, deadline_s, at_t0 = self.lp_rounded(t0, fastest_t, slowest_t)
-            if at_t0 is not None:
-                extra = self.randomized_rounding(at_t0, t0)
+            base, deadline_s, near_t0 = self.lp_rounded(t0, fastest_t, slowest_t)
+            for deadline, relaxed in near_t0:
+                lanes = RANDOM_LANES if deadline == t0 else RANDOM_LANES_NEAR_T0
+                extra = self.randomized_rounding(relaxed, deadline, lanes)
                 base = np.concatenate((base, extra), axis=1)
-                deadline_s = np.append(deadline_s, np.full(extra.shape[1], t0))
+                deadline_s = np.append(deadline_s, np.full(lanes, deadline))
         else:
             base, deadline_s = self.uniform_bases(uniform, u_time, u_cost, t0)
         base = np.concatenate((base, self.max_clock_plan()[:, None]), axis=1)
@@ -215,20 +219,20 @@ class _Search:
 
     def lp_rounded(
         self, t0: float, fastest_t: float, slowest_t: float
-    ) -> tuple[IntArray, FloatArray, FloatArray | None]:
+    ) -> tuple[IntArray, FloatArray, list[tuple[float, FloatArray]]]:
         """Discrete plans rounded from the LP relaxation (nodes x lanes) and their deadlines.
 
         The LP is solved every `LP_STEP` of T0 along the whole frontier (and at T0 itself), each
         solve warm-started from the last; deadlines in between, `GRID_FRACTION` of T0 apart up
         to a little past the relaxation's least-energy deadline and `LP_STEP` apart beyond, get
         the convex combination of the two solutions around them (feasible for their deadline,
-        and close to optimal where the frontier is smooth). Also returns the relaxed durations
-        at T0 (None if T0 is faster than any plan)."""
+        and close to optimal where the frontier is smooth). Also returns the relaxed plans
+        solved at T0 and just past it (deadline, durations), worth more roundings."""
         lp = LpRelaxation(self.dag, self.table)
         step = max(LP_STEP * t0, (slowest_t - fastest_t) / MAX_LP_SOLVES)
         solved_t: list[float] = []
         durations: list[FloatArray] = []
-        at_t0: FloatArray | None = None
+        near_t0: list[tuple[float, FloatArray]] = []
         energies: list[float] = []
         deadline, best = fastest_t, 0
         while True:
@@ -237,23 +241,31 @@ class _Search:
                 solved_t.append(deadline)
                 durations.append(solution.duration_s)
                 energies.append(solution.cost_j + self.idle_power_w * deadline)
-                at_t0 = solution.duration_s if deadline == t0 else at_t0
+                if t0 <= deadline <= t0 * (1 + DENSE_LP_ABOVE_T0):
+                    near_t0.append((deadline, solution.duration_s))
                 best = best if energies[best] <= energies[-1] else len(energies) - 1
             if deadline >= slowest_t:
                 break
             # Past the relaxation's least energy, plans matter only to stragglers: wider steps.
             past = solved_t and deadline > solved_t[best] + 2 * step
-            following = deadline + (LP_COARSE_STEPS * step if past else step)
+            # Faster than T0 the frontier is steep (the last, costliest clocks): solve densely.
+            dense = deadline < t0 * (1 + DENSE_LP_ABOVE_T0) and step > GRID_FRACTION * t0
+            following = deadline + (
+                GRID_FRACTION * t0 if dense else LP_COARSE_STEPS * step if past else step
+            )
             if deadline < t0 < following:
                 following = t0
             deadline = min(following, slowest_t)
         if not solved_t:
-            return np.zeros((self.dag.num_nodes, 0), dtype=np.int64), np.zeros(0), None
+            return np.zeros((self.dag.num_nodes, 0), dtype=np.int64), np.zeros(0), []
         at = np.asarray(solved_t)
         t_star = solved_t[best]
         fine_end = min(t_star + LP_STEP * t0 * 2, at[-1])
         grid = max(GRID_FRACTION * t0, (fine_end - at[0]) / MAX_DEADLINES)
-        deadline_s = np.unique(np.concatenate((np.arange(at[0], fine_end, grid), at)))
+        # Faster than T0, energy falls steeply with time: plans much closer together there.
+        steep = np.arange(at[0], min(t0, fine_end), FAST_GRID_FRACTION * t0)
+        fine = np.arange(max(at[0], min(t0, fine_end)), fine_end, grid)
+        deadline_s = np.unique(np.concatenate((steep, fine, at)))
         # Interpolate: lane j lies between solutions hi-1 and hi with weight w on hi.
         hi = np.clip(np.searchsorted(at, deadline_s), 1, max(len(at) - 1, 1))
         if len(at) == 1:
@@ -264,9 +276,11 @@ class _Search:
             stacked = np.stack(durations, axis=1)
             duration_s = stacked[:, hi - 1] * (1 - w) + stacked[:, hi] * w
         price = hull_prices(self.table, self.cls, duration_s)
-        return self.batch.round_priced(duration_s, price, deadline_s), deadline_s, at_t0
+        return self.batch.round_priced(duration_s, price, deadline_s), deadline_s, near_t0
 
-    def randomized_rounding(self, duration_s: FloatArray, deadline_s: float) -> IntArray:
+    def randomized_rounding(
+        self, duration_s: FloatArray, deadline_s: float, lanes: int
+    ) -> IntArray:
         """More roundings of one relaxed plan (nodes x lanes), each with its prices of time
         jittered at random, per class (every forward of a stage alike: a systematic lean that
         holds along the whole steady state) and per instruction. Which fractional instructions
@@ -275,7 +289,6 @@ class _Search:
         rounding: GPT-3 A40 at T0 against the LP's 11.29 / 10.14%, 8 x 24: 10.67 -> 10.86%,
         8 x 96: 9.54 -> 9.69%. Seeded: plans are reproducible."""
         rng = np.random.default_rng(RANDOM_SEED)
-        lanes = RANDOM_LANES
         relaxed = np.repeat(duration_s[:, None], lanes, axis=1)
         spread = np.asarray(RANDOM_SPREADS)[np.arange(lanes) % len(RANDOM_SPREADS)].T
         per_class = rng.standard_normal((self.table.num_classes, lanes))[self.cls]
