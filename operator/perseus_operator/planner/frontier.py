@@ -42,9 +42,10 @@ import numpy.typing as npt
 
 from perseus_operator.planner.evaluate import forward_pass
 from perseus_operator.planner.fill import BatchFill
-from perseus_operator.planner.lp import LpRelaxation, hull_prices
+from perseus_operator.planner.lp import hull_prices
 from perseus_operator.planner.model import OptionTable, build_options
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
+from perseus_operator.planner.relaxed import relaxed_path, short_pipeline
 from perseus_profiles import StageProfile
 
 __all__ = ["Frontier", "Plan", "ProgressCallback", "compute_frontier"]
@@ -59,19 +60,19 @@ FAST_GRID_FRACTION = 0.0002  # ... and faster than T0, where the frontier is ste
 MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the work
 GAP_TARGET = 0.0015  # consecutive plans before T* at most this far apart (fraction of T0)
 LP_MAX_INSTRUCTIONS = 6144  # larger pipelines fill uniform-price plans instead (HiGHS time grows)
-LP_STEP = 0.005  # the LP is solved this far apart (fraction of T0) along the frontier ...
-MAX_LP_SOLVES = 120  # ... or wider, so that at most about this many solves span it
-DENSE_LP_ABOVE_T0 = 0.01  # the LP is solved every GRID_FRACTION up to this far past T0
-LP_COARSE_STEPS = 4  # past the relaxation's least-energy deadline, steps this many times wider
+FINE_PAST_T_STAR = 0.01  # deadlines GRID_FRACTION apart up to this far past the relaxation's T*
+TAIL_STEP = (
+    0.01  # past the relaxation's path, uniform-price plans filled to deadlines this far apart
+)
 RANDOM_LANES = 64  # randomized roundings at T0 ...
-RANDOM_LANES_NEAR_T0 = 4  # ... and at each LP solve up to DENSE_LP_ABOVE_T0 past it
+RANDOM_LANES_NEAR_T0 = 4  # ... and at each LP solve up to `relaxed.DENSE_ABOVE_T0` past it
 RANDOM_SPREADS = ((0.1, 0.0), (0.2, 0.0), (0.05, 0.1), (0.0, 0.1))  # ... their prices jittered
 # log-normally: (spread per class, spread per instruction), taken in turn
 RANDOM_SEED = 20241104
 FINE_MAX_INSTRUCTIONS = 1024  # up to this size, twice the gap rounds
 _GAP_ROUNDS = 6
 _GAP_NUDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-_FILL_STEPS = 12  # rungs of the price ladder (plus μ = 0)
+_FILL_STEPS = 6  # rungs of the price ladder (plus μ = 0)
 _LANE_ELEMENTS = 2_000_000  # lanes x nodes per batch: bounds memory on large pipelines
 
 
@@ -117,7 +118,11 @@ def compute_frontier(
         raise ValueError(f"blocking power must be a finite number >= 0 W, got {blocking_power_w}")
     dag = build_dag(pipeline)
     table = build_options(profile, dag, blocking_power_w)
-    search = _Search(dag, table)
+    short = short_pipeline(pipeline)
+    short_table = (
+        None if short is None else build_options(profile, build_dag(short), blocking_power_w)
+    )
+    search = _Search(dag, table, short_table)
     candidates = search.run(progress)
     plans = _useful(candidates, pipeline.stages * blocking_power_w)
     t0, e0 = search.baseline()
@@ -145,9 +150,12 @@ def _useful(
 class _Search:
     """Runs the search of the module doc over one DAG and option table."""
 
-    def __init__(self, dag: PipelineDag, table: OptionTable) -> None:
+    def __init__(
+        self, dag: PipelineDag, table: OptionTable, short_table: OptionTable | None = None
+    ) -> None:
         self.dag = dag
         self.table = table
+        self.short_table = short_table
         self.batch = BatchFill(dag, table)
         self.cls = self.batch.cls
         self.idle_power_w = dag.shape.stages * table.blocking_power_w
@@ -188,6 +196,12 @@ class _Search:
         prices = _fill_prices(slopes)
         if self.dag.num_nodes <= LP_MAX_INSTRUCTIONS:
             base, deadline_s, near_t0 = self.lp_rounded(t0, fastest_t, slowest_t)
+            if len(deadline_s) and deadline_s.max() < slowest_t:
+                tail = np.arange(deadline_s.max(), slowest_t, TAIL_STEP * t0)[1:]
+                cheapest = [self.cheapest_uniform(uniform, u_time, u_cost, d) for d in tail]
+                if cheapest:
+                    base = np.concatenate((base, np.stack(cheapest, axis=1)), axis=1)
+                    deadline_s = np.append(deadline_s, tail)
             for deadline, relaxed in near_t0:
                 lanes = RANDOM_LANES if deadline == t0 else RANDOM_LANES_NEAR_T0
                 extra = self.randomized_rounding(relaxed, deadline, lanes)
@@ -219,64 +233,27 @@ class _Search:
 
     def lp_rounded(
         self, t0: float, fastest_t: float, slowest_t: float
-    ) -> tuple[IntArray, FloatArray, list[tuple[float, FloatArray]]]:
-        """Discrete plans rounded from the LP relaxation (nodes x lanes) and their deadlines.
+    ) -> tuple[IntArray, FloatArray, tuple[tuple[float, FloatArray], ...]]:
+        """Discrete plans rounded from the LP relaxation's path (nodes x lanes), their
+        deadlines, and the relaxed plans solved at and just past T0 (worth more roundings).
 
-        The LP is solved every `LP_STEP` of T0 along the whole frontier (and at T0 itself), each
-        solve warm-started from the last; deadlines in between, `GRID_FRACTION` of T0 apart up
-        to a little past the relaxation's least-energy deadline and `LP_STEP` apart beyond, get
-        the convex combination of the two solutions around them (feasible for their deadline,
-        and close to optimal where the frontier is smooth). Also returns the relaxed plans
-        solved at T0 and just past it (deadline, durations), worth more roundings."""
-        lp = LpRelaxation(self.dag, self.table)
-        step = max(LP_STEP * t0, (slowest_t - fastest_t) / MAX_LP_SOLVES)
-        solved_t: list[float] = []
-        durations: list[FloatArray] = []
-        near_t0: list[tuple[float, FloatArray]] = []
-        energies: list[float] = []
-        deadline, best = fastest_t, 0
-        while True:
-            solution = lp.solve(deadline)
-            if solution is not None:
-                solved_t.append(deadline)
-                durations.append(solution.duration_s)
-                energies.append(solution.cost_j + self.idle_power_w * deadline)
-                if t0 <= deadline <= t0 * (1 + DENSE_LP_ABOVE_T0):
-                    near_t0.append((deadline, solution.duration_s))
-                best = best if energies[best] <= energies[-1] else len(energies) - 1
-            if deadline >= slowest_t:
-                break
-            # Past the relaxation's least energy, plans matter only to stragglers: wider steps.
-            past = solved_t and deadline > solved_t[best] + 2 * step
-            # Faster than T0 the frontier is steep (the last, costliest clocks): solve densely.
-            dense = deadline < t0 * (1 + DENSE_LP_ABOVE_T0) and step > GRID_FRACTION * t0
-            following = deadline + (
-                GRID_FRACTION * t0 if dense else LP_COARSE_STEPS * step if past else step
-            )
-            if deadline < t0 < following:
-                following = t0
-            deadline = min(following, slowest_t)
-        if not solved_t:
-            return np.zeros((self.dag.num_nodes, 0), dtype=np.int64), np.zeros(0), []
-        at = np.asarray(solved_t)
-        t_star = solved_t[best]
-        fine_end = min(t_star + LP_STEP * t0 * 2, at[-1])
+        Deadlines are `GRID_FRACTION` of T0 apart up to a little past the relaxation's least
+        energy (`FAST_GRID_FRACTION` faster than T0, where energy falls steeply with time),
+        plus every solved deadline beyond."""
+        path = relaxed_path(
+            self.dag, self.table, t0, fastest_t, slowest_t, short_table=self.short_table
+        )
+        if path is None:
+            return np.zeros((self.dag.num_nodes, 0), dtype=np.int64), np.zeros(0), ()
+        at = path.deadline_s
+        fine_end = min(path.t_star_s + FINE_PAST_T_STAR * t0, float(at[-1]))
         grid = max(GRID_FRACTION * t0, (fine_end - at[0]) / MAX_DEADLINES)
-        # Faster than T0, energy falls steeply with time: plans much closer together there.
         steep = np.arange(at[0], min(t0, fine_end), FAST_GRID_FRACTION * t0)
         fine = np.arange(max(at[0], min(t0, fine_end)), fine_end, grid)
         deadline_s = np.unique(np.concatenate((steep, fine, at)))
-        # Interpolate: lane j lies between solutions hi-1 and hi with weight w on hi.
-        hi = np.clip(np.searchsorted(at, deadline_s), 1, max(len(at) - 1, 1))
-        if len(at) == 1:
-            duration_s = np.repeat(durations[0][:, None], len(deadline_s), axis=1)
-        else:
-            span = at[hi] - at[hi - 1]
-            w = np.clip((deadline_s - at[hi - 1]) / span, 0.0, 1.0)
-            stacked = np.stack(durations, axis=1)
-            duration_s = stacked[:, hi - 1] * (1 - w) + stacked[:, hi] * w
+        duration_s = path.at(deadline_s)
         price = hull_prices(self.table, self.cls, duration_s)
-        return self.batch.round_priced(duration_s, price, deadline_s), deadline_s, near_t0
+        return self.batch.round_priced(duration_s, price, deadline_s), deadline_s, path.near_t0
 
     def randomized_rounding(
         self, duration_s: FloatArray, deadline_s: float, lanes: int
@@ -308,10 +285,18 @@ class _Search:
         fastest = uniform[int(np.argmin(u_time))]
         bases, lane_deadlines = [], []
         for deadline in deadlines:
-            fitting = np.nonzero(u_time <= deadline)[0]
-            bases += [fastest, uniform[fitting[np.argmin(u_cost[fitting])]]]
+            bases += [fastest, self.cheapest_uniform(uniform, u_time, u_cost, deadline)]
             lane_deadlines += [deadline, deadline]
         return np.stack(bases, axis=1), np.asarray(lane_deadlines)
+
+    @staticmethod
+    def cheapest_uniform(
+        uniform: IntArray, u_time: FloatArray, u_cost: FloatArray, deadline_s: float
+    ) -> IntArray:
+        """The cheapest uniform-price plan that meets `deadline_s` (the fastest always does)."""
+        fitting = np.nonzero(u_time <= deadline_s)[0]
+        out: IntArray = uniform[fitting[np.argmin(u_cost[fitting])]]
+        return out
 
     def cheapest_steps(self, plan: IntArray, count: int) -> IntArray:
         """The `count` nodes whose next slower option saves the most effective energy per second

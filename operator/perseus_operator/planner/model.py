@@ -61,6 +61,18 @@ class OptionTable:
             hull.append(k)
         return hull
 
+    def relaxed_cost_j(self, cls: IntArray, duration_s: FloatArray) -> float:
+        """The summed effective cost of relaxed durations (one per node of class `cls`), each on
+        its class's lower convex hull."""
+        total = 0.0
+        for c in range(self.num_classes):
+            nodes = np.nonzero(cls == c)[0]
+            hull = self.hull_indices(c)
+            total += float(
+                np.interp(duration_s[nodes], self.time_s[c, hull], self.cost_j[c, hull]).sum()
+            )
+        return total
+
     def hull_slopes(self) -> FloatArray:
         """Every price of time (J/s) at which some class's best option under `c + price*t`
         changes: the slopes of the lower convex hulls of the (t, c) points."""

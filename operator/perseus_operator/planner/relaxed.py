@@ -1,0 +1,199 @@
+"""The LP relaxation's path along the deadline axis: relaxed plans from the fastest deadline to a
+little past the relaxation's least energy, and the relaxed plan at any deadline in between.
+
+The LP is solved every `LP_STEP` of T0, densely (`DENSE_STEP`) from the fastest deadline to just
+past T0, where the frontier is steep and the no-slowdown plan is chosen; each solve is
+warm-started from the last. HiGHS's work grows with the number of instructions times the length
+of the path (every instruction crossing a hull breakpoint is a pivot), so long pipelines solve
+only the stretch around T0 at full size. Beyond it they solve a short copy of the pipeline
+(`SHORT_MICROBATCHES`) and stretch its steady state: the middle microbatch's durations stand for
+every microbatch of the long pipeline's steady state, and the fill and drain map one to one.
+Stretched plans are exact relaxed plans of the long pipeline (their deadline is their own
+longest path) and, measured on the real profiles at 8 x 96, usually cost what the full LP
+would at that deadline, at most about 1% more.
+
+Between solved points, a deadline gets the convex combination of the two solved plans around it:
+it meets that deadline (the longest path is convex in the durations) and costs at most the
+interpolated cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from perseus_operator.planner.evaluate import forward_pass
+from perseus_operator.planner.lp import LpRelaxation
+from perseus_operator.planner.model import OptionTable
+from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
+
+__all__ = ["RelaxedPath", "relaxed_path"]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+LP_STEP = 0.005  # solved this far apart (fraction of T0) along the frontier ...
+MAX_LP_SOLVES = 120  # ... or wider, so that at most about this many solves span it
+DENSE_STEP = 0.001  # ... and this far apart up to DENSE_ABOVE_T0 past T0
+DENSE_ABOVE_T0 = 0.01
+COARSE_STEPS = 4  # past the relaxation's least energy, steps this many times wider ...
+PAST_T_STAR = 0.05  # ... until this far (fraction of T0) past it
+SHORT_MICROBATCHES = 24  # longer pipelines stretch a pipeline this long beyond the dense part
+SHORT_MIN_STAGE_MULTIPLE = 3  # ... at least this many times the stage count
+
+
+@dataclass(frozen=True)
+class RelaxedPath:
+    deadline_s: FloatArray
+    """Sorted deadlines of the solved relaxed plans."""
+    duration_s: FloatArray
+    """Their durations, nodes x points."""
+    energy_j: FloatArray
+    """Their energies (a lower bound on any discrete plan meeting the same deadline)."""
+    near_t0: tuple[tuple[float, FloatArray], ...]
+    """The plans solved at full size from T0 to `DENSE_ABOVE_T0` past it, worth more roundings."""
+
+    @property
+    def t_star_s(self) -> float:
+        """The deadline of the least-energy relaxed plan."""
+        return float(self.deadline_s[int(np.argmin(self.energy_j))])
+
+    def at(self, deadline_s: FloatArray) -> FloatArray:
+        """Relaxed durations (nodes x deadlines), interpolated between the solved plans
+        (deadlines outside the path get its nearest end)."""
+        at = self.deadline_s
+        if len(at) == 1:
+            return np.repeat(self.duration_s[:, :1], len(deadline_s), axis=1)
+        hi = np.clip(np.searchsorted(at, deadline_s), 1, len(at) - 1)
+        w = np.clip((deadline_s - at[hi - 1]) / (at[hi] - at[hi - 1]), 0.0, 1.0)
+        out: FloatArray = self.duration_s[:, hi - 1] * (1 - w) + self.duration_s[:, hi] * w
+        return out
+
+
+def relaxed_path(
+    dag: PipelineDag,
+    table: OptionTable,
+    t0: float,
+    fastest_t: float,
+    slowest_t: float,
+    *,
+    short_table: OptionTable | None = None,
+) -> RelaxedPath | None:
+    """The relaxation's path (see the module doc), or None if no deadline could be solved.
+    `short_table`, the option table of the same profile for `short_pipeline(dag.shape)`, makes
+    a long pipeline stretch that short one beyond the dense part."""
+    idle_w = dag.shape.stages * table.blocking_power_w
+    stretch = short_table is not None and short_pipeline(dag.shape) is not None
+    stop = min(slowest_t, t0 * (1 + DENSE_ABOVE_T0)) if stretch else slowest_t
+    points = _sweep(
+        LpRelaxation(dag, table),
+        start=fastest_t,
+        stop=stop,
+        t0=t0,
+        slowest_t=slowest_t,
+        idle_w=idle_w,
+    )
+    near = tuple((t, d) for t, d, _ in points if t0 <= t <= t0 * (1 + DENSE_ABOVE_T0))
+    if stretch and short_table is not None:
+        points += _stretched(dag, table, short_table, after=stop)
+    if not points:
+        return None
+    points.sort(key=lambda p: p[0])
+    return RelaxedPath(
+        deadline_s=np.asarray([p[0] for p in points]),
+        duration_s=np.stack([p[1] for p in points], axis=1),
+        energy_j=np.asarray([p[2] for p in points]),
+        near_t0=near,
+    )
+
+
+def short_pipeline(shape: PipelineShape) -> PipelineShape | None:
+    """The short copy a long pipeline stretches, or None if the pipeline is not long."""
+    short = max(SHORT_MICROBATCHES, SHORT_MIN_STAGE_MULTIPLE * shape.stages)
+    if shape.microbatches <= short:
+        return None
+    return PipelineShape(stages=shape.stages, microbatches=short, schedule=shape.schedule)
+
+
+def _sweep(
+    lp: LpRelaxation, *, start: float, stop: float, t0: float, slowest_t: float, idle_w: float
+) -> list[tuple[float, FloatArray, float]]:
+    """(deadline, durations, energy) solved from `start` to `stop`, warm-started in order."""
+    step = max(LP_STEP * t0, (slowest_t - start) / MAX_LP_SOLVES)
+    out: list[tuple[float, FloatArray, float]] = []
+    deadline, best = start, 0
+    while True:
+        solution = lp.solve(deadline)
+        if solution is not None:
+            out.append((deadline, solution.duration_s, solution.cost_j + idle_w * deadline))
+            best = best if out[best][2] <= out[-1][2] else len(out) - 1
+        past = bool(out) and deadline > out[best][0] + 2 * step
+        if deadline >= stop or (past and deadline > out[best][0] + PAST_T_STAR * t0):
+            return out
+        dense = deadline < t0 * (1 + DENSE_ABOVE_T0) and step > DENSE_STEP * t0
+        following = deadline + (DENSE_STEP * t0 if dense else COARSE_STEPS * step if past else step)
+        if deadline < t0 < following:
+            following = t0
+        deadline = min(following, stop)
+
+
+def _stretched(
+    dag: PipelineDag, table: OptionTable, short_table: OptionTable, after: float
+) -> list[tuple[float, FloatArray, float]]:
+    """Relaxed plans of the long pipeline stretched from the short one's path, past `after`."""
+    shape = short_pipeline(dag.shape)
+    assert shape is not None
+    short = build_dag(shape)
+    short_cls = 2 * short.stage + short.kind
+    cheapest_s = short_table.time_s[np.arange(short_table.num_classes), short_table.count - 1]
+    short_t0 = _makespan(short, short_table.max_clock_time_s[short_cls])
+    short_slowest = _makespan(short, cheapest_s[short_cls])
+    idle_w = dag.shape.stages * table.blocking_power_w
+    points = _sweep(
+        LpRelaxation(short, short_table),
+        start=_makespan(short, short_table.time_s[short_cls, 0]),
+        stop=short_slowest,
+        t0=short_t0,
+        slowest_t=short_slowest,
+        idle_w=idle_w,
+    )
+    index = _stretch_index(dag, short)
+    cls = 2 * dag.stage + dag.kind
+    out = []
+    for _, relaxed, _ in points:
+        duration = relaxed[index]
+        deadline = _makespan(dag, duration)
+        if deadline > after:
+            energy = table.relaxed_cost_j(cls, duration) + idle_w * deadline
+            out.append((deadline, duration, energy))
+    return out
+
+
+def _stretch_index(long: PipelineDag, short: PipelineDag) -> IntArray:
+    """For each node of the long pipeline, the node of the short one whose duration it takes:
+    the same stage and kind, the same microbatch in the fill (the first half of the short
+    pipeline's microbatches) and the drain (its second half, counted from the end), the short
+    pipeline's middle microbatch in between."""
+    position = {
+        (int(s), int(k), int(m)): i
+        for i, (s, k, m) in enumerate(zip(short.stage, short.kind, short.microbatch, strict=True))
+    }
+    n_long, n_short = long.shape.microbatches, short.shape.microbatches
+    middle = n_short // 2
+    m = long.microbatch
+    mapped = np.where(
+        m < middle, m, np.where(m >= n_long - (n_short - middle), m - (n_long - n_short), middle)
+    )
+    return np.asarray(
+        [
+            position[(int(s), int(k), int(j))]
+            for s, k, j in zip(long.stage, long.kind, mapped, strict=True)
+        ],
+        dtype=np.int64,
+    )
+
+
+def _makespan(dag: PipelineDag, duration_s: FloatArray) -> float:
+    return float(forward_pass(dag, duration_s)[:-1].max())
