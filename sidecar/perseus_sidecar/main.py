@@ -1,6 +1,7 @@
 """`perseus-sidecar`: settings from `PERSEUS_SIDECAR_*` environment variables, overridden by flags;
 JSON-lines logs; uvicorn serves HTTP and the lifespan runs the event transport on the same loop.
-SIGTERM/SIGINT shut down gracefully, resetting every clock this sidecar locked."""
+SIGTERM/SIGINT shut down gracefully, resetting every clock this sidecar locked.
+`perseus-sidecar doctor` runs the read-only GPU check of `doctor.py` instead of the agent."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
-
-from pydantic import ValidationError
 
 __all__ = ["JsonFormatter", "build_parser", "main", "settings_from_args"]
 
@@ -44,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="perseus-sidecar",
         description="Perseus node agent. Every flag also reads PERSEUS_SIDECAR_<FLAG> "
         "(e.g. PERSEUS_SIDECAR_TOKEN_FILE); flags win.",
+        epilog="'perseus-sidecar doctor [--json]' checks this node's GPUs, read-only.",
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--host", help="HTTP and event listen address (default 0.0.0.0)")
@@ -89,7 +89,13 @@ def _configure_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["doctor"]:  # before the agent's heavy imports: the doctor needs only NVML
+        from perseus_sidecar.doctor import main as doctor_main
+
+        return doctor_main(args[1:])
     import uvicorn
+    from pydantic import ValidationError
 
     from perseus_sidecar.app import SetupError, create_app
     from perseus_sidecar.gpu.base import GpuError

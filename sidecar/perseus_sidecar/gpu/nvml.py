@@ -175,6 +175,56 @@ class NvmlBackend(GpuBackend):
     def power_w(self, uuid: str) -> float:
         return float(self._call(uuid, "reading power", pynvml.nvmlDeviceGetPowerUsage)) / 1000.0
 
+    # ---- diagnostics: read-only queries for `perseus-sidecar doctor` ------------------------
+
+    def driver_version(self) -> str:
+        self._init()
+        try:
+            return _text(pynvml.nvmlSystemGetDriverVersion())
+        except pynvml.NVMLError as exc:
+            raise map_nvml_error(exc, "reading the driver version") from None
+
+    def supported_sm_clocks_mhz(self, uuid: str) -> tuple[int, ...]:
+        """Read even for unusable GPUs, which `list_gpus` does not query."""
+        return tuple(self._call(uuid, "reading supported clocks", _supported_clocks))
+
+    def supported_memory_clocks_mhz(self, uuid: str) -> tuple[int, ...]:
+        clocks = self._call(
+            uuid, "reading memory clocks", pynvml.nvmlDeviceGetSupportedMemoryClocks
+        )
+        return tuple(sorted({int(c) for c in clocks}, reverse=True))
+
+    def current_memory_clock_mhz(self, uuid: str) -> int:
+        return int(
+            self._call(uuid, "reading clock", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM)
+        )
+
+    def max_rated_sm_clock_mhz(self, uuid: str) -> int:
+        """The highest SM clock the GPU is rated for (boost), independent of any lock."""
+        return int(
+            self._call(
+                uuid, "reading max clock", pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM
+            )
+        )
+
+    def mig_enabled(self, uuid: str) -> bool:
+        """Raises GpuNotSupportedError on GPUs without MIG."""
+        current, _pending = self._call(uuid, "reading MIG mode", pynvml.nvmlDeviceGetMigMode)
+        return bool(current == pynvml.NVML_DEVICE_MIG_ENABLE)
+
+    def power_limit_w(self, uuid: str) -> float:
+        limit_mw = self._call(uuid, "reading power limit", pynvml.nvmlDeviceGetEnforcedPowerLimit)
+        return float(limit_mw) / 1000.0
+
+    def clock_event_reasons(self, uuid: str) -> tuple[str, ...]:
+        """Why the clocks are below their maximum now (idle, power cap, a user's lock...)."""
+        # Bindings older than the R535 rename only have the "throttle reasons" name.
+        read = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+        if read is None:
+            read = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        mask = int(self._call(uuid, "reading clock reasons", read))
+        return tuple(name for bit, name in _CLOCK_EVENT_REASONS if mask & bit)
+
     def close(self) -> None:
         if not self._initialised:
             return
@@ -182,6 +232,20 @@ class NvmlBackend(GpuBackend):
         self._handles.clear()
         with contextlib.suppress(pynvml.NVMLError):  # the driver may be gone already
             pynvml.nvmlShutdown()
+
+
+# NVML's clock event reason bits (stable ABI values; older bindings name them "throttle reasons").
+_CLOCK_EVENT_REASONS = (
+    (0x1, "idle"),
+    (0x2, "user-defined clocks (locked or application clocks)"),
+    (0x4, "software power cap"),
+    (0x8, "hardware slowdown"),
+    (0x10, "sync boost"),
+    (0x20, "software thermal slowdown"),
+    (0x40, "hardware thermal slowdown"),
+    (0x80, "hardware power brake"),
+    (0x100, "display clock setting"),
+)
 
 
 def _text(value: str | bytes) -> str:
