@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -43,6 +44,10 @@ __all__ = [
 
 PROG = "perseus-sidecar doctor"
 DEFAULT_ENERGY_S = 2.5
+TIME_SLICED_ENV = "PERSEUS_SIDECAR_TIME_SLICED"
+# The spellings pydantic accepts for the sidecar's own boolean setting.
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no", ""})
 
 T = TypeVar("T")
 
@@ -336,17 +341,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ENERGY_S,
         help=f"seconds to poll each GPU's energy counter (default {DEFAULT_ENERGY_S}; 0 skips)",
     )
+    p.add_argument(
+        "--time-sliced",
+        action="store_true",
+        help=f"GPUs are shared by time slicing, like the sidecar flag (default ${TIME_SLICED_ENV})",
+    )
     return p
+
+
+def _time_sliced_from_env() -> bool:
+    """What the sidecar in the same pod was told: the chart sets this variable."""
+    value = os.environ.get(TIME_SLICED_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{TIME_SLICED_ENV} must be true or false, got {value!r}")
 
 
 def main(argv: Sequence[str] | None = None, now_s: Callable[[], float] = time.perf_counter) -> int:
     args = build_parser().parse_args(argv)
     try:
+        time_sliced = args.time_sliced or _time_sliced_from_env()
+    except ValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    try:
         from perseus_sidecar.gpu.nvml import NvmlBackend
     except ImportError as exc:
         print(f"{PROG}: the NVML bindings are missing (nvidia-ml-py): {exc}", file=sys.stderr)
         return 2
-    backend = NvmlBackend()
+    backend = NvmlBackend(time_sliced=time_sliced)
     try:
         report = inspect_node(backend, args.energy_s, now_s)
     except GpuError as exc:

@@ -246,6 +246,36 @@ def test_missing_bindings_is_one_line_exit_2(
     assert len(lines) == 1 and "NVML bindings are missing" in lines[0]
 
 
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_time_sliced_like_the_sidecar(
+    nv: Any, how: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--energy-s", "0"]
+    if how == "flag":
+        argv.append("--time-sliced")
+    else:
+        monkeypatch.setenv("PERSEUS_SIDECAR_TIME_SLICED", "True")
+    nv.nvmlDeviceGetCount.return_value = 1
+    assert doctor.main(argv) == 1
+    assert "usable: NO - the node shares GPUs by time slicing" in capsys.readouterr().out
+
+
+def test_time_sliced_env_false_and_bad(
+    nv: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nv.nvmlDeviceGetCount.return_value = 1
+    monkeypatch.setenv("PERSEUS_SIDECAR_TIME_SLICED", "false")
+    assert doctor.main(["--energy-s", "0"]) == 0
+    monkeypatch.setenv("PERSEUS_SIDECAR_TIME_SLICED", "maybe")
+    capsys.readouterr()
+    assert doctor.main(["--energy-s", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "perseus-sidecar doctor: PERSEUS_SIDECAR_TIME_SLICED must be true or false, got 'maybe'"
+    ]
+    nv.nvmlInit.assert_called_once()  # the bad value stopped the second run before NVML
+
+
 @pytest.mark.parametrize("value", ["-1", "61", "soon"])
 def test_bad_energy_seconds(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
