@@ -72,7 +72,8 @@ RANDOM_SEED = 20241104
 FINE_MAX_INSTRUCTIONS = 1024  # up to this size, twice the gap rounds
 _GAP_ROUNDS = 6
 _GAP_NUDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-_FILL_STEPS = 6  # rungs of the price ladder (plus μ = 0)
+_FILL_STEPS = 4  # rungs of the price ladder (plus μ = 0): roundings need few
+BACKWARD_PRICES = [0.0]  # the backward sweep only takes what still fits
 _LANE_ELEMENTS = 2_000_000  # lanes x nodes per batch: bounds memory on large pipelines
 
 
@@ -209,16 +210,20 @@ class _Search:
                 deadline_s = np.append(deadline_s, np.full(lanes, deadline))
         else:
             base, deadline_s = self.uniform_bases(uniform, u_time, u_cost, t0)
-        base = np.concatenate((base, self.max_clock_plan()[:, None]), axis=1)
+        # Plans are stored as int16 option indices (a 16k-instruction pipeline has hundreds of
+        # lanes) and widened one chunk of lanes at a time.
+        base = np.concatenate((base, self.max_clock_plan()[:, None]), axis=1).astype(np.int16)
         deadline_s = np.append(deadline_s, t0)
-        kept = self.evaluated(uniform.T) + self.evaluated(base)
+        kept = self.evaluated(uniform.T)
         chunk = max(1, _LANE_ELEMENTS // self.dag.num_nodes)
         lanes = base.shape[1]
         for first in range(0, lanes, chunk):
             part = slice(first, first + chunk)
-            idx = self.batch.fill(base[:, part], deadline_s[part], prices, backward=False)
-            found = self.evaluated(idx)
-            idx = self.batch.fill(idx, deadline_s[part], prices, backward=True)
+            start = base[:, part].astype(np.int64)
+            found = self.evaluated(start)
+            idx = self.batch.fill(start, deadline_s[part], prices, backward=False)
+            found += self.evaluated(idx)
+            idx = self.batch.fill(idx, deadline_s[part], BACKWARD_PRICES, backward=True)
             kept = _useful(kept + found + self.evaluated(idx), self.idle_power_w)
             if progress is not None:
                 progress(min(first + chunk, lanes), lanes)
@@ -287,7 +292,7 @@ class _Search:
         for deadline in deadlines:
             bases += [fastest, self.cheapest_uniform(uniform, u_time, u_cost, deadline)]
             lane_deadlines += [deadline, deadline]
-        return np.stack(bases, axis=1), np.asarray(lane_deadlines)
+        return np.stack([b.astype(np.int16) for b in bases], axis=1), np.asarray(lane_deadlines)
 
     @staticmethod
     def cheapest_uniform(
