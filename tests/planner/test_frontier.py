@@ -17,7 +17,7 @@ from perseus_operator.planner import (
     plan_for_straggler,
     stage_spans,
 )
-from perseus_profiles import Measurement, StageProfile
+from perseus_profiles import Measurement, StageProfile, load_example
 from tests.planner import reference
 
 BLOCKING_W = 10.0
@@ -203,3 +203,24 @@ def test_rejects_shape_that_does_not_match_profile() -> None:
         compute_frontier(HAND, HAND_SHAPE, -1.0)
     with pytest.raises(ValueError, match="microbatches"):
         PipelineShape(stages=2, microbatches=0)
+
+
+def test_long_pipeline_stretches_the_relaxation_and_stays_exact_and_reproducible() -> None:
+    """Past 24 microbatches the LP beyond T0 comes from a stretched short copy: every plan is
+    still exact and useful, no slowdown is real, and a second run gives the same plans (the
+    jittered roundings are seeded)."""
+    profile = load_example("bloom-176b-a40").select_stages((0, 3, 7))
+    shape = PipelineShape(stages=3, microbatches=30)
+    first = compute_frontier(profile, shape, 70.38)
+    idle_w = 70.38 * shape.stages
+    for p in first.plans[:: max(1, len(first.plans) // 15)]:
+        t, e = reference.cost(profile, shape.microbatches, 70.38, p.frequencies_mhz)
+        assert p.iteration_time_s == pytest.approx(t, rel=1e-9)
+        assert p.energy_j == pytest.approx(e, rel=1e-9)
+    for a, b in zip(first.plans, first.plans[1:], strict=False):
+        assert b.energy_j - idle_w * b.iteration_time_s < a.energy_j - idle_w * a.iteration_time_s
+    zero = plan_for_no_straggler(first, 0.0)
+    assert zero.iteration_time_s <= first.t0_s * (1 + 1e-12)
+    assert zero.energy_j < 0.97 * first.baseline_energy_j  # a real saving, not just "no worse"
+    assert first.t_star.iteration_time_s > 1.05 * first.t0_s  # the stretched part is there
+    assert compute_frontier(profile, shape, 70.38).plans == first.plans

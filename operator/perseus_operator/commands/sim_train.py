@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import secrets
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -172,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.job_token is not None:
         job_token = args.job_token
     elif operator_token is not None:
+        import secrets  # only here: `perseus plan` builds this parser too and must start fast
+
         job_token = secrets.token_urlsafe(32)
     else:
         raise CliError(

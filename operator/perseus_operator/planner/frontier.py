@@ -61,9 +61,8 @@ MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the w
 GAP_TARGET = 0.0015  # consecutive plans before T* at most this far apart (fraction of T0)
 LP_MAX_INSTRUCTIONS = 6144  # larger pipelines fill uniform-price plans instead (HiGHS time grows)
 FINE_PAST_T_STAR = 0.01  # deadlines GRID_FRACTION apart up to this far past the relaxation's T*
-TAIL_STEP = (
-    0.01  # past the relaxation's path, uniform-price plans filled to deadlines this far apart
-)
+# Past the relaxation's path, uniform-price plans are filled to deadlines this far apart.
+TAIL_STEP = 0.01
 RANDOM_LANES = 64  # randomized roundings at T0 ...
 RANDOM_LANES_NEAR_T0 = 4  # ... and at each LP solve up to `relaxed.DENSE_ABOVE_T0` past it
 RANDOM_SPREADS = ((0.1, 0.0), (0.2, 0.0), (0.05, 0.1), (0.0, 0.1))  # ... their prices jittered
@@ -193,21 +192,9 @@ class _Search:
         u_time = self.batch.makespans(uniform.T)
         u_cost = self.batch.costs(uniform.T)
         t0, _ = self.baseline()
-        fastest_t, slowest_t = float(u_time.min()), float(u_time.max())
         prices = _fill_prices(slopes)
         if self.dag.num_nodes <= LP_MAX_INSTRUCTIONS:
-            base, deadline_s, near_t0 = self.lp_rounded(t0, fastest_t, slowest_t)
-            if len(deadline_s) and deadline_s.max() < slowest_t:
-                tail = np.arange(deadline_s.max(), slowest_t, TAIL_STEP * t0)[1:]
-                cheapest = [self.cheapest_uniform(uniform, u_time, u_cost, d) for d in tail]
-                if cheapest:
-                    base = np.concatenate((base, np.stack(cheapest, axis=1)), axis=1)
-                    deadline_s = np.append(deadline_s, tail)
-            for deadline, relaxed in near_t0:
-                lanes = RANDOM_LANES if deadline == t0 else RANDOM_LANES_NEAR_T0
-                extra = self.randomized_rounding(relaxed, deadline, lanes)
-                base = np.concatenate((base, extra), axis=1)
-                deadline_s = np.append(deadline_s, np.full(lanes, deadline))
+            base, deadline_s = self.lp_bases(uniform, u_time, u_cost, t0)
         else:
             base, deadline_s = self.uniform_bases(uniform, u_time, u_cost, t0)
         # Plans are stored as int16 option indices (a 16k-instruction pipeline has hundreds of
@@ -235,6 +222,26 @@ class _Search:
         energies = self.batch.costs(idx) + self.idle_power_w * times
         return [(float(t), float(e), i.astype(np.int16))
                 for t, e, i in zip(times, energies, idx.T, strict=True)]  # fmt: skip
+
+    def lp_bases(
+        self, uniform: IntArray, u_time: FloatArray, u_cost: FloatArray, t0: float
+    ) -> tuple[IntArray, FloatArray]:
+        """Plans to fill (nodes x lanes) and their deadlines: the LP roundings, the jittered
+        ones near T0, and past the relaxation's path the cheapest uniform-price plans."""
+        fastest_t, slowest_t = float(u_time.min()), float(u_time.max())
+        base, deadline_s, near_t0 = self.lp_rounded(t0, fastest_t, slowest_t)
+        if len(deadline_s) and deadline_s.max() < slowest_t:
+            tail = np.arange(deadline_s.max(), slowest_t, TAIL_STEP * t0)[1:]
+            if len(tail):
+                cheapest = [self.cheapest_uniform(uniform, u_time, u_cost, d) for d in tail]
+                base = np.concatenate((base, np.stack(cheapest, axis=1)), axis=1)
+                deadline_s = np.append(deadline_s, tail)
+        for deadline, relaxed in near_t0:
+            lanes = RANDOM_LANES if deadline == t0 else RANDOM_LANES_NEAR_T0
+            extra = self.randomized_rounding(relaxed, deadline, lanes)
+            base = np.concatenate((base, extra), axis=1)
+            deadline_s = np.append(deadline_s, np.full(lanes, deadline))
+        return base, deadline_s
 
     def lp_rounded(
         self, t0: float, fastest_t: float, slowest_t: float

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,14 @@ class OptionTable:
 
     def hull_indices(self, c: int) -> list[int]:
         """Class c's options on the lower convex hull of its (t, c) points, fastest first."""
+        return list(self._hulls[c])
+
+    @cached_property
+    def _hulls(self) -> tuple[tuple[int, ...], ...]:
+        """Every class's hull, computed once: the planner asks for them hundreds of times."""
+        return tuple(tuple(self._hull_of(c)) for c in range(self.num_classes))
+
+    def _hull_of(self, c: int) -> list[int]:
         n = int(self.count[c])
         t, cost = self.time_s[c, :n], self.cost_j[c, :n]
         hull = [0]

@@ -34,7 +34,7 @@ __all__ = ["RelaxedPath", "relaxed_path"]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-LP_STEP = 0.005  # solved this far apart (fraction of T0) along the frontier ...
+LP_STEP = 0.01  # solved this far apart (fraction of T0) along the frontier ...
 MAX_LP_SOLVES = 120  # ... or wider, so that at most about this many solves span it
 DENSE_STEP = 0.001  # ... and this far apart up to DENSE_ABOVE_T0 past T0
 DENSE_ABOVE_T0 = 0.01
