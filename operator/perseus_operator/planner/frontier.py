@@ -233,9 +233,14 @@ class _Search:
         if len(deadline_s) and deadline_s.max() < slowest_t:
             tail = np.arange(deadline_s.max(), slowest_t, TAIL_STEP * t0)[1:]
             if len(tail):
+                # Both the cheapest uniform plan and the slowest LP rounding, filled onwards.
+                last = base[:, int(np.argmax(deadline_s))]
                 cheapest = [self.cheapest_uniform(uniform, u_time, u_cost, d) for d in tail]
-                base = np.concatenate((base, np.stack(cheapest, axis=1)), axis=1)
-                deadline_s = np.append(deadline_s, tail)
+                base = np.concatenate(
+                    (base, np.stack(cheapest, axis=1), np.repeat(last[:, None], len(tail), 1)),
+                    axis=1,
+                )
+                deadline_s = np.concatenate((deadline_s, tail, tail))
         for deadline, relaxed in near_t0:
             lanes = RANDOM_LANES if deadline == t0 else RANDOM_LANES_NEAR_T0
             extra = self.randomized_rounding(relaxed, deadline, lanes)
@@ -251,7 +256,7 @@ class _Search:
 
         Deadlines are `GRID_FRACTION` of T0 apart up to a little past the relaxation's least
         energy (`FAST_GRID_FRACTION` faster than T0, where energy falls steeply with time),
-        plus every solved deadline beyond."""
+        half a `TAIL_STEP` apart to the path's end, and every solved deadline."""
         path = relaxed_path(
             self.dag, self.table, t0, fastest_t, slowest_t, short_table=self.short_table
         )
@@ -262,7 +267,8 @@ class _Search:
         grid = max(GRID_FRACTION * t0, (fine_end - at[0]) / MAX_DEADLINES)
         steep = np.arange(at[0], min(t0, fine_end), FAST_GRID_FRACTION * t0)
         fine = np.arange(max(at[0], min(t0, fine_end)), fine_end, grid)
-        deadline_s = np.unique(np.concatenate((steep, fine, at)))
+        beyond = np.arange(fine_end, at[-1], TAIL_STEP * t0 / 2)
+        deadline_s = np.unique(np.concatenate((steep, fine, beyond, at)))
         duration_s = path.at(deadline_s)
         price = hull_prices(self.table, self.cls, duration_s)
         return self.batch.round_priced(duration_s, price, deadline_s), deadline_s, path.near_t0
