@@ -72,8 +72,11 @@ def _measure(
     begin: Callable[[InstructionKind, int], None],
     end: Callable[[InstructionKind, int], None],
     calls: int,
+    gap_s: float = 0.0,
 ) -> list[float]:
-    """Per-call times in microseconds (each begin and each end timed separately)."""
+    """Per-call times in microseconds (each begin and each end timed separately), less the
+    timer's own cost. With `gap_s`, the thread sleeps between pairs, as a training thread waits
+    in GPU/C++ code with the GIL released (the sender then runs in between)."""
     samples: list[float] = []
     clock = time.perf_counter_ns
     for m in range(calls // 2):
@@ -84,31 +87,11 @@ def _measure(
         t2 = clock()
         samples.append((t1 - t0) / 1000)
         samples.append((t2 - t1) / 1000)
+        if gap_s:
+            time.sleep(gap_s)
     # Remove the timer's own cost, measured the same way.
     overhead = statistics.median((-clock() + clock()) / -1000 for _ in range(10000))
     return [max(s - overhead, 0.0) for s in samples]
-
-
-def _measure_paced(
-    begin: Callable[[InstructionKind, int], None],
-    end: Callable[[InstructionKind, int], None],
-    calls: int,
-    gap_s: float,
-) -> list[float]:
-    """Like :func:`_measure`, with the thread sleeping `gap_s` between pairs, as a training
-    thread waits in GPU/C++ code with the GIL released (the sender then runs in between)."""
-    samples: list[float] = []
-    clock = time.perf_counter_ns
-    for m in range(calls // 2):
-        t0 = clock()
-        begin("forward", m)
-        t1 = clock()
-        end("forward", m)
-        t2 = clock()
-        samples.append((t1 - t0) / 1000)
-        samples.append((t2 - t1) / 1000)
-        time.sleep(gap_s)
-    return samples
 
 
 def _summary(name: str, samples: list[float], baseline_us: float | None) -> float:
@@ -164,7 +147,7 @@ def main() -> None:
     paced_calls = min(calls, 20_000)
     paced_mean = _summary(
         "  same, paced: 1 pair per 100 us",
-        _measure_paced(live.instruction_begin, live.instruction_end, paced_calls, 100e-6),
+        _measure(live.instruction_begin, live.instruction_end, paced_calls, gap_s=100e-6),
         base,
     )
     live.flush(30)

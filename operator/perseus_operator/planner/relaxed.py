@@ -51,7 +51,8 @@ class RelaxedPath:
     duration_s: FloatArray
     """Their durations, nodes x points."""
     energy_j: FloatArray
-    """Their energies (a lower bound on any discrete plan meeting the same deadline)."""
+    """Their energies: for plans solved at full size, a lower bound on any discrete plan that
+    meets the same deadline; stretched ones can cost a little more than that bound."""
     near_t0: tuple[tuple[float, FloatArray], ...]
     """The plans solved at full size from T0 to `DENSE_ABOVE_T0` past it, worth more roundings."""
 
