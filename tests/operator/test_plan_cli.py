@@ -49,6 +49,7 @@ def test_profile_run_writes_valid_frontier(
     out = capsys.readouterr().out
     assert "baseline (all GPUs at max clock)" in out
     assert "fastest plan" in out and "least energy (T*)" in out and "plans written" in out
+    assert "no slowdown (<= T0)" in out
     doc = json.loads((tmp_path / "out" / "frontier.json").read_text())
     assert doc["format"] == "perseus-frontier/v1"
     assert doc["pipeline"] == {"schedule": "1f1b", "stages": 2, "microbatches": 3}

@@ -46,7 +46,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from perseus_operator.frontier_io import plot_frontier, write_frontier
-    from perseus_operator.planner import PipelineShape, compute_frontier
+    from perseus_operator.planner import PipelineShape, compute_frontier, plan_for_no_straggler
     from perseus_profiles import ProfileError, example, read_profile
 
     started = time.perf_counter()
@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"baseline (all GPUs at max clock): {t0:.4f} s, {e0:.1f} J")
     print(f"fastest plan: {fastest.iteration_time_s:.4f} s ({_pct(fastest.iteration_time_s, t0)} "
           f"time), {fastest.energy_j:.1f} J ({_saving(fastest.energy_j, e0)} saved)")  # fmt: skip
+    zero = plan_for_no_straggler(frontier, 0.0)
+    print(f"no slowdown (<= T0): {zero.iteration_time_s:.4f} s, {zero.energy_j:.1f} J "
+          f"({_saving(zero.energy_j, e0)} saved)")  # fmt: skip
     print(f"least energy (T*): {star.iteration_time_s:.4f} s ({_pct(star.iteration_time_s, t0)} "
           f"time), {star.energy_j:.1f} J ({_saving(star.energy_j, e0)} saved)")  # fmt: skip
     print(f"{len(frontier.plans)} plans written to {args.out}"
