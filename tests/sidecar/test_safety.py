@@ -228,6 +228,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def sidecar_cmd(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
     token_file = tmp_path / "token"
@@ -244,7 +248,14 @@ def sidecar_cmd(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]
             "--token-file", str(token_file), "--state-dir", str(tmp_path / "state"),
             "--node-name", "n1",
         ]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A shell's background job inherits SIGINT ignored (so does a sidecar started from
+        # one); the tests send SIGINT as a terminal or kubelet would, to a default disposition.
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_default_sigint,  # noqa: PLW1509 (only signal.signal, before exec)
+        )
         procs.append(proc)
         start.base = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
         start.event_port = event_port  # type: ignore[attr-defined]
