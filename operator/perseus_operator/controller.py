@@ -13,20 +13,18 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from perseus_operator import reconcile as rc
 from perseus_operator.model import EnergyPolicySpec, SpecError, parse_spec
 from perseus_operator.planner import (
     Frontier,
     PipelineShape,
-    Plan,
     compute_frontier,
     plan_for_no_straggler,
     plan_for_straggler,
-    stage_spans,
 )
 from perseus_operator.profiling import ProfileSession
 from perseus_operator.sidecars import (
@@ -35,134 +33,25 @@ from perseus_operator.sidecars import (
     SidecarRejectedError,
     SidecarUnreachableError,
 )
+from perseus_operator.state import EventSink, PodRecord, PolicyRecord, PolicyRuntime, Regime, Store
+from perseus_operator.status_views import (
+    check_profile,
+    effective_blocking_w,
+    enough_samples,
+    frontier_view,
+    mean_present,
+    merge_patch,
+    plan_view,
+    regime_name,
+    straggler_status,
+)
 from perseus_operator.straggler import Sample, StragglerState
 from perseus_operator.straggler import update as straggler_update
 from perseus_profiles import ProfileError, StageProfile, parse_profile_csv
 
-__all__ = [
-    "Controller",
-    "PodRecord",
-    "PolicyRecord",
-    "PolicyRuntime",
-    "Store",
-    "cleanup_policy",
-    "merge_patch",
-]
+__all__ = ["Controller", "cleanup_policy"]
 
 log = logging.getLogger("perseus.operator")
-
-
-@dataclass(frozen=True)
-class PodRecord:
-    """What the pod index keeps per pod: enough to select, announce and place it."""
-
-    name: str
-    uid: str
-    labels: Mapping[str, str]
-    phase: str
-    pod_ip: str | None
-    host_ip: str | None
-    node_name: str | None
-    host_network: bool
-
-    def view(self) -> rc.PodView:
-        return rc.PodView(
-            self.name,
-            self.uid,
-            self.phase,
-            self.pod_ip,
-            self.host_ip,
-            self.node_name,
-            self.host_network,
-        )
-
-
-@dataclass(frozen=True)
-class PolicyRecord:
-    """What the policy index keeps: enough to tell which policy owns a pod."""
-
-    name: str
-    created: str
-    deleting: bool
-    selector: tuple[tuple[str, str], ...]
-
-    def selects(self, labels: Mapping[str, str]) -> bool:
-        return bool(self.selector) and all(labels.get(k) == v for k, v in self.selector)
-
-
-class Store(Protocol):
-    """The Kubernetes calls the controller makes (`kube.Kube` in production, a fake in tests)."""
-
-    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
-
-    async def ensure_job_token(self, namespace: str, policy: str, policy_uid: str) -> str: ...
-
-    async def read_configmap_key(self, namespace: str, name: str, key: str) -> str | None: ...
-
-    async def store_profile(
-        self,
-        namespace: str,
-        *,
-        gpu_model: str,
-        stages: int,
-        tensor_parallel: int,
-        key: str,
-        csv_text: str,
-        source: str,
-        blocking_power_w: float | None = None,
-    ) -> str: ...
-
-    async def load_profile(
-        self, namespace: str, gpu_model: str, stages: int, tensor_parallel: int, key: str
-    ) -> tuple[str, str, float | None] | None: ...
-
-
-EventSink = Callable[[Mapping[str, Any], rc.EventSpec], None]
-
-
-@dataclass
-class Regime:
-    """A stretch of time under one schedule (or none): measurements only count inside it."""
-
-    name: str
-    since_wall_s: float
-
-
-@dataclass
-class PolicyRuntime:
-    """In-memory state of one policy; what must survive a restart is in its status and in the
-    profile store, from which it is rebuilt."""
-
-    namespace: str
-    name: str
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    token: str | None = None
-    profile: StageProfile | None = None
-    profile_sig: tuple[Any, ...] | None = None
-    profile_msg: str = ""
-    profile_error: str | None = None
-    profile_cm: str | None = None
-    blocking_w: float | None = None
-    """Blocking power measured while profiling (or stored with the profile)."""
-    plan_error: str | None = None
-    profiling: ProfileSession | None = None
-    frontier: Frontier | None = None
-    frontier_sig: tuple[Any, ...] | None = None
-    plan: rc.PlanView | None = None
-    straggler: StragglerState = field(default_factory=StragglerState)
-    straggler_plan: rc.PlanView | None = None
-    last_spans: dict[int, float] = field(default_factory=dict)
-    regime: Regime = field(default_factory=lambda: Regime("none", 0.0))
-    baseline_j: float | None = None
-    baseline_iteration_s: float | None = None
-    baseline_gpus: int = 0
-    measured_saving: float | None = None
-    had_pods: bool = False
-    was_optimizing: bool = False
-    last_status: dict[str, Any] = field(default_factory=dict)
-    gpu_models: dict[str, tuple[str, frozenset[int]]] = field(default_factory=dict)
-    conflict_key: tuple[Any, ...] | None = None
-    conflict: str | None = None
 
 
 class Controller:
@@ -280,9 +169,9 @@ class Controller:
             nodes = {n: replace(v, entries=applied.get(n, v.entries)) for n, v in obs.nodes.items()}
             after = replace(obs, nodes=nodes, rejected="; ".join(rejected) or None)
             decision = replace(rc.decide(after), actions=decision.actions)
-        if decision.optimizing and not applying and rt.regime.name != _regime_name(rt):
+        if decision.optimizing and not applying and rt.regime.name != regime_name(rt):
             # The sidecars already run the plan (an operator restart): measure from now on.
-            rt.regime = Regime(_regime_name(rt), time.time())
+            rt.regime = Regime(regime_name(rt), time.time())
         rt.was_optimizing = decision.optimizing
         await self._write_status(body, rt, decision, generation)
         return decision
@@ -391,8 +280,10 @@ class Controller:
         if rt.frontier is None or rt.plan is None:
             return obs
         frontier = rt.frontier
-        fview = _frontier_view(frontier)
-        obs = replace(obs, frontier=fview, plan=rt.plan, blocking_power_w=_blocking_w(rt, spec))
+        fview = frontier_view(frontier)
+        obs = replace(
+            obs, frontier=fview, plan=rt.plan, blocking_power_w=effective_blocking_w(rt, spec)
+        )
         if spec.mode == "Observe":
             return obs
         timings = [s.timings for s in snaps.values() if s.timings is not None]
@@ -437,7 +328,7 @@ class Controller:
         )
         if stored is not None:
             try:
-                profile = _check_profile(parse_profile_csv(stored[1]), spec, all_clocks)
+                profile = check_profile(parse_profile_csv(stored[1]), spec, all_clocks)
             except ProfileError as exc:
                 log.warning("stored profile %s unusable (%s); fetching again", stored[0], exc)
             else:
@@ -452,7 +343,7 @@ class Controller:
                 rt.profile_sig = None  # look again next time
                 return
             try:
-                profile = _check_profile(parse_profile_csv(text), spec, all_clocks)
+                profile = check_profile(parse_profile_csv(text), spec, all_clocks)
             except ProfileError as exc:
                 rt.profile_error = f"ConfigMap {imp.config_map} key {imp.key}: {exc}"
                 return
@@ -515,7 +406,7 @@ class Controller:
     async def _ensure_frontier(self, rt: PolicyRuntime, spec: EnergyPolicySpec) -> None:
         assert rt.profile is not None
         shape = PipelineShape(spec.pipeline.stages, spec.pipeline.microbatches)
-        blocking_w = _blocking_w(rt, spec)
+        blocking_w = effective_blocking_w(rt, spec)
         sig = (rt.profile_cm, id(rt.profile), shape, blocking_w, spec.max_slowdown)
         if rt.frontier_sig == sig:
             return
@@ -533,7 +424,7 @@ class Controller:
             while len(self._frontiers) > 64:
                 self._frontiers.pop(next(iter(self._frontiers)))
         rt.frontier, rt.frontier_sig, rt.plan_error = frontier, sig, None
-        rt.plan = _plan_view(profile, frontier, plan_for_no_straggler(frontier, spec.max_slowdown))
+        rt.plan = plan_view(profile, frontier, plan_for_no_straggler(frontier, spec.max_slowdown))
         rt.straggler, rt.straggler_plan, rt.last_spans = StragglerState(), None, {}
 
     def _track_stragglers(
@@ -569,7 +460,7 @@ class Controller:
                 rt.straggler_plan = None
             else:
                 chosen = plan_for_straggler(rt.frontier, verdict.state.pace_s)
-                rt.straggler_plan = _plan_view(rt.profile, rt.frontier, chosen)
+                rt.straggler_plan = plan_view(rt.profile, rt.frontier, chosen)
 
     def _measure_baseline(
         self, rt: PolicyRuntime, spec: EnergyPolicySpec, snaps: Mapping[str, NodeSnapshot]
@@ -581,10 +472,12 @@ class Controller:
         if rt.regime.name != "baseline":
             rt.regime = Regime("baseline", time.time())
             return
-        if any(r.schedule_active for r in ranks) or not _enough(ranks, self.baseline_iterations):
+        if any(r.schedule_active for r in ranks) or not enough_samples(
+            ranks, self.baseline_iterations
+        ):
             return
         rt.baseline_j = sum(r.energy_per_iteration_mean_j or 0.0 for r in ranks)
-        rt.baseline_iteration_s = _mean([r.iteration_time_mean_s for r in ranks])
+        rt.baseline_iteration_s = mean_present([r.iteration_time_mean_s for r in ranks])
         rt.baseline_gpus = len(ranks)
 
     def _measure_saving(
@@ -597,18 +490,20 @@ class Controller:
             return
         if not rt.regime.name.startswith("plan:"):
             return
-        if not all(r.schedule_active for r in ranks) or not _enough(ranks, self.measure_iterations):
+        if not all(r.schedule_active for r in ranks) or not enough_samples(
+            ranks, self.measure_iterations
+        ):
             return
         straggler = rt.straggler.straggler if rt.straggler_plan is not None else None
         counted = [r for r in ranks if r.data_rank != straggler]
         if not counted or rt.baseline_iteration_s is None:
             return
         energy = sum(r.energy_per_iteration_mean_j or 0.0 for r in counted)
-        iteration_s = _mean([r.iteration_time_mean_s for r in counted])
+        iteration_s = mean_present([r.iteration_time_mean_s for r in counted])
         base = rt.baseline_j * len(counted) / max(rt.baseline_gpus, 1)
         wait_s = max(0.0, (iteration_s or 0.0) - rt.baseline_iteration_s)
         if straggler is not None:
-            base += _blocking_w(rt, spec) * len(counted) * wait_s
+            base += effective_blocking_w(rt, spec) * len(counted) * wait_s
         rt.measured_saving = rc.saving_percent(energy, base)
 
     # ---- acting and reporting -----------------------------------------------------------------
@@ -623,7 +518,7 @@ class Controller:
         """Carry out the actions; returns the entries now applied by node, and what the
         sidecars refused."""
         token_hash = hashlib.sha256((rt.token or "").encode()).hexdigest()
-        plan_regime = _regime_name(rt)
+        plan_regime = regime_name(rt)
         applied: dict[str, frozenset[rc.Entry]] = {}
         rejected: list[str] = []
         for action in decision.actions:
@@ -664,7 +559,7 @@ class Controller:
             "observedGeneration": generation,
             "conditions": conditions,
             **decision.status,
-            "straggler": _straggler_status(rt, old),
+            "straggler": straggler_status(rt, old),
             "profileConfigMap": rt.profile_cm,
             "blockingPowerW": round(rt.blocking_w, 2) if rt.blocking_w else None,
         }
@@ -702,100 +597,6 @@ _OWNED = (
     "straggler",
     "measuredBaseline",
 )
-
-
-def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning `old` into `new`: keys that went are set to null at every
-    level (a nested object is merged, not replaced, by the API server)."""
-    patch: dict[str, Any] = {}
-    for key in old.keys() | new.keys():
-        before, after = old.get(key), new.get(key)
-        if isinstance(before, Mapping) and isinstance(after, Mapping):
-            patch[key] = merge_patch(before, after)
-        elif key not in new or after is None:
-            if before is not None:
-                patch[key] = None
-        else:
-            patch[key] = after
-    return patch
-
-
-def _blocking_w(rt: PolicyRuntime, spec: EnergyPolicySpec) -> float:
-    """The spec's blocking power, else the one profiling measured (the spec requires one of
-    them: an import needs blockingPowerW, a sweep that measured none fails)."""
-    value = spec.blocking_power_w if spec.blocking_power_w is not None else rt.blocking_w
-    return float(value or 0.0)
-
-
-def _regime_name(rt: PolicyRuntime) -> str:
-    plan = rt.straggler_plan if rt.straggler_plan is not None else rt.plan
-    if plan is None:
-        return "none"
-    return f"plan:{rt.straggler.straggler}:{plan.iteration_time_s:.6f}"
-
-
-def _straggler_status(rt: PolicyRuntime, old: Mapping[str, Any]) -> dict[str, Any]:
-    state = rt.straggler
-    if state.straggler is None or state.pace_s is None or rt.plan is None:
-        return {"detected": False}
-    previous = old.get("straggler") or {}
-    since = previous.get("since") if previous.get("dataRank") == state.straggler else None
-    return {
-        "detected": True,
-        "dataRank": state.straggler,
-        "iterationTimeSeconds": round(state.pace_s, 4),
-        "slowdownPercent": round(100 * (state.pace_s / rt.plan.stage0_span_s - 1), 2),
-        "since": since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-
-
-def _enough(ranks: list[Any], iterations: int) -> bool:
-    return all(r.iterations >= iterations and r.energy_per_iteration_mean_j for r in ranks)
-
-
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
-def _check_profile(
-    profile: StageProfile, spec: EnergyPolicySpec, clocks: frozenset[int]
-) -> StageProfile:
-    if profile.num_stages != spec.pipeline.stages:
-        raise ProfileError(
-            f"profile has {profile.num_stages} stages but spec.pipeline.stages is"
-            f" {spec.pipeline.stages}"
-        )
-    unsupported = sorted(set(profile.frequencies_mhz) - clocks)
-    if clocks and unsupported:
-        shown = ", ".join(str(f) for f in unsupported[:5])
-        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
-        raise ProfileError(f"clocks {shown}{more} MHz are not supported by the nodes' GPUs")
-    return profile
-
-
-def _plan_view(profile: StageProfile, frontier: Frontier, plan: Plan) -> rc.PlanView:
-    spans = stage_spans(profile, frontier.pipeline, plan.frequencies_mhz)
-    return rc.PlanView(
-        plan.iteration_time_s,
-        plan.energy_j,
-        frontier.order,
-        plan.frequencies_mhz,
-        spans[0][1] - spans[0][0],
-    )
-
-
-def _frontier_view(frontier: Frontier) -> rc.FrontierView:
-    star = frontier.t_star
-    return rc.FrontierView(
-        plans=len(frontier.plans),
-        min_time_s=frontier.fastest.iteration_time_s,
-        energy_at_min_time_j=frontier.fastest.energy_j,
-        min_energy_time_s=star.iteration_time_s,
-        min_energy_j=star.energy_j,
-        baseline_time_s=frontier.t0_s,
-        baseline_energy_j=frontier.baseline_energy_j,
-    )
 
 
 async def cleanup_policy(

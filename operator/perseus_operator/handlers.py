@@ -16,12 +16,13 @@ from typing import Any, cast
 
 import kopf
 
-from perseus_operator.controller import Controller, PodRecord, PolicyRecord, cleanup_policy
+from perseus_operator.controller import Controller, cleanup_policy
 from perseus_operator.kube import Kube
 from perseus_operator.model import GROUP, PLURAL, VERSION, parse_spec
 from perseus_operator.reconcile import EventSpec
 from perseus_operator.settings import Settings
 from perseus_operator.sidecars import SidecarGateway
+from perseus_operator.state import PodRecord, PolicyRecord
 
 __all__ = ["STATE", "State"]
 

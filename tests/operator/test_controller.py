@@ -9,15 +9,10 @@ from typing import Any
 import pytest
 
 from perseus_operator import reconcile as rc
-from perseus_operator.controller import (
-    Controller,
-    PodRecord,
-    PolicyRecord,
-    PolicyRuntime,
-    cleanup_policy,
-    merge_patch,
-)
+from perseus_operator.controller import Controller, cleanup_policy
 from perseus_operator.sidecars import NodeSnapshot, SidecarRejectedError, SidecarUnreachableError
+from perseus_operator.state import PodRecord, PolicyRecord, PolicyRuntime
+from perseus_operator.status_views import merge_patch
 from perseus_profiles import load_example
 from perseus_sidecar.api import RankTimings, TimingsOut
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from perseus_operator import handlers as typed_handlers
-from perseus_operator.controller import PodRecord
+from perseus_operator.state import PodRecord
 
 handlers: Any = typed_handlers  # kopf types the decorated functions as its callback protocols
 

@@ -1,0 +1,131 @@
+"""What the controller keeps in memory: the pod and policy indices' records, each policy's
+runtime state (rebuilt from its status and the profile store after a restart), and the
+Kubernetes calls it needs (`Store`, `kube.Kube` in production, a fake in tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from perseus_operator import reconcile as rc
+from perseus_operator.planner import Frontier
+from perseus_operator.profiling import ProfileSession
+from perseus_operator.straggler import StragglerState
+from perseus_profiles import StageProfile
+
+__all__ = ["EventSink", "PodRecord", "PolicyRecord", "PolicyRuntime", "Regime", "Store"]
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    """What the pod index keeps per pod: enough to select, announce and place it."""
+
+    name: str
+    uid: str
+    labels: Mapping[str, str]
+    phase: str
+    pod_ip: str | None
+    host_ip: str | None
+    node_name: str | None
+    host_network: bool
+
+    def view(self) -> rc.PodView:
+        return rc.PodView(
+            self.name,
+            self.uid,
+            self.phase,
+            self.pod_ip,
+            self.host_ip,
+            self.node_name,
+            self.host_network,
+        )
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    """What the policy index keeps: enough to tell which policy owns a pod."""
+
+    name: str
+    created: str
+    deleting: bool
+    selector: tuple[tuple[str, str], ...]
+
+    def selects(self, labels: Mapping[str, str]) -> bool:
+        return bool(self.selector) and all(labels.get(k) == v for k, v in self.selector)
+
+
+class Store(Protocol):
+    """The Kubernetes calls the controller makes (`kube.Kube` in production, a fake in tests)."""
+
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
+
+    async def ensure_job_token(self, namespace: str, policy: str, policy_uid: str) -> str: ...
+
+    async def read_configmap_key(self, namespace: str, name: str, key: str) -> str | None: ...
+
+    async def store_profile(
+        self,
+        namespace: str,
+        *,
+        gpu_model: str,
+        stages: int,
+        tensor_parallel: int,
+        key: str,
+        csv_text: str,
+        source: str,
+        blocking_power_w: float | None = None,
+    ) -> str: ...
+
+    async def load_profile(
+        self, namespace: str, gpu_model: str, stages: int, tensor_parallel: int, key: str
+    ) -> tuple[str, str, float | None] | None: ...
+
+
+EventSink = Callable[[Mapping[str, Any], rc.EventSpec], None]
+
+
+@dataclass
+class Regime:
+    """A stretch of time under one schedule (or none): measurements only count inside it."""
+
+    name: str
+    since_wall_s: float
+
+
+@dataclass
+class PolicyRuntime:
+    """In-memory state of one policy; what must survive a restart is in its status and in the
+    profile store, from which it is rebuilt."""
+
+    namespace: str
+    name: str
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    token: str | None = None
+    profile: StageProfile | None = None
+    profile_sig: tuple[Any, ...] | None = None
+    profile_msg: str = ""
+    profile_error: str | None = None
+    profile_cm: str | None = None
+    blocking_w: float | None = None
+    """Blocking power measured while profiling (or stored with the profile)."""
+    plan_error: str | None = None
+    profiling: ProfileSession | None = None
+    frontier: Frontier | None = None
+    frontier_sig: tuple[Any, ...] | None = None
+    plan: rc.PlanView | None = None
+    straggler: StragglerState = field(default_factory=StragglerState)
+    straggler_plan: rc.PlanView | None = None
+    last_spans: dict[int, float] = field(default_factory=dict)
+    regime: Regime = field(default_factory=lambda: Regime("none", 0.0))
+    baseline_j: float | None = None
+    baseline_iteration_s: float | None = None
+    baseline_gpus: int = 0
+    measured_saving: float | None = None
+    had_pods: bool = False
+    was_optimizing: bool = False
+    last_status: dict[str, Any] = field(default_factory=dict)
+    gpu_models: dict[str, tuple[str, frozenset[int]]] = field(default_factory=dict)
+    conflict_key: tuple[Any, ...] | None = None
+    conflict: str | None = None

@@ -1,0 +1,120 @@
+"""Pure helpers of the controller: runtime state and planner results as status fields and as
+the views `reconcile.decide` reads, and the JSON merge patch of a status update."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from perseus_operator import reconcile as rc
+from perseus_operator.model import EnergyPolicySpec
+from perseus_operator.planner import Frontier, Plan, stage_spans
+from perseus_operator.state import PolicyRuntime
+from perseus_profiles import ProfileError, StageProfile
+
+__all__ = [
+    "check_profile",
+    "effective_blocking_w",
+    "enough_samples",
+    "frontier_view",
+    "mean_present",
+    "merge_patch",
+    "plan_view",
+    "regime_name",
+    "straggler_status",
+]
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `old` into `new`: keys that went are set to null at every
+    level (a nested object is merged, not replaced, by the API server)."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() | new.keys():
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            patch[key] = merge_patch(before, after)
+        elif key not in new or after is None:
+            if before is not None:
+                patch[key] = None
+        else:
+            patch[key] = after
+    return patch
+
+
+def effective_blocking_w(rt: PolicyRuntime, spec: EnergyPolicySpec) -> float:
+    """The spec's blocking power, else the one profiling measured (the spec requires one of
+    them: an import needs blockingPowerW, a sweep that measured none fails)."""
+    value = spec.blocking_power_w if spec.blocking_power_w is not None else rt.blocking_w
+    return float(value or 0.0)
+
+
+def regime_name(rt: PolicyRuntime) -> str:
+    plan = rt.straggler_plan if rt.straggler_plan is not None else rt.plan
+    if plan is None:
+        return "none"
+    return f"plan:{rt.straggler.straggler}:{plan.iteration_time_s:.6f}"
+
+
+def straggler_status(rt: PolicyRuntime, old: Mapping[str, Any]) -> dict[str, Any]:
+    state = rt.straggler
+    if state.straggler is None or state.pace_s is None or rt.plan is None:
+        return {"detected": False}
+    previous = old.get("straggler") or {}
+    since = previous.get("since") if previous.get("dataRank") == state.straggler else None
+    return {
+        "detected": True,
+        "dataRank": state.straggler,
+        "iterationTimeSeconds": round(state.pace_s, 4),
+        "slowdownPercent": round(100 * (state.pace_s / rt.plan.stage0_span_s - 1), 2),
+        "since": since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def enough_samples(ranks: list[Any], iterations: int) -> bool:
+    return all(r.iterations >= iterations and r.energy_per_iteration_mean_j for r in ranks)
+
+
+def mean_present(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def check_profile(
+    profile: StageProfile, spec: EnergyPolicySpec, clocks: frozenset[int]
+) -> StageProfile:
+    if profile.num_stages != spec.pipeline.stages:
+        raise ProfileError(
+            f"profile has {profile.num_stages} stages but spec.pipeline.stages is"
+            f" {spec.pipeline.stages}"
+        )
+    unsupported = sorted(set(profile.frequencies_mhz) - clocks)
+    if clocks and unsupported:
+        shown = ", ".join(str(f) for f in unsupported[:5])
+        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
+        raise ProfileError(f"clocks {shown}{more} MHz are not supported by the nodes' GPUs")
+    return profile
+
+
+def plan_view(profile: StageProfile, frontier: Frontier, plan: Plan) -> rc.PlanView:
+    spans = stage_spans(profile, frontier.pipeline, plan.frequencies_mhz)
+    return rc.PlanView(
+        plan.iteration_time_s,
+        plan.energy_j,
+        frontier.order,
+        plan.frequencies_mhz,
+        spans[0][1] - spans[0][0],
+    )
+
+
+def frontier_view(frontier: Frontier) -> rc.FrontierView:
+    star = frontier.t_star
+    return rc.FrontierView(
+        plans=len(frontier.plans),
+        min_time_s=frontier.fastest.iteration_time_s,
+        energy_at_min_time_j=frontier.fastest.energy_j,
+        min_energy_time_s=star.iteration_time_s,
+        min_energy_j=star.energy_j,
+        baseline_time_s=frontier.t0_s,
+        baseline_energy_j=frontier.baseline_energy_j,
+    )
