@@ -112,3 +112,32 @@ def test_fill_never_misses_a_deadline_nor_costs_more(
         t, _ = reference.cost(PROFILE, MICROBATCHES, BLOCKING_W, frequencies(setup, idx[:, col]))
         assert t == pytest.approx(float(batch.makespans(idx[:, [col]])[0]))
         assert t <= deadlines[col] * (1 + 1e-12)
+
+
+def test_models_built_in_parallel_threads_leave_stdout_where_it_was(setup: Setup) -> None:
+    """The operator plans in worker threads: building HiGHS models (the first one silenced
+    through fd 1) from several threads at once must leave fd 1 pointing where it did."""
+    import os
+    import threading
+
+    before = os.fstat(1)
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            for _ in range(3):
+                assert (
+                    LpRelaxation(setup.batch.dag, setup.table).solve(1.1 * setup.t_fast_s)
+                    is not None
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    after = os.fstat(1)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -71,10 +72,8 @@ class LpRelaxation:
             for k in range(len(length_s)):
                 col = n + self.first[nodes] + k
                 cost[col], upper[col] = slope[k], length_s[k]
-        with _quiet_stdout():
-            # highspy's stubs lag its bindings (no changeRowsBounds): the model is used untyped.
-            model: Any = highspy.Highs()  # type: ignore[no-untyped-call]
-            model.setOptionValue("output_flag", False)
+        # highspy's stubs lag its bindings (no changeRowsBounds): the model is used untyped.
+        model: Any = _new_model(highspy)
         model.addVars(num_cols, np.zeros(num_cols), upper)
         model.changeColsCost(num_cols, np.arange(num_cols, dtype=np.int32), cost)
         parents, children = [], []
@@ -159,10 +158,31 @@ def _hull_segments(table: OptionTable, c: int) -> tuple[float, FloatArray, Float
     return float(t[0]), length, np.diff(cost) / length
 
 
+_FIRST_MODEL = threading.Lock()
+_banner_printed = False
+
+
+def _new_model(highspy: Any) -> Any:
+    """A silent HiGHS model. HiGHS prints its banner to the C-level stdout when the process's
+    first model is created, before any option can turn that off, and the planner's stdout is the
+    user's summary (or a JSON frontier): that one creation runs with fd 1 pointed at /dev/null.
+    The lock keeps two planning threads (the operator plans in worker threads) from swapping
+    fd 1 under each other."""
+    global _banner_printed  # noqa: PLW0603 (once per process, by design)
+    with _FIRST_MODEL:
+        if _banner_printed:
+            model = highspy.Highs()
+        else:
+            with _quiet_stdout():
+                model = highspy.Highs()
+            _banner_printed = True
+    model.setOptionValue("output_flag", False)
+    return model
+
+
 @contextlib.contextmanager
 def _quiet_stdout() -> Iterator[None]:
-    """HiGHS prints its banner to the C-level stdout when a model is created, before any option
-    can turn that off; the planner's stdout is the user's summary (or a JSON frontier)."""
+    """fd 1 to /dev/null for the duration (C-level writes included), then back."""
     sys.stdout.flush()
     saved = os.dup(1)
     try:
