@@ -5,8 +5,9 @@ The LP is solved every `LP_STEP` of T0, densely (`DENSE_STEP`) from the fastest 
 past T0, where the frontier is steep and the no-slowdown plan is chosen; each solve is
 warm-started from the last. HiGHS's work grows with the number of instructions times the length
 of the path (every instruction crossing a hull breakpoint is a pivot), so long pipelines solve
-only the stretch around T0 at full size. Beyond it they solve a short copy of the pipeline
-(`SHORT_MICROBATCHES`) and stretch its steady state: the middle microbatch's durations stand for
+at full size only from T0 to `DENSE_ABOVE_T0` past it, where the no-slowdown plan is chosen.
+Everywhere else they solve a short copy of the pipeline (`SHORT_MICROBATCHES`) and stretch its
+steady state: the middle microbatch's durations stand for
 every microbatch of the long pipeline's steady state, and the fill and drain map one to one.
 Stretched plans are exact relaxed plans of the long pipeline (their deadline is their own
 longest path) and, measured on the real profiles at 8 x 96, usually cost what the full LP
@@ -87,10 +88,13 @@ def relaxed_path(
     a long pipeline stretch that short one beyond the dense part."""
     idle_w = dag.shape.stages * table.blocking_power_w
     stretch = short_table is not None and short_pipeline(dag.shape) is not None
+    # A long pipeline solves at full size only from T0 to just past it (the no-slowdown plan);
+    # faster and slower deadlines come from the stretched copy.
+    start = max(fastest_t, t0) if stretch else fastest_t
     stop = min(slowest_t, t0 * (1 + DENSE_ABOVE_T0)) if stretch else slowest_t
     points = _sweep(
         LpRelaxation(dag, table),
-        start=fastest_t,
+        start=start,
         stop=stop,
         t0=t0,
         slowest_t=slowest_t,
@@ -98,7 +102,7 @@ def relaxed_path(
     )
     near = tuple((t, d) for t, d, _ in points if t0 <= t <= t0 * (1 + DENSE_ABOVE_T0))
     if stretch and short_table is not None:
-        points += _stretched(dag, table, short_table, after=stop)
+        points += _stretched(dag, table, short_table, outside=(start, stop))
     if not points:
         return None
     points.sort(key=lambda p: p[0])
@@ -141,9 +145,10 @@ def _sweep(
 
 
 def _stretched(
-    dag: PipelineDag, table: OptionTable, short_table: OptionTable, after: float
+    dag: PipelineDag, table: OptionTable, short_table: OptionTable, outside: tuple[float, float]
 ) -> list[tuple[float, FloatArray, float]]:
-    """Relaxed plans of the long pipeline stretched from the short one's path, past `after`."""
+    """Relaxed plans of the long pipeline stretched from the short one's path, for deadlines
+    outside the span solved at full size."""
     shape = short_pipeline(dag.shape)
     assert shape is not None
     short = build_dag(shape)
@@ -166,7 +171,7 @@ def _stretched(
     for _, relaxed, _ in points:
         duration = relaxed[index]
         deadline = _makespan(dag, duration)
-        if deadline > after:
+        if not outside[0] <= deadline <= outside[1]:
             energy = table.relaxed_cost_j(cls, duration) + idle_w * deadline
             out.append((deadline, duration, energy))
     return out
