@@ -368,6 +368,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for mbs in args.microbatches
     ]
     rows = []
+    # An installed package has its bytecode compiled by pip; an editable checkout under
+    # PYTHONDONTWRITEBYTECODE=1 would recompile the planner on every `perseus plan` run.
+    import compileall
+
+    import perseus_operator
+    import perseus_profiles
+
+    for package in (perseus_operator, perseus_profiles):
+        compileall.compile_dir(Path(str(package.__file__)).parent, quiet=1)
     env_note = f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
     log(f"benchmark on {env_note}")
     with tempfile.TemporaryDirectory() as tmp:
