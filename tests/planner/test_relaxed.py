@@ -4,23 +4,18 @@ pipelines stretch a short copy correctly, and interpolated plans stay feasible."
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 
 from perseus_operator.planner import relaxed
-from perseus_operator.planner.evaluate import forward_pass
+from perseus_operator.planner.evaluate import makespan
 from perseus_operator.planner.lp import LpRelaxation
 from perseus_operator.planner.model import build_options
-from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
+from perseus_operator.planner.pipeline import PipelineShape, build_dag
 from perseus_profiles import load_example
 
 # Distinct stages: the real profiles' stages 0-6 are identical, 7 is not.
 PROFILE = load_example("gpt3-175b-a40").select_stages((0, 3, 7))
 BLOCKING_W = 70.38
-
-
-def makespan(dag: PipelineDag, duration: npt.NDArray[np.float64]) -> float:
-    return float(forward_pass(dag, duration)[:-1].max())
 
 
 def test_short_pipeline_only_for_long_ones() -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "dag_cost",
     "evaluate_plan",
     "forward_pass",
+    "makespan",
     "plan_durations",
     "stage_spans",
 ]
@@ -33,6 +34,11 @@ def forward_pass(dag: PipelineDag, duration_s: FloatArray) -> FloatArray:
     for lv, (p0, p1) in zip(dag.levels, dag.level_preds, strict=True):
         finish[lv] = np.maximum(finish[p0], finish[p1]) + duration_s[lv]
     return finish
+
+
+def makespan(dag: PipelineDag, duration_s: FloatArray) -> float:
+    """The iteration time: the longest path through the DAG under these durations."""
+    return float(forward_pass(dag, duration_s)[:-1].max())
 
 
 def backward_pass(dag: PipelineDag, duration_s: FloatArray, deadline_s: float) -> FloatArray:
@@ -111,10 +117,9 @@ def dag_cost(
     dag: PipelineDag, time_s: FloatArray, energy_j: FloatArray, blocking_power_w: float
 ) -> tuple[float, float]:
     """(makespan, energy) from per-node profiled times and energies."""
-    finish = forward_pass(dag, time_s)
-    makespan = float(finish[:-1].max())
-    idle = dag.shape.stages * makespan - float(time_s.sum())
-    return makespan, float(energy_j.sum()) + blocking_power_w * idle
+    iteration_s = makespan(dag, time_s)
+    idle = dag.shape.stages * iteration_s - float(time_s.sum())
+    return iteration_s, float(energy_j.sum()) + blocking_power_w * idle
 
 
 def stage_spans(

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from perseus_operator.planner.evaluate import forward_pass
+from perseus_operator.planner.evaluate import dag_cost
 from perseus_operator.planner.fill import BatchFill
 from perseus_operator.planner.lp import hull_prices
 from perseus_operator.planner.model import OptionTable, build_options
@@ -166,12 +166,11 @@ class _Search:
         self._pool: dict[int, int] = {}
 
     def baseline(self) -> tuple[float, float]:
-        t_s = self.table.max_clock_time_s[self.cls]
-        e_j = self.table.max_clock_energy_j[self.cls]
-        finish = forward_pass(self.dag, t_s)
-        t = float(finish[:-1].max())
-        return t, float(e_j.sum()) + self.table.blocking_power_w * (
-            self.dag.shape.stages * t - float(t_s.sum())
+        return dag_cost(
+            self.dag,
+            self.table.max_clock_time_s[self.cls],
+            self.table.max_clock_energy_j[self.cls],
+            self.table.blocking_power_w,
         )
 
     def uniform(self, price: float) -> IntArray:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from perseus_operator.planner.evaluate import forward_pass
+from perseus_operator.planner.evaluate import makespan
 from perseus_operator.planner.lp import LpRelaxation
 from perseus_operator.planner.model import OptionTable
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
@@ -154,12 +154,12 @@ def _stretched(
     short = build_dag(shape)
     short_cls = 2 * short.stage + short.kind
     cheapest_s = short_table.time_s[np.arange(short_table.num_classes), short_table.count - 1]
-    short_t0 = _makespan(short, short_table.max_clock_time_s[short_cls])
-    short_slowest = _makespan(short, cheapest_s[short_cls])
+    short_t0 = makespan(short, short_table.max_clock_time_s[short_cls])
+    short_slowest = makespan(short, cheapest_s[short_cls])
     idle_w = dag.shape.stages * table.blocking_power_w
     points = _sweep(
         LpRelaxation(short, short_table),
-        start=_makespan(short, short_table.time_s[short_cls, 0]),
+        start=makespan(short, short_table.time_s[short_cls, 0]),
         stop=short_slowest,
         t0=short_t0,
         slowest_t=short_slowest,
@@ -170,7 +170,7 @@ def _stretched(
     out = []
     for _, relaxed, _ in points:
         duration = relaxed[index]
-        deadline = _makespan(dag, duration)
+        deadline = makespan(dag, duration)
         if not outside[0] <= deadline <= outside[1]:
             energy = table.relaxed_cost_j(cls, duration) + idle_w * deadline
             out.append((deadline, duration, energy))
@@ -199,7 +199,3 @@ def _stretch_index(long: PipelineDag, short: PipelineDag) -> IntArray:
         ],
         dtype=np.int64,
     )
-
-
-def _makespan(dag: PipelineDag, duration_s: FloatArray) -> float:
-    return float(forward_pass(dag, duration_s)[:-1].max())
