@@ -9,7 +9,7 @@ import pytest
 from perseus_operator.planner import relaxed
 from perseus_operator.planner.evaluate import makespan
 from perseus_operator.planner.lp import LpRelaxation
-from perseus_operator.planner.model import build_options
+from perseus_operator.planner.model import build_options, option_classes
 from perseus_operator.planner.pipeline import PipelineShape, build_dag
 from perseus_profiles import load_example
 
@@ -48,7 +48,7 @@ def test_path_plans_meet_their_deadlines_and_bound_discrete_plans(
     shape = PipelineShape(stages=3, microbatches=14)
     dag = build_dag(shape)
     table = build_options(PROFILE, dag, BLOCKING_W)
-    cls = 2 * dag.stage + dag.kind
+    cls = option_classes(dag)
     t0 = makespan(dag, table.max_clock_time_s[cls])
     fastest = makespan(dag, table.time_s[cls, 0])
     slowest = makespan(dag, table.time_s[np.arange(table.num_classes), table.count - 1][cls])

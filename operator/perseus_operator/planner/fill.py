@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from perseus_operator.planner.model import OptionTable
+from perseus_operator.planner.model import OptionTable, option_classes
 from perseus_operator.planner.pipeline import PipelineDag
 
 __all__ = ["BatchFill"]
@@ -35,7 +35,7 @@ class BatchFill:
 
     def __init__(self, dag: PipelineDag, table: OptionTable) -> None:
         self.dag = dag
-        self.cls = 2 * dag.stage + dag.kind
+        self.cls = option_classes(dag)
         self.time = np.where(np.isfinite(table.time_s), table.time_s, PAD_S)
         self.cost = np.where(np.isfinite(table.cost_j), table.cost_j, PAD_S)
         classes, width = self.time.shape

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from perseus_operator.planner.model import OptionTable
+from perseus_operator.planner.model import OptionTable, option_classes
 from perseus_operator.planner.pipeline import PipelineDag
 
 __all__ = ["LpRelaxation", "LpSolution", "hull_prices"]
@@ -56,7 +56,7 @@ class LpRelaxation:
 
         self._highspy = highspy
         n = dag.num_nodes
-        cls = 2 * dag.stage + dag.kind
+        cls = option_classes(dag)
         self.num_nodes = n
         segments = [_hull_segments(table, c) for c in range(table.num_classes)]
         self.fastest_s: FloatArray = np.asarray([segments[c][0] for c in cls])

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from perseus_operator.planner.pipeline import PipelineDag
 from perseus_profiles import INSTRUCTIONS, StageProfile
 
-__all__ = ["OptionTable", "build_options"]
+__all__ = ["OptionTable", "build_options", "option_classes"]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -93,6 +93,12 @@ class OptionTable:
                 float((cost[a] - cost[b]) / (t[b] - t[a])) for a, b in itertools.pairwise(hull)
             ]
         return np.unique(np.asarray(slopes, dtype=np.float64))
+
+
+def option_classes(dag: PipelineDag) -> IntArray:
+    """Each node's class, the row of its options in an `OptionTable`: ``2*stage + kind``."""
+    out: IntArray = 2 * dag.stage + dag.kind
+    return out
 
 
 def build_options(profile: StageProfile, dag: PipelineDag, blocking_power_w: float) -> OptionTable:

@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from perseus_operator.planner.evaluate import makespan
 from perseus_operator.planner.lp import LpRelaxation
-from perseus_operator.planner.model import OptionTable
+from perseus_operator.planner.model import OptionTable, option_classes
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
 
 __all__ = ["RelaxedPath", "relaxed_path"]
@@ -152,7 +152,7 @@ def _stretched(
     shape = short_pipeline(dag.shape)
     assert shape is not None
     short = build_dag(shape)
-    short_cls = 2 * short.stage + short.kind
+    short_cls = option_classes(short)
     cheapest_s = short_table.time_s[np.arange(short_table.num_classes), short_table.count - 1]
     short_t0 = makespan(short, short_table.max_clock_time_s[short_cls])
     short_slowest = makespan(short, cheapest_s[short_cls])
@@ -166,7 +166,7 @@ def _stretched(
         idle_w=idle_w,
     )
     index = _stretch_index(dag, short)
-    cls = 2 * dag.stage + dag.kind
+    cls = option_classes(dag)
     out = []
     for _, relaxed, _ in points:
         duration = relaxed[index]
