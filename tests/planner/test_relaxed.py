@@ -54,8 +54,8 @@ def test_path_plans_meet_their_deadlines_and_bound_discrete_plans(
     slowest = makespan(dag, table.time_s[np.arange(table.num_classes), table.count - 1][cls])
     short = relaxed.short_pipeline(shape)
     assert short is not None
-    short_table = build_options(PROFILE, build_dag(short), BLOCKING_W) if stretch else None
-    path = relaxed.relaxed_path(dag, table, t0, fastest, slowest, short_table=short_table)
+    copy = relaxed.short_copy(PROFILE, shape, BLOCKING_W) if stretch else None
+    path = relaxed.relaxed_path(dag, table, t0, fastest, slowest, short=copy)
     assert path is not None
     assert (np.diff(path.deadline_s) >= 0).all()
     assert any(abs(t - t0) < 1e-12 for t, _ in path.near_t0)

@@ -45,7 +45,7 @@ from perseus_operator.planner.fill import BatchFill
 from perseus_operator.planner.lp import hull_prices
 from perseus_operator.planner.model import OptionTable, build_options
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
-from perseus_operator.planner.relaxed import relaxed_path, short_pipeline
+from perseus_operator.planner.relaxed import ShortCopy, relaxed_path, short_copy
 from perseus_profiles import StageProfile
 
 __all__ = ["Frontier", "Plan", "ProgressCallback", "compute_frontier"]
@@ -122,11 +122,7 @@ def compute_frontier(
         raise ValueError(f"blocking power must be a finite number >= 0 W, got {blocking_power_w}")
     dag = build_dag(pipeline)
     table = build_options(profile, dag, blocking_power_w)
-    short = short_pipeline(pipeline)
-    short_table = (
-        None if short is None else build_options(profile, build_dag(short), blocking_power_w)
-    )
-    search = _Search(dag, table, short_table)
+    search = _Search(dag, table, short_copy(profile, pipeline, blocking_power_w))
     candidates = search.run(progress)
     plans = _useful(candidates, pipeline.stages * blocking_power_w)
     t0, e0 = search.baseline()
@@ -155,11 +151,11 @@ class _Search:
     """Runs the search of the module doc over one DAG and option table."""
 
     def __init__(
-        self, dag: PipelineDag, table: OptionTable, short_table: OptionTable | None = None
+        self, dag: PipelineDag, table: OptionTable, short: ShortCopy | None = None
     ) -> None:
         self.dag = dag
         self.table = table
-        self.short_table = short_table
+        self.short = short
         self.batch = BatchFill(dag, table)
         self.cls = self.batch.cls
         self.idle_power_w = dag.shape.stages * table.blocking_power_w
@@ -312,9 +308,7 @@ class _Search:
         Deadlines are `GRID_FRACTION` of T0 apart up to a little past the relaxation's least
         energy (`FAST_GRID_FRACTION` faster than T0, where energy falls steeply with time),
         half a `TAIL_STEP` apart to the path's end, and every solved deadline."""
-        path = relaxed_path(
-            self.dag, self.table, t0, fastest_t, slowest_t, short_table=self.short_table
-        )
+        path = relaxed_path(self.dag, self.table, t0, fastest_t, slowest_t, short=self.short)
         if path is None:
             return np.zeros((self.dag.num_nodes, 0), dtype=np.int64), np.zeros(0), ()
         at = path.deadline_s

@@ -21,16 +21,18 @@ interpolated cost.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from perseus_operator.planner.evaluate import makespan
 from perseus_operator.planner.lp import LpRelaxation
-from perseus_operator.planner.model import OptionTable, option_classes
+from perseus_operator.planner.model import OptionTable, build_options, option_classes
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
+from perseus_profiles import StageProfile
 
-__all__ = ["RelaxedPath", "relaxed_path"]
+__all__ = ["RelaxedPath", "ShortCopy", "relaxed_path", "short_copy", "short_pipeline"]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -81,13 +83,12 @@ def relaxed_path(
     fastest_t: float,
     slowest_t: float,
     *,
-    short_table: OptionTable | None = None,
+    short: ShortCopy | None = None,
 ) -> RelaxedPath | None:
     """The relaxation's path (see the module doc), or None if no deadline could be solved.
-    `short_table`, the option table of the same profile for `short_pipeline(dag.shape)`, makes
-    a long pipeline stretch that short one beyond the dense part."""
+    `short` (see `short_copy`) makes a long pipeline stretch it beyond the dense part."""
     idle_w = dag.shape.stages * table.blocking_power_w
-    stretch = short_table is not None and short_pipeline(dag.shape) is not None
+    stretch = short is not None
     # A long pipeline solves at full size only from T0 to just past it (the no-slowdown plan);
     # faster and slower deadlines come from the stretched copy.
     start = max(fastest_t, t0) if stretch else fastest_t
@@ -101,8 +102,8 @@ def relaxed_path(
         idle_w=idle_w,
     )
     near = tuple((t, d) for t, d, _ in points if t0 <= t <= t0 * (1 + DENSE_ABOVE_T0))
-    if stretch and short_table is not None:
-        points += _stretched(dag, table, short_table, outside=(start, stop))
+    if short is not None:
+        points += _stretched(dag, table, short, outside=(start, stop))
     if not points:
         return None
     points.sort(key=lambda p: p[0])
@@ -112,6 +113,24 @@ def relaxed_path(
         energy_j=np.asarray([p[2] for p in points]),
         near_t0=near,
     )
+
+
+class ShortCopy(NamedTuple):
+    """The short pipeline a long one stretches, and its option table (same profile)."""
+
+    dag: PipelineDag
+    table: OptionTable
+
+
+def short_copy(
+    profile: StageProfile, shape: PipelineShape, blocking_power_w: float
+) -> ShortCopy | None:
+    """The short copy of a long pipeline, built once, or None if the pipeline is not long."""
+    short = short_pipeline(shape)
+    if short is None:
+        return None
+    dag = build_dag(short)
+    return ShortCopy(dag, build_options(profile, dag, blocking_power_w))
 
 
 def short_pipeline(shape: PipelineShape) -> PipelineShape | None:
@@ -145,13 +164,11 @@ def _sweep(
 
 
 def _stretched(
-    dag: PipelineDag, table: OptionTable, short_table: OptionTable, outside: tuple[float, float]
+    dag: PipelineDag, table: OptionTable, copy: ShortCopy, outside: tuple[float, float]
 ) -> list[tuple[float, FloatArray, float]]:
     """Relaxed plans of the long pipeline stretched from the short one's path, for deadlines
     outside the span solved at full size."""
-    shape = short_pipeline(dag.shape)
-    assert shape is not None
-    short = build_dag(shape)
+    short, short_table = copy
     short_cls = option_classes(short)
     cheapest_s = short_table.time_s[np.arange(short_table.num_classes), short_table.count - 1]
     short_t0 = makespan(short, short_table.max_clock_time_s[short_cls])
