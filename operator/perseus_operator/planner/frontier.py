@@ -207,24 +207,21 @@ class _Search:
         for first in range(0, lanes, chunk):
             part = slice(first, first + chunk)
             start = base[:, part].astype(np.int64)
-            found = self.evaluated(start)
-            idx = self.batch.fill(start, deadline_s[part], prices, backward=False)
-            found += self.evaluated(idx)
-            idx = self.batch.fill(idx, deadline_s[part], BACKWARD_PRICES, backward=True)
-            kept = _useful(kept + found + self.evaluated(idx), self.idle_power_w)
+            forward, both = self.fill_lanes(start, deadline_s[part], prices)
+            found = self.evaluated(start) + self.evaluated(forward) + self.evaluated(both)
+            kept = _useful(kept + found, self.idle_power_w)
             if progress is not None:
                 progress(min(first + chunk, lanes), lanes)
         if at_t0 is not None:
             kept = self.refine_t0(kept, at_t0, t0, prices)
         return self.close_gaps(kept, t0, prices)
 
-    def filled_at(
-        self, base: IntArray, deadline_s: float, prices: list[float]
-    ) -> list[tuple[float, float, IntArray]]:
-        """Every lane of `base` filled to one deadline, forwards then backwards, costed."""
-        lanes = np.full(base.shape[1], deadline_s)
-        idx = self.batch.fill(base, lanes, prices, backward=False)
-        return self.evaluated(self.batch.fill(idx, lanes, BACKWARD_PRICES, backward=True))
+    def fill_lanes(
+        self, base: IntArray, deadline_s: FloatArray, prices: list[float]
+    ) -> tuple[IntArray, IntArray]:
+        """Every lane of `base` filled forwards along `prices`, and that filled backwards."""
+        forward = self.batch.fill(base, deadline_s, prices, backward=False)
+        return forward, self.batch.fill(forward, deadline_s, BACKWARD_PRICES, backward=True)
 
     def refine_t0(
         self,
@@ -244,7 +241,9 @@ class _Search:
         rounds = REFINE_ROUNDS if self.dag.num_nodes <= REFINE_MAX_INSTRUCTIONS else 0
         best_j, best = -1, np.inf
         for round_ in range(1 + rounds):
-            found = self.filled_at(self.jittered(relaxed, t0, jitter), t0, prices)
+            lanes = self.jittered(relaxed, t0, jitter)
+            _, both = self.fill_lanes(lanes, np.full(lanes.shape[1], t0), prices)
+            found = self.evaluated(both)
             kept = _useful(kept + found, self.idle_power_w)
             energies = [e if t <= t0 else np.inf for t, e, _ in found]
             lane = int(np.argmin(energies))
@@ -341,7 +340,10 @@ class _Search:
         11.29% for the LP)."""
         lanes = jitter[0].shape[1]
         relaxed = np.repeat(duration_s[:, None], lanes, axis=1)
-        price = hull_prices(self.table, self.cls, relaxed) * np.exp(jitter[0][self.cls] + jitter[1])
+        # The prices of the one relaxed plan, jittered lane by lane.
+        price = hull_prices(self.table, self.cls, duration_s[:, None]) * np.exp(
+            jitter[0][self.cls] + jitter[1]
+        )
         return self.batch.round_priced(relaxed, price, np.full(lanes, deadline_s))
 
     def uniform_bases(
@@ -418,11 +420,9 @@ class _Search:
                     np.asarray(deadlines[first : first + chunk]), self.batch.makespans(base)
                 )
                 for backward in (False, True):
-                    idx = self.batch.fill(base, deadline_s, prices, backward=backward)
-                    times = self.batch.makespans(idx)
-                    energies = self.batch.costs(idx) + self.idle_power_w * times
-                    found += [(float(t), float(e), i.astype(np.int16))
-                              for t, e, i in zip(times, energies, idx.T, strict=True)]  # fmt: skip
+                    found += self.evaluated(
+                        self.batch.fill(base, deadline_s, prices, backward=backward)
+                    )
             kept = _useful(kept + found, self.idle_power_w)
         return kept
 
