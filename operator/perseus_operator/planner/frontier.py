@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -71,6 +72,7 @@ RANDOM_SEED = 20241104
 REFINE_ROUNDS = 4  # rounds of jittered roundings around the best at T0 ...
 REFINE_LANES = 32
 REFINE_MAX_INSTRUCTIONS = 1024  # larger pipelines skip the rounds (their time budget is tight)
+REFINE_GAP = 0.002  # ... as do plans this close to the LP bound (fraction of the baseline energy)
 REFINE_SPREADS = (0.05, 0.03)  # ... this far (log, per class and per instruction) from it
 FINE_MAX_INSTRUCTIONS = 1024  # up to this size, twice the gap rounds
 _GAP_ROUNDS = 6
@@ -147,6 +149,21 @@ def _useful(
     return out
 
 
+class _T0Roundings(NamedTuple):
+    """The jittered roundings at T0 that `refine_t0` goes on from."""
+
+    duration_s: FloatArray
+    """The relaxed plan at T0."""
+    bound_j: float
+    """Its energy: no plan that meets T0 costs less."""
+    jitter: tuple[FloatArray, FloatArray]
+    """The roundings' jitters (see `_Search.jitter`)."""
+    lanes: slice
+    """Where the roundings are among the lanes filled first."""
+    rng: np.random.Generator
+    """The generator their jitters were drawn from, to draw on from."""
+
+
 class _Search:
     """Runs the search of the module doc over one DAG and option table."""
 
@@ -192,9 +209,9 @@ class _Search:
         u_cost = self.batch.costs(uniform.T)
         t0, _ = self.baseline()
         prices = _fill_prices(slopes)
-        at_t0 = None
+        refine = None
         if self.dag.num_nodes <= LP_MAX_INSTRUCTIONS:
-            base, deadline_s, at_t0 = self.lp_bases(uniform, u_time, u_cost, t0)
+            base, deadline_s, refine = self.lp_bases(uniform, u_time, u_cost, t0)
         else:
             base, deadline_s = self.uniform_bases(uniform, u_time, u_cost, t0)
         # Plans are stored as int16 option indices (a 16k-instruction pipeline has hundreds of
@@ -204,16 +221,20 @@ class _Search:
         kept = self.evaluated(uniform.T)
         chunk = max(1, _LANE_ELEMENTS // self.dag.num_nodes)
         lanes = base.shape[1]
+        filled_energy = np.empty(lanes)  # each lane's energy once filled both ways (inf: late)
         for first in range(0, lanes, chunk):
             part = slice(first, first + chunk)
             start = base[:, part].astype(np.int64)
             forward, both = self.fill_lanes(start, deadline_s[part], prices)
-            found = self.evaluated(start) + self.evaluated(forward) + self.evaluated(both)
+            filled = self.evaluated(both)
+            late = np.asarray([t for t, _, _ in filled]) > deadline_s[part]
+            filled_energy[part] = np.where(late, np.inf, [e for _, e, _ in filled])
+            found = self.evaluated(start) + self.evaluated(forward) + filled
             kept = _useful(kept + found, self.idle_power_w)
             if progress is not None:
                 progress(min(first + chunk, lanes), lanes)
-        if at_t0 is not None:
-            kept = self.refine_t0(kept, at_t0, t0, prices)
+        if refine is not None:
+            kept = self.refine_t0(kept, refine, filled_energy[refine.lanes], t0, prices)
         return self.close_gaps(kept, t0, prices)
 
     def fill_lanes(
@@ -226,31 +247,37 @@ class _Search:
     def refine_t0(
         self,
         kept: list[tuple[float, float, IntArray]],
-        relaxed: FloatArray,
+        start: _T0Roundings,
+        energy_j: FloatArray,
         t0: float,
         prices: list[float],
     ) -> list[tuple[float, float, IntArray]]:
-        """The no-slowdown plan, searched harder: `RANDOM_LANES` roundings of the relaxed plan
-        at T0 with jittered prices, then (pipelines up to `REFINE_MAX_INSTRUCTIONS`)
-        `REFINE_ROUNDS` rounds of `REFINE_LANES` more jittered a little around the best so far,
-        a seeded evolution in the space of prices, so that one lucky draw decides less: on
-        GPT-3 A40 x 48 the gap to the LP bound over four seeds went from 0.43-0.51 pp to
-        0.42-0.47 pp."""
-        rng = np.random.default_rng(RANDOM_SEED)
-        jitter = self.jitter(rng, RANDOM_LANES)
-        rounds = REFINE_ROUNDS if self.dag.num_nodes <= REFINE_MAX_INSTRUCTIONS else 0
+        """The no-slowdown plan, searched harder where the bound leaves room: while the best
+        plan at T0 costs more than `REFINE_GAP` of the baseline energy above the LP bound
+        (pipelines up to `REFINE_MAX_INSTRUCTIONS`), up to `REFINE_ROUNDS` rounds of
+        `REFINE_LANES` roundings jittered a little around the best so far, a seeded evolution
+        in the space of prices that started with the `RANDOM_LANES` roundings of `lp_bases`
+        (`energy_j`: their energies, filled), so that one lucky draw decides less: on GPT-3 A40
+        x 48 the gap to the LP bound over four seeds went from 0.43-0.51 pp to 0.42-0.47 pp."""
+        if self.dag.num_nodes > REFINE_MAX_INSTRUCTIONS:
+            return kept
+        rng = start.rng
+        _, baseline_j = self.baseline()
+        enough = start.bound_j + REFINE_GAP * baseline_j
+        jitter, relaxed = start.jitter, start.duration_s
         best_j, best = -1, np.inf
-        for round_ in range(1 + rounds):
-            lanes = self.jittered(relaxed, t0, jitter)
-            _, both = self.fill_lanes(lanes, np.full(lanes.shape[1], t0), prices)
-            found = self.evaluated(both)
-            kept = _useful(kept + found, self.idle_power_w)
-            energies = [e if t <= t0 else np.inf for t, e, _ in found]
-            lane = int(np.argmin(energies))
-            if energies[lane] < best:
-                best, best_j = energies[lane], lane
+        for round_ in range(1 + REFINE_ROUNDS):
+            if round_:
+                lanes = self.jittered(relaxed[:, None], np.asarray([t0]), jitter, REFINE_LANES)
+                _, both = self.fill_lanes(lanes, np.full(lanes.shape[1], t0), prices)
+                found = self.evaluated(both)
+                kept = _useful(kept + found, self.idle_power_w)
+                energy_j = np.asarray([e if t <= t0 else np.inf for t, e, _ in found])
+            lane = int(np.argmin(energy_j))
+            if energy_j[lane] < best:
+                best, best_j = float(energy_j[lane]), lane
                 center = (jitter[0][:, best_j], jitter[1][:, best_j])
-            if round_ == rounds or best_j < 0:
+            if round_ == REFINE_ROUNDS or best_j < 0 or best <= enough:
                 break
             shape = (REFINE_LANES,)
             jitter = (
@@ -270,12 +297,12 @@ class _Search:
 
     def lp_bases(
         self, uniform: IntArray, u_time: FloatArray, u_cost: FloatArray, t0: float
-    ) -> tuple[IntArray, FloatArray, FloatArray | None]:
-        """Plans to fill (nodes x lanes) and their deadlines: the LP roundings, a few jittered
-        ones just past T0, and past the relaxation's path the cheapest uniform-price plans;
-        and the relaxed plan at T0 (see `refine_t0`), if solved."""
+    ) -> tuple[IntArray, FloatArray, _T0Roundings | None]:
+        """Plans to fill (nodes x lanes) and their deadlines: the LP roundings, jittered ones
+        from T0 to just past it, and past the relaxation's path the cheapest uniform-price
+        plans; and what `refine_t0` goes on from, if T0 was solved."""
         fastest_t, slowest_t = float(u_time.min()), float(u_time.max())
-        base, deadline_s, near_t0 = self.lp_rounded(t0, fastest_t, slowest_t)
+        base, deadline_s, path_near_t0 = self.lp_rounded(t0, fastest_t, slowest_t)
         if len(deadline_s) and deadline_s.max() < slowest_t:
             tail = np.arange(deadline_s.max(), slowest_t, TAIL_STEP * t0)[1:]
             if len(tail):
@@ -287,16 +314,42 @@ class _Search:
                     axis=1,
                 )
                 deadline_s = np.concatenate((deadline_s, tail, tail))
-        at_t0 = None
-        rng = np.random.default_rng(RANDOM_SEED + 1)
-        for deadline, relaxed in near_t0:
-            if deadline == t0:
-                at_t0 = relaxed
-                continue
-            extra = self.jittered(relaxed, deadline, self.jitter(rng, RANDOM_LANES_NEAR_T0))
-            base = np.concatenate((base, extra), axis=1)
-            deadline_s = np.append(deadline_s, np.full(RANDOM_LANES_NEAR_T0, deadline))
-        return base, deadline_s, at_t0
+        # Jittered roundings of the relaxed plans solved from T0 to just past it, all in one
+        # batch: `RANDOM_LANES` at T0 (where `refine_t0` goes on), a few at each other one.
+        if not path_near_t0:
+            return base, deadline_s, None
+        near_s = np.asarray([d for d, _ in path_near_t0])
+        relaxed = np.stack([r for _, r in path_near_t0], axis=1)
+        each = np.where(near_s == t0, RANDOM_LANES, RANDOM_LANES_NEAR_T0)
+        # The draws at T0 come first from their own generator, which `refine_t0` goes on with.
+        t0_rng, near_rng = (
+            np.random.default_rng(RANDOM_SEED),
+            np.random.default_rng(RANDOM_SEED + 1),
+        )
+        parts = [
+            self.jitter(t0_rng, RANDOM_LANES)
+            if d == t0
+            else self.jitter(near_rng, RANDOM_LANES_NEAR_T0)
+            for d in near_s
+        ]
+        jitter = (
+            np.concatenate([p[0] for p in parts], axis=1),
+            np.concatenate([p[1] for p in parts], axis=1),
+        )
+        refine = None
+        if t0 in near_s:
+            k = int(np.nonzero(near_s == t0)[0][0])
+            first = int(each[:k].sum())
+            own = slice(first, first + RANDOM_LANES)
+            refine = _T0Roundings(
+                duration_s=relaxed[:, k],
+                bound_j=self.table.relaxed_cost_j(self.cls, relaxed[:, k]) + self.idle_power_w * t0,
+                jitter=(jitter[0][:, own], jitter[1][:, own]),
+                lanes=slice(base.shape[1] + first, base.shape[1] + first + RANDOM_LANES),
+                rng=t0_rng,
+            )
+        base = np.concatenate((base, self.jittered(relaxed, near_s, jitter, each)), axis=1)
+        return base, np.concatenate((deadline_s, np.repeat(near_s, each))), refine
 
     def lp_rounded(
         self, t0: float, fastest_t: float, slowest_t: float
@@ -331,20 +384,23 @@ class _Search:
         return per_class, per_node
 
     def jittered(
-        self, duration_s: FloatArray, deadline_s: float, jitter: tuple[FloatArray, FloatArray]
+        self,
+        duration_s: FloatArray,
+        deadline_s: FloatArray,
+        jitter: tuple[FloatArray, FloatArray],
+        lanes_each: int | IntArray,
     ) -> IntArray:
-        """Roundings of one relaxed plan (nodes x lanes) with its prices of time jittered. Which
+        """Roundings (nodes x lanes) of relaxed plans (nodes x plans, each with its deadline),
+        `lanes_each` per plan, with their prices of time jittered lane by lane. Which
         fractional instructions go up decides how well the float left by the ones that went
         down is reused, and the best of many tries (once filled) lands measurably closer to
         the bound than the plain rounding (GPT-3 A40 at T0, 8 x 24: 10.67 -> 10.86%, against
         11.29% for the LP)."""
-        lanes = jitter[0].shape[1]
-        relaxed = np.repeat(duration_s[:, None], lanes, axis=1)
-        # The prices of the one relaxed plan, jittered lane by lane.
-        price = hull_prices(self.table, self.cls, duration_s[:, None]) * np.exp(
-            jitter[0][self.cls] + jitter[1]
+        price = np.repeat(hull_prices(self.table, self.cls, duration_s), lanes_each, axis=1)
+        price *= np.exp(jitter[0][self.cls] + jitter[1])
+        return self.batch.round_priced(
+            np.repeat(duration_s, lanes_each, axis=1), price, np.repeat(deadline_s, lanes_each)
         )
-        return self.batch.round_priced(relaxed, price, np.full(lanes, deadline_s))
 
     def uniform_bases(
         self, uniform: IntArray, u_time: FloatArray, u_cost: FloatArray, t0: float
