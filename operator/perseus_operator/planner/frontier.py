@@ -77,7 +77,7 @@ REFINE_SPREADS = (0.05, 0.03)  # ... this far (log, per class and per instructio
 FINE_MAX_INSTRUCTIONS = 1024  # up to this size, twice the gap rounds
 _GAP_ROUNDS = 6
 _GAP_NUDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-_FILL_STEPS = 4  # rungs of the price ladder (plus μ = 0): roundings need few
+_FILL_STEPS = 3  # rungs of the price ladder (plus μ = 0): roundings need few
 BACKWARD_PRICES = [0.0]  # the backward sweep only takes what still fits
 _LANE_ELEMENTS = 2_000_000  # lanes x nodes per batch: bounds memory on large pipelines
 

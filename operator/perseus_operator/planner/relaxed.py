@@ -42,7 +42,7 @@ MAX_LP_SOLVES = 120  # ... or wider, so that at most about this many solves span
 DENSE_STEP = 0.001  # ... and this far apart up to DENSE_ABOVE_T0 past T0
 DENSE_ABOVE_T0 = 0.01
 COARSE_STEPS = 4  # past the relaxation's least energy, steps this many times wider ...
-PAST_T_STAR = 0.05  # ... until this far (fraction of T0) past it
+PAST_T_STAR = 0.02  # ... until this far (fraction of T0) past it
 SHORT_MICROBATCHES = 24  # longer pipelines stretch a pipeline this long beyond the dense part
 SHORT_MIN_STAGE_MULTIPLE = 3  # ... at least this many times the stage count
 
