@@ -176,7 +176,7 @@ class _Search:
         self.batch = BatchFill(dag, table)
         self.cls = self.batch.cls
         self.idle_power_w = dag.shape.stages * table.blocking_power_w
-        self._pool: dict[int, int] = {}
+        self._clocks: list[int] = []
 
     def baseline(self) -> tuple[float, float]:
         return dag_cost(
@@ -483,18 +483,18 @@ class _Search:
         return kept
 
     def to_plan(self, idx: IntArray, t: float, e: float) -> Plan:
-        freqs = self.table.frequency_mhz[self.cls, idx.astype(np.int64)]
-        # Share one int object per clock across all plans: a 16k-instruction frontier of
-        # hundreds of plans would otherwise hold millions of separate ints.
-        pool, codes = np.unique(freqs, return_inverse=True)
-        values = [self._pool.setdefault(int(f), int(f)) for f in pool]
-        off = self.dag.offsets
+        # Every plan's clocks are the same few int objects (one per option of the table): a
+        # 16k-instruction frontier of hundreds of plans would otherwise hold millions of ints.
+        if not self._clocks:
+            self._clocks = [int(f) for f in self.table.frequency_mhz.ravel().tolist()]
+        flat = (self.batch.node_row[:, 0] + idx.astype(np.int64)).tolist()
+        clocks = list(map(self._clocks.__getitem__, flat))
+        off = self.dag.offsets.tolist()
         return Plan(
             iteration_time_s=t,
             energy_j=e,
             frequencies_mhz=tuple(
-                tuple(map(values.__getitem__, codes[off[s] : off[s + 1]].tolist()))
-                for s in range(self.dag.shape.stages)
+                tuple(clocks[off[s] : off[s + 1]]) for s in range(self.dag.shape.stages)
             ),
         )
 

@@ -83,29 +83,36 @@ class LpRelaxation:
             children.append(np.nonzero(has)[0])
         parent, child = np.concatenate(parents), np.concatenate(children)
         self.sinks: IntArray = np.nonzero((dag.succs == n).all(axis=1))[0]
-        rows_index: list[IntArray] = []
-        rows_value: list[FloatArray] = []
-        for p, c in zip(parent.tolist(), child.tolist(), strict=True):
-            segs = np.arange(n + self.first[p], n + self.first[p + 1])
-            rows_index.append(np.concatenate(([c, p], segs)))
-            rows_value.append(np.concatenate(([1.0, -1.0], -np.ones(len(segs)))))
-        for s in self.sinks.tolist():
-            segs = np.arange(n + self.first[s], n + self.first[s + 1])
-            rows_index.append(np.concatenate(([s], segs)))
-            rows_value.append(np.ones(1 + len(segs)))
-        lengths = np.asarray([len(r) for r in rows_index])
+        # Row r reads [child, parent, parent's segments...] (precedence) or [sink, its
+        # segments...] (deadline): built as one CSR matrix.
+        owner = np.concatenate((parent, self.sinks))  # the node whose segments the row reads
+        segs = self.first[owner + 1] - self.first[owner]
+        heads = np.concatenate((np.full(len(parent), 2), np.ones(len(self.sinks), dtype=np.int64)))
+        lengths = heads + segs
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        index = np.empty(int(lengths.sum()), dtype=np.int64)
+        value = np.empty(len(index))
+        index[starts[: len(parent)]], value[starts[: len(parent)]] = child, 1.0
+        index[starts[: len(parent)] + 1], value[starts[: len(parent)] + 1] = parent, -1.0
+        index[starts[len(parent) :]], value[starts[len(parent) :]] = self.sinks, 1.0
+        # Segment entries: for row r, k = 0 .. segs[r]-1 at starts[r] + heads[r] + k.
+        row_of = np.repeat(np.arange(len(owner)), segs)
+        nth = np.arange(len(row_of)) - np.repeat(np.cumsum(segs) - segs, segs)
+        at = starts[row_of] + heads[row_of] + nth
+        index[at] = n + self.first[owner[row_of]] + nth
+        value[at] = np.where(row_of < len(parent), -1.0, 1.0)
         lower = np.concatenate((self.fastest_s[parent], np.full(len(self.sinks), -np.inf)))
         upper_row = np.concatenate((np.full(len(parent), np.inf), np.zeros(len(self.sinks))))
         model.addRows(
-            len(rows_index),
+            len(owner),
             lower,
             upper_row,
-            int(lengths.sum()),
-            np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int32),
-            np.concatenate(rows_index).astype(np.int32),
-            np.concatenate(rows_value),
+            len(index),
+            starts.astype(np.int32),
+            index.astype(np.int32),
+            value,
         )
-        self.sink_rows = np.arange(len(parent), len(rows_index), dtype=np.int32)
+        self.sink_rows = np.arange(len(parent), len(owner), dtype=np.int32)
         self.model = model
 
     def solve(self, deadline_s: float) -> LpSolution | None:
