@@ -154,15 +154,18 @@ class BatchFill:
         for k, (lv, (p0, p1)) in enumerate(zip(dag.levels, dag.level_preds, strict=True)):
             start = np.maximum(finish[p0], finish[p1])
             avail = latest_finish[lv] - start + slack  # (width, lanes)
-            times = self.time[self.level_cls[k]][:, None, :]  # (width, 1, options)
+            # Options are sorted fastest first: those slower than any node's float never fit.
+            times = self.time[self.level_cls[k]]
+            fits = int((times <= avail.max()).sum(axis=1).max())
+            times = times[:, None, :fits]  # (width, 1, options)
             score = np.where(
                 times <= avail[:, :, None],
-                self.cost[self.level_cls[k]][:, None, :] + price[lv][:, :, None] * times,
+                self.cost[self.level_cls[k]][:, None, :fits] + price[lv][:, :, None] * times,
                 np.inf,
             )
             best = score.min(axis=2, keepdims=True)
             tied = score <= best + 1e-9 * np.abs(best) + 1e-12
-            chosen = self.width - 1 - np.argmax(tied[:, :, ::-1], axis=2)
+            chosen = fits - 1 - np.argmax(tied[:, :, ::-1], axis=2)
             idx[lv] = chosen
             finish[lv] = start + self.flat_time[self.level_row[k] + chosen]
         return idx
