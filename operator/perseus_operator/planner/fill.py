@@ -10,10 +10,14 @@ to the instructions that save most energy per second; the last rung (μ = 0) tak
 option that still fits.
 
 Every per-level operation works on a (lanes x level width) block, so the cost of Python's loop
-over levels is shared by all lanes: this is what makes a dense frontier fast.
+over levels is shared by all lanes: this is what makes a dense frontier fast. Inside the passes,
+nodes are renumbered level by level, so that a level's rows are one contiguous slice (a view)
+rather than a gather; plans come in and go out in the DAG's node order.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -76,6 +80,24 @@ class BatchFill:
         self.level_key = tuple(c[:, None] * self.span for c in self.level_cls)
         self.level_block = tuple(self.block_start[c][:, None] for c in self.level_cls)
         self.node_row = self.cls[:, None] * width
+        # Level-major positions: level k's nodes sit at rows level_rows[k] of every array the
+        # passes work on; `position[node]` (the sentinel maps to itself) and `by_position`.
+        n = dag.num_nodes
+        self.by_position = np.concatenate(dag.levels)
+        self.position = np.empty(n + 1, dtype=np.int64)
+        self.position[self.by_position] = np.arange(n)
+        self.position[n] = n
+        ends = np.cumsum([len(lv) for lv in dag.levels])
+        self.level_rows = tuple(
+            slice(int(end) - len(lv), int(end)) for lv, end in zip(dag.levels, ends, strict=True)
+        )
+        self.level_pred_rows = tuple(
+            (self.position[a], self.position[b]) for a, b in dag.level_preds
+        )
+        self.level_succ_rows = tuple(
+            (self.position[a], self.position[b]) for a, b in dag.level_succs
+        )
+        self.row_offset = self.node_row[self.by_position]  # node_row, level-major
 
     def best_on_hull(self, price: float) -> IntArray:
         """Per class, the hull option minimising ``c + price*t``."""
@@ -88,7 +110,8 @@ class BatchFill:
         return out
 
     def makespans(self, idx: IntArray) -> FloatArray:
-        finish = self.forward(self.durations(idx))
+        rows = self._to_rows(idx)
+        finish = self._forward_rows(self.flat_time[self.row_offset + rows])
         out: FloatArray = finish[:-1].max(axis=0)
         return out
 
@@ -98,19 +121,33 @@ class BatchFill:
 
     def forward(self, duration_s: FloatArray) -> FloatArray:
         """Earliest finish times, (nodes + sentinel) x lanes."""
+        return self._forward_rows(self._to_rows(duration_s))[self.position]
+
+    def _to_rows(self, per_node: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """A nodes x lanes array in level-major row order."""
+        return per_node[self.by_position]
+
+    def _to_nodes(self, rows: IntArray) -> IntArray:
+        """A level-major nodes x lanes array back in node order."""
+        out: IntArray = rows[self.position[:-1]]
+        return out
+
+    def _forward_rows(self, duration_s: FloatArray) -> FloatArray:
+        """Earliest finish times from level-major durations, (rows + sentinel) x lanes."""
         finish = np.zeros((self.dag.num_nodes + 1, duration_s.shape[1]))
-        for lv, (p0, p1) in zip(self.dag.levels, self.dag.level_preds, strict=True):
-            finish[lv] = np.maximum(finish[p0], finish[p1]) + duration_s[lv]
+        for rows, (p0, p1) in zip(self.level_rows, self.level_pred_rows, strict=True):
+            finish[rows] = np.maximum(finish[p0], finish[p1]) + duration_s[rows]
         return finish
 
-    def backward(self, duration_s: FloatArray, deadline_s: FloatArray) -> FloatArray:
-        """Latest start times, (nodes + sentinel = the deadline) x lanes."""
+    def _backward_rows(self, duration_s: FloatArray, deadline_s: FloatArray) -> FloatArray:
+        """Latest start times from level-major durations, (rows + sentinel = the deadline) x
+        lanes."""
         latest_start = np.empty((self.dag.num_nodes + 1, duration_s.shape[1]))
         latest_start[-1] = deadline_s
-        for lv, (s0, s1) in zip(
-            reversed(self.dag.levels), reversed(self.dag.level_succs), strict=True
+        for rows, (s0, s1) in zip(
+            reversed(self.level_rows), reversed(self.level_succ_rows), strict=True
         ):
-            latest_start[lv] = np.minimum(latest_start[s0], latest_start[s1]) - duration_s[lv]
+            latest_start[rows] = np.minimum(latest_start[s0], latest_start[s1]) - duration_s[rows]
         return latest_start
 
     def _choose(
@@ -145,59 +182,63 @@ class BatchFill:
         points goes up whenever the time its predecessors saved allows it, and down otherwise,
         passing on what it saved. Every lane meets its deadline: no node ever finishes later than
         its latest finish, and its relaxed duration always fits."""
-        dag = self.dag
         lanes = duration_s.shape[1]
-        latest_finish = self.backward(duration_s, deadline_s)[:-1] + duration_s
-        idx = np.zeros((dag.num_nodes, lanes), dtype=np.int64)
-        finish = np.zeros((dag.num_nodes + 1, lanes))
+        duration_s, price = self._to_rows(duration_s), self._to_rows(price)
+        latest_finish = self._backward_rows(duration_s, deadline_s)[:-1] + duration_s
+        idx = np.zeros((self.dag.num_nodes, lanes), dtype=np.int64)
+        finish = np.zeros((self.dag.num_nodes + 1, lanes))
         slack = 1e-12 * float(np.max(deadline_s))
-        for k, (lv, (p0, p1)) in enumerate(zip(dag.levels, dag.level_preds, strict=True)):
+        for k, (rows, (p0, p1)) in enumerate(
+            zip(self.level_rows, self.level_pred_rows, strict=True)
+        ):
             start = np.maximum(finish[p0], finish[p1])
-            avail = latest_finish[lv] - start + slack  # (width, lanes)
+            avail = latest_finish[rows] - start + slack  # (width, lanes)
             # Options are sorted fastest first: those slower than any node's float never fit.
             times = self.time[self.level_cls[k]]
             fits = int((times <= avail.max()).sum(axis=1).max())
             times = times[:, None, :fits]  # (width, 1, options)
             score = np.where(
                 times <= avail[:, :, None],
-                self.cost[self.level_cls[k]][:, None, :fits] + price[lv][:, :, None] * times,
+                self.cost[self.level_cls[k]][:, None, :fits] + price[rows][:, :, None] * times,
                 np.inf,
             )
             best = score.min(axis=2, keepdims=True)
             tied = score <= best + 1e-9 * np.abs(best) + 1e-12
             chosen = fits - 1 - np.argmax(tied[:, :, ::-1], axis=2)
-            idx[lv] = chosen
-            finish[lv] = start + self.flat_time[self.level_row[k] + chosen]
-        return idx
+            idx[rows] = chosen
+            finish[rows] = start + self.flat_time[self.level_row[k] + chosen]
+        return self._to_nodes(idx)
 
     def fill(
         self, idx: IntArray, deadline_s: FloatArray, prices: list[float], *, backward: bool
     ) -> IntArray:
         """Fill every lane's float up to its deadline along the price ladder (see module doc)."""
-        idx = idx.copy()
-        dag = self.dag
+        idx = self._to_rows(idx)  # a copy, level-major
+        n = self.dag.num_nodes
         for price in prices:
             target = self.best_on_hull(price) if price > 0 else None
-            duration = self.durations(idx)
+            duration = self.flat_time[self.row_offset + idx]
             if not backward:
-                latest_start = self.backward(duration, deadline_s)
-                finish = np.zeros((dag.num_nodes + 1, idx.shape[1]))
-                for k, (lv, (p0, p1)) in enumerate(zip(dag.levels, dag.level_preds, strict=True)):
+                latest_start = self._backward_rows(duration, deadline_s)
+                finish = np.zeros((n + 1, idx.shape[1]))
+                for k, (rows, (p0, p1)) in enumerate(
+                    zip(self.level_rows, self.level_pred_rows, strict=True)
+                ):
                     start = np.maximum(finish[p0], finish[p1])
-                    avail = latest_start[lv] + duration[lv] - start
-                    chosen = self._choose(k, idx[lv], avail, target)
-                    idx[lv] = chosen
-                    finish[lv] = start + self.flat_time[self.level_row[k] + chosen]
+                    avail = latest_start[rows] + duration[rows] - start
+                    chosen = self._choose(k, idx[rows], avail, target)
+                    idx[rows] = chosen
+                    finish[rows] = start + self.flat_time[self.level_row[k] + chosen]
             else:
-                finish = self.forward(duration)
-                latest_start = np.empty((dag.num_nodes + 1, idx.shape[1]))
+                finish = self._forward_rows(duration)
+                latest_start = np.empty((n + 1, idx.shape[1]))
                 latest_start[-1] = deadline_s
-                for k in range(len(dag.levels) - 1, -1, -1):
-                    lv = dag.levels[k]
-                    s0, s1 = dag.level_succs[k]
+                for k in range(len(self.level_rows) - 1, -1, -1):
+                    rows = self.level_rows[k]
+                    s0, s1 = self.level_succ_rows[k]
                     latest_finish = np.minimum(latest_start[s0], latest_start[s1])
-                    avail = latest_finish - (finish[lv] - duration[lv])
-                    chosen = self._choose(k, idx[lv], avail, target)
-                    idx[lv] = chosen
-                    latest_start[lv] = latest_finish - self.flat_time[self.level_row[k] + chosen]
-        return idx
+                    avail = latest_finish - (finish[rows] - duration[rows])
+                    chosen = self._choose(k, idx[rows], avail, target)
+                    idx[rows] = chosen
+                    latest_start[rows] = latest_finish - self.flat_time[self.level_row[k] + chosen]
+        return self._to_nodes(idx)
