@@ -141,3 +141,65 @@ def test_models_built_in_parallel_threads_leave_stdout_where_it_was(setup: Setup
     assert not errors
     after = os.fstat(1)
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+def test_batched_passes_agree_with_the_reference_cost_on_random_plans(setup: Setup) -> None:
+    """The batched passes renumber nodes level by level; plans come back in node order and
+    their times and energies are what the independent reference computes."""
+    batch, table = setup.batch, setup.table
+    rng = np.random.default_rng(11)
+    idx = rng.integers(0, table.count[batch.cls][:, None], size=(batch.dag.num_nodes, 6))
+    times = batch.makespans(idx)
+    energies = batch.costs(idx) + BLOCKING_W * PROFILE.num_stages * times
+    for col in range(idx.shape[1]):
+        t, e = reference.cost(PROFILE, MICROBATCHES, BLOCKING_W, frequencies(setup, idx[:, col]))
+        assert times[col] == pytest.approx(t, rel=1e-12)
+        assert energies[col] == pytest.approx(e, rel=1e-12)
+    # Filling and rounding hand plans back in node order: a plan already at its slowest
+    # options stays exactly where it is.
+    slowest = np.repeat((table.count[batch.cls] - 1)[:, None], 2, axis=1)
+    deadline = batch.makespans(slowest) * 1.5
+    for backward in (False, True):
+        assert (batch.fill(slowest, deadline, [1.0, 0.0], backward=backward) == slowest).all()
+
+
+def test_lp_optimum_equals_an_independently_built_epigraph_lp(setup: Setup) -> None:
+    """The segment LP (one CSR row per edge, built vectorised) against the textbook model:
+    start and duration per instruction, cost above every hull segment's line, no shared code."""
+    import highspy
+
+    batch, table = setup.batch, setup.table
+    dag, n = batch.dag, batch.dag.num_nodes
+    lp = LpRelaxation(dag, table)
+    for deadline in setup.t_fast_s * np.array([1.0, 1.05, 1.2]):
+        model = highspy.Highs()
+        model.setOptionValue("output_flag", False)
+        # Columns: start x (n), duration d (n), cost z (n).
+        lower = np.concatenate((np.zeros(n), np.zeros(n), np.full(n, -np.inf)))
+        upper = np.full(3 * n, np.inf)
+        rows: list[tuple[list[int], list[float], float, float]] = []
+        for i in range(n):
+            c = int(batch.cls[i])
+            hull = table.hull_indices(c)
+            t, cost = table.time_s[c, hull], table.cost_j[c, hull]
+            lower[n + i], upper[n + i] = t[0], t[-1]
+            if len(t) == 1:
+                lower[2 * n + i] = upper[2 * n + i] = cost[0]
+            for a in range(len(t) - 1):  # z >= cost[a] + slope * (d - t[a])
+                slope = (cost[a + 1] - cost[a]) / (t[a + 1] - t[a])
+                rows.append(([2 * n + i, n + i], [1.0, -slope], cost[a] - slope * t[a], np.inf))
+            for p in dag.preds[i]:
+                if p != n:  # x_i >= x_p + d_p
+                    rows.append(([i, int(p), n + int(p)], [1.0, -1.0, -1.0], 0.0, np.inf))
+            rows.append(([i, n + i], [1.0, 1.0], -np.inf, float(deadline)))
+        model.addVars(3 * n, lower, upper)
+        model.changeColsCost(
+            n, np.arange(2 * n, 3 * n, dtype=np.int32), np.ones(n, dtype=np.float64)
+        )
+        for cols, vals, lo, hi in rows:
+            model.addRow(lo, hi, len(cols), np.asarray(cols, dtype=np.int32), np.asarray(vals))
+        model.run()
+        expected = model.getInfo().objective_function_value
+        solution = lp.solve(float(deadline))
+        assert solution is not None
+        assert solution.cost_j == pytest.approx(expected, rel=1e-7)
