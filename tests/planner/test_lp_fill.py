@@ -3,7 +3,7 @@ and filling never raises the cost."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -168,11 +168,12 @@ def test_lp_optimum_equals_an_independently_built_epigraph_lp(setup: Setup) -> N
     start and duration per instruction, cost above every hull segment's line, no shared code."""
     import highspy
 
+    highs: Any = highspy  # its stubs lag its bindings, as in `lp`
     batch, table = setup.batch, setup.table
     dag, n = batch.dag, batch.dag.num_nodes
     lp = LpRelaxation(dag, table)
     for deadline in setup.t_fast_s * np.array([1.0, 1.05, 1.2]):
-        model = highspy.Highs()
+        model = highs.Highs()
         model.setOptionValue("output_flag", False)
         # Columns: start x (n), duration d (n), cost z (n).
         lower = np.concatenate((np.zeros(n), np.zeros(n), np.full(n, -np.inf)))
