@@ -280,7 +280,8 @@ class _Search:
             if energy_j[lane] < best:
                 best, best_j = float(energy_j[lane]), lane
                 center = (jitter[0][:, best_j], jitter[1][:, best_j])
-            if round_ == REFINE_ROUNDS or best_j < 0 or best <= enough:
+            at_t0 = min((e for t, e, _ in kept if t <= t0), default=np.inf)
+            if round_ == REFINE_ROUNDS or best_j < 0 or min(best, at_t0) <= enough:
                 break
             shape = (REFINE_LANES,)
             jitter = (
