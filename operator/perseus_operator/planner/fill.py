@@ -110,8 +110,8 @@ class BatchFill:
         return out
 
     def makespans(self, idx: IntArray) -> FloatArray:
-        rows = self._to_rows(idx)
-        finish = self._forward_rows(self.flat_time[self.row_offset + rows])
+        # Durations first, then reordered: no index array lives beside them (large pipelines).
+        finish = self._forward_rows(self._to_rows(self.durations(idx)))
         out: FloatArray = finish[:-1].max(axis=0)
         return out
 
@@ -207,6 +207,7 @@ class BatchFill:
             chosen = fits - 1 - np.argmax(tied[:, :, ::-1], axis=2)
             idx[rows] = chosen
             finish[rows] = start + self.flat_time[self.level_row[k] + chosen]
+        del finish, latest_finish, duration_s, price  # before the reordered copy (memory)
         return self._to_nodes(idx)
 
     def fill(
@@ -241,4 +242,5 @@ class BatchFill:
                     chosen = self._choose(k, idx[rows], avail, target)
                     idx[rows] = chosen
                     latest_start[rows] = latest_finish - self.flat_time[self.level_row[k] + chosen]
+            del duration, finish, latest_start  # before the next rung's, or the reordered copy
         return self._to_nodes(idx)
