@@ -209,7 +209,7 @@ class _Search:
         uniform = np.stack([self.uniform(p) for p in _ladder_prices(slopes)])  # plans x nodes
         u_time = self.batch.makespans(uniform.T)
         u_cost = self.batch.costs(uniform.T)
-        t0, _ = self.baseline()
+        t0, baseline_j = self.baseline()
         refine = None
         if self.dag.num_nodes <= LP_MAX_INSTRUCTIONS:
             base, deadline_s, refine = self.lp_bases(uniform, u_time, u_cost, t0)
@@ -230,14 +230,16 @@ class _Search:
             start = base[:, part].astype(np.int64)
             forward, both = self.fill_lanes(start, deadline_s[part], prices)
             filled = self.evaluated(both)
-            late = np.asarray([t for t, _, _ in filled]) > deadline_s[part]
-            filled_energy[part] = np.where(late, np.inf, [e for _, e, _ in filled])
+            filled_energy[part] = _on_time_energies(filled, deadline_s[part])
             found = self.evaluated(start) + self.evaluated(forward) + filled
             kept = _useful(kept + found, self.idle_power_w)
             if progress is not None:
                 progress(min(first + chunk, lanes), lanes)
         if refine is not None:
-            kept = self.refine_t0(kept, refine, filled_energy[refine.lanes], t0, prices)
+            enough_j = refine.bound_j + REFINE_GAP * baseline_j
+            kept = self.refine_t0(
+                kept, refine, filled_energy[refine.lanes], t0, prices, enough_j=enough_j
+            )
         return self.close_gaps(kept, t0, prices)
 
     def fill_lanes(
@@ -254,10 +256,12 @@ class _Search:
         energy_j: FloatArray,
         t0: float,
         prices: list[float],
+        *,
+        enough_j: float,
     ) -> list[tuple[float, float, IntArray]]:
         """The no-slowdown plan, searched harder where the bound leaves room: while the best
-        plan at T0 costs more than `REFINE_GAP` of the baseline energy above the LP bound
-        (pipelines up to `REFINE_MAX_INSTRUCTIONS`), up to `REFINE_ROUNDS` rounds of
+        plan at T0 costs more than `enough_j` (`REFINE_GAP` of the baseline energy above the LP
+        bound; pipelines up to `REFINE_MAX_INSTRUCTIONS`), up to `REFINE_ROUNDS` rounds of
         `REFINE_LANES` roundings jittered a little around the best so far, a seeded evolution
         in the space of prices that started with the `RANDOM_LANES` roundings of `lp_bases`
         (`energy_j`: their energies, filled), so that one lucky draw decides less: on GPT-3 A40
@@ -265,8 +269,6 @@ class _Search:
         if self.dag.num_nodes > REFINE_MAX_INSTRUCTIONS:
             return kept
         rng = start.rng
-        _, baseline_j = self.baseline()
-        enough = start.bound_j + REFINE_GAP * baseline_j
         jitter, relaxed = start.jitter, start.duration_s
         best_j, best = -1, np.inf
         for round_ in range(1 + REFINE_ROUNDS):
@@ -275,13 +277,14 @@ class _Search:
                 _, both = self.fill_lanes(lanes, np.full(lanes.shape[1], t0), prices)
                 found = self.evaluated(both)
                 kept = _useful(kept + found, self.idle_power_w)
-                energy_j = np.asarray([e if t <= t0 else np.inf for t, e, _ in found])
+                energy_j = _on_time_energies(found, t0)
             lane = int(np.argmin(energy_j))
             if energy_j[lane] < best:
                 best, best_j = float(energy_j[lane]), lane
                 center = (jitter[0][:, best_j], jitter[1][:, best_j])
+            # Every lane filled so far is in `kept`, which always holds the cheapest plan at T0.
             at_t0 = min((e for t, e, _ in kept if t <= t0), default=np.inf)
-            if round_ == REFINE_ROUNDS or best_j < 0 or min(best, at_t0) <= enough:
+            if round_ == REFINE_ROUNDS or best_j < 0 or at_t0 <= enough_j:
                 break
             shape = (REFINE_LANES,)
             jitter = (
@@ -324,7 +327,6 @@ class _Search:
             return base, deadline_s, None
         near_s = np.asarray([d for d, _ in path_near_t0])
         relaxed = np.stack([r for _, r in path_near_t0], axis=1)
-        each = np.where(near_s == t0, RANDOM_LANES, RANDOM_LANES_NEAR_T0)
         # The draws at T0 come first from their own generator, which `refine_t0` goes on with.
         t0_rng, near_rng = (
             np.random.default_rng(RANDOM_SEED),
@@ -340,6 +342,7 @@ class _Search:
             np.concatenate([p[0] for p in parts], axis=1),
             np.concatenate([p[1] for p in parts], axis=1),
         )
+        each = np.asarray([p[0].shape[1] for p in parts])  # lanes per solved deadline
         refine = None
         if t0 in near_s:
             k = int(np.nonzero(near_s == t0)[0][0])
@@ -501,6 +504,15 @@ class _Search:
                 tuple(clocks[off[s] : off[s + 1]]) for s in range(self.dag.shape.stages)
             ),
         )
+
+
+def _on_time_energies(
+    found: list[tuple[float, float, IntArray]], deadline_s: float | FloatArray
+) -> FloatArray:
+    """Each evaluated lane's energy, or infinity where it misses its deadline."""
+    times = np.asarray([t for t, _, _ in found])
+    out: FloatArray = np.where(times <= deadline_s, [e for _, e, _ in found], np.inf)
+    return out
 
 
 def _fill_prices(slopes: FloatArray, steps: int) -> list[float]:
