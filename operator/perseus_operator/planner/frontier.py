@@ -41,10 +41,11 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from perseus_operator.planner.draws import NormalStream
 from perseus_operator.planner.evaluate import dag_cost
 from perseus_operator.planner.fill import BatchFill
 from perseus_operator.planner.lp import hull_prices
-from perseus_operator.planner.model import OptionTable, build_options
+from perseus_operator.planner.model import OptionTable, build_options, sorted_unique
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
 from perseus_operator.planner.relaxed import ShortCopy, relaxed_path, short_copy
 from perseus_profiles import StageProfile
@@ -162,7 +163,7 @@ class _T0Roundings(NamedTuple):
     """The roundings' jitters (see `_Search.jitter`)."""
     lanes: slice
     """Where the roundings are among the lanes filled first."""
-    rng: np.random.Generator
+    rng: NormalStream
     """The generator their jitters were drawn from, to draw on from."""
 
 
@@ -329,8 +330,8 @@ class _Search:
         relaxed = np.stack([r for _, r in path_near_t0], axis=1)
         # The draws at T0 come first from their own generator, which `refine_t0` goes on with.
         t0_rng, near_rng = (
-            np.random.default_rng(RANDOM_SEED),
-            np.random.default_rng(RANDOM_SEED + 1),
+            NormalStream(RANDOM_SEED),
+            NormalStream(RANDOM_SEED + 1),
         )
         parts = [
             self.jitter(t0_rng, RANDOM_LANES)
@@ -376,12 +377,12 @@ class _Search:
         steep = np.arange(at[0], min(t0, fine_end), FAST_GRID_FRACTION * t0)
         fine = np.arange(max(at[0], min(t0, fine_end)), fine_end, grid)
         beyond = np.arange(fine_end, at[-1], TAIL_STEP * t0 / 2)
-        deadline_s = np.unique(np.concatenate((steep, fine, beyond, at)))
+        deadline_s = sorted_unique(np.concatenate((steep, fine, beyond, at)))
         duration_s = path.at(deadline_s)
         price = hull_prices(self.table, self.cls, duration_s)
         return self.batch.round_priced(duration_s, price, deadline_s), deadline_s, path.near_t0
 
-    def jitter(self, rng: np.random.Generator, lanes: int) -> tuple[FloatArray, FloatArray]:
+    def jitter(self, rng: NormalStream, lanes: int) -> tuple[FloatArray, FloatArray]:
         """Log-normal jitters for `lanes` roundings, (per class, per node), each lanes wide:
         per class (every forward of a stage alike, a systematic lean that holds along the
         whole steady state) and per instruction, at the spreads of `RANDOM_SPREADS` in turn."""
