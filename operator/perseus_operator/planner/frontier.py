@@ -483,10 +483,8 @@ class _Search:
                 deadline_s = np.maximum(
                     np.asarray(deadlines[first : first + chunk]), self.batch.makespans(base)
                 )
-                for backward in (False, True):
-                    found += self.evaluated(
-                        self.batch.fill(base, deadline_s, prices, backward=backward)
-                    )
+                forward, both = self.fill_lanes(base, deadline_s, prices)
+                found += self.evaluated(forward) + self.evaluated(both)
             kept = _useful(kept + found, self.idle_power_w)
         return kept
 
