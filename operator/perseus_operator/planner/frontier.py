@@ -75,8 +75,7 @@ REFINE_LANES = 32
 REFINE_MAX_INSTRUCTIONS = 2048  # larger pipelines skip the rounds (their time budget is tight)
 REFINE_GAP = 0.003  # ... as do plans this close to the LP bound (fraction of the baseline energy)
 REFINE_SPREADS = (0.05, 0.03)  # ... this far (log, per class and per instruction) from it
-FINE_MAX_INSTRUCTIONS = 1024  # up to this size, twice the gap rounds
-_GAP_ROUNDS = 6
+_GAP_ROUNDS = 12
 _GAP_NUDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _FILL_STEPS = 4  # rungs of the price ladder (plus μ = 0) filling uniform-price plans ...
 _FILL_STEPS_LP = 3  # ... and LP roundings, which need fewer (the 32 x 256 synthetic pipeline,
@@ -450,10 +449,11 @@ class _Search:
     ) -> list[tuple[float, float, IntArray]]:
         """Where consecutive plans before T* are far apart (typically right after an LP-rounded
         plan that no filled plan beats), fill the plan at the gap's start to deadlines inside
-        the gap. Repeats a few times; a gap that stays has no useful plan found inside it."""
+        the gap, forwards and then back as the main lanes are. Repeats up to `_GAP_ROUNDS` times
+        (a gap that stays has no useful plan found inside it): the real cases run out of gaps
+        within a few rounds, the 32 x 256 synthetic pipeline (no LP) uses all of them."""
         tried: set[tuple[float, float]] = set()
-        fine = self.dag.num_nodes <= FINE_MAX_INSTRUCTIONS
-        for _ in range(2 * _GAP_ROUNDS if fine else _GAP_ROUNDS):
+        for _ in range(_GAP_ROUNDS):
             star = min(range(len(kept)), key=lambda k: kept[k][1])
             bases, deadlines = [], []
             for (ta, _, ia), (tb, _, _) in itertools.pairwise(kept[: star + 1]):
