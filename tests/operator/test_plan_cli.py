@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -224,3 +225,31 @@ def test_unwritable_output_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
             "--out", str(blocker / "f.json")]  # fmt: skip
     assert main(args) == 2
     assert "cannot write output" in capsys.readouterr().err
+
+
+def test_run_as_a_user_writes_everything_before_its_quick_exit(tmp_path: Path) -> None:
+    """`perseus plan` skips the interpreter's teardown: stdout (a pipe, block-buffered), the
+    JSON file and the exit code must all be complete anyway."""
+    out = tmp_path / "f.json"
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "perseus_operator.cli", "plan", "--example", "bloom-176b-a40",
+         "--microbatches", "6", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, check=False, env=buffered,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plans = len(json.loads(out.read_text())["plans"])
+    assert proc.stdout.splitlines()[-1].startswith(f"{plans} plans written")
+    assert "least energy (T*)" in proc.stdout
+
+
+def test_run_as_a_user_a_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "perseus_operator.cli", "plan", "--profile",
+         str(tmp_path / "missing.csv"), "--microbatches", "4", "--out", str(tmp_path / "f.json")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("perseus plan: error: ")
+    assert not (tmp_path / "f.json").exists()

@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="frontier JSON to write")
     parser.add_argument("--plot", type=Path, help="also draw the frontier to this PNG")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, quick_exit=True)
 
 
 def run(args: argparse.Namespace) -> int:
