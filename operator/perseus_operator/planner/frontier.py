@@ -77,10 +77,10 @@ REFINE_GAP = 0.003  # ... as do plans this close to the LP bound (fraction of th
 REFINE_SPREADS = (0.05, 0.03)  # ... this far (log, per class and per instruction) from it
 _GAP_ROUNDS = 12
 _GAP_NUDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-_FILL_STEPS = 4  # rungs of the price ladder (plus μ = 0) filling uniform-price plans ...
-_FILL_STEPS_LP = 2  # ... and LP roundings, which need fewer: their prices are the LP's already
-# (with 2, the same gaps to the bound as with 3 over five seeds; with 1, GPT-3 A40 x 96 passes
-# 0.5 pp. The 32 x 256 synthetic pipeline, which skips the LP, saves 0.9 pp less at T0 with 3)
+_FILL_STEPS = 4  # rungs of the price ladder (plus μ = 0) filling uniform-price plans (the 32 x 256
+# synthetic pipeline, which skips the LP, saves 0.9 pp less at T0 with 3) ...
+_FILL_STEPS_LP = 2  # ... and LP roundings, whose prices are the LP's already: over five seeds, 2
+# gives the gaps to the bound that 3 gave; with 1, GPT-3 A40 x 96 passes 0.5 pp
 BACKWARD_PRICES = [0.0]  # the backward sweep only takes what still fits
 _LANE_ELEMENTS = 2_000_000  # lanes x nodes per batch: bounds memory on large pipelines
 
