@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,16 @@ def test_examples_load_with_eight_stages(name: str) -> None:
     assert profile.num_stages == 8
     assert profile.frequencies_mhz == tuple(sorted(profile.frequencies_mhz, reverse=True))
     assert profile.max_frequency_mhz == max(profile.frequencies_mhz)
+
+
+def test_examples_read_through_importlib_resources_where_not_beside_the_module(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A zipped install has no file path: the same text comes through `importlib.resources`."""
+    direct = EXAMPLES["bloom-176b-a40"].csv_text()
+    monkeypatch.setattr(Path, "is_file", lambda self: False)
+    assert EXAMPLES["bloom-176b-a40"].csv_text() == direct
+    assert direct.startswith("stage,instruction,frequency,time,energy")
 
 
 def test_parse_sorts_highest_frequency_first_and_looks_up() -> None:
