@@ -45,7 +45,7 @@ DENSE_ABOVE_T0 = 0.01
 # Beyond that, solves are at least this fraction of their distance to T0 apart: a solve re-prices
 # a few hundred hull breakpoints however far it moves (8 x 24, T0 to 1.2 x T0: 2,900 pivots in
 # 1% steps, 600 in one step), and far from T0 interpolating between solves loses little. 0.2
-# took about a fifth off the HiGHS time at 8 x 24, no plan worse than lowtime's; 0.35 had one.
+# took about a fifth off the HiGHS time at 8 x 24, no plan worse than lowtime's; 0.3 had one.
 FAR_STEP_RATIO = 0.2
 COARSE_STEPS = 4  # past the relaxation's least energy, steps this many times wider ...
 PAST_T_STAR = 0.02  # ... until this far (fraction of T0) past it
