@@ -119,10 +119,6 @@ class BatchFill:
         out: FloatArray = self.cost[self.cls[:, None], idx].sum(axis=0)
         return out
 
-    def forward(self, duration_s: FloatArray) -> FloatArray:
-        """Earliest finish times, (nodes + sentinel) x lanes."""
-        return self._forward_rows(self._to_rows(duration_s))[self.position]
-
     def _to_rows(self, per_node: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """A nodes x lanes array in level-major row order."""
         return per_node[self.by_position]
