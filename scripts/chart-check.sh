@@ -115,7 +115,8 @@ if [ -n "${CHART_CHECK_KUBECONFIG:-}" ]; then
 else
   step "private control plane for the cluster stages"
   RUN=$WORK/cluster
-  API_PORT=16543 ETCD_PORT=23890 ETCD_PEER=23900 KCM_PORT=16357 scripts/cluster.sh up "$RUN" | tail -n 2
+  API_PORT=${CHART_API_PORT:-16543} ETCD_PORT=${CHART_ETCD_PORT:-23890} ETCD_PEER=${CHART_ETCD_PEER:-23900} \
+    KCM_PORT=${CHART_KCM_PORT:-16357} scripts/cluster.sh up "$RUN" | tail -n 2
   export KUBECONFIG=$RUN/kubeconfig
 fi
 k() { "$KUBECTL" "$@"; }
