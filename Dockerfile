@@ -4,10 +4,13 @@
 # Build:  docker build -t perseus-k8s:0.1.0 .
 # The base image is pinned to the exact Python version CI proves the install with
 # (scripts/image-install-check.sh runs the same install step in a clean venv).
+# BASE_IMAGE: any Debian-based image with python3 (>= 3.11, with venv) on PATH; scripts/image.sh
+# passes one made locally with debootstrap, for clusters without a registry.
 ARG PYTHON_VERSION=3.11.7
 ARG DEBIAN_RELEASE=bookworm
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE}
 
-FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # Only what the distribution needs (pyproject.toml names README.md as its readme).
@@ -18,7 +21,7 @@ COPY profiles ./profiles
 COPY scripts/image-install.sh ./scripts/image-install.sh
 RUN scripts/image-install.sh /src /opt/perseus
 
-FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="perseus-k8s" \
       org.opencontainers.image.description="Perseus on Kubernetes: operator and per-node GPU clock sidecar" \
