@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: setup, static checks, unit tests, then the e2e tests against a real local
 # Kubernetes control plane (built once into .cache/k8s, about 4 minutes from cold).
-# Usage: scripts/test.sh [extra pytest args]      PERSEUS_SKIP_E2E=1 skips the control plane.
+# Then the real-node stage (scripts/node-e2e.sh): the image built with buildah, a one-node cluster
+# with a kubelet, the chart's pods and the training job as pods (about 10 minutes).
+# Usage: scripts/test.sh [extra pytest args]      PERSEUS_SKIP_E2E=1 skips both cluster stages,
+#                                                 PERSEUS_SKIP_NODE=1 only the real-node one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -24,5 +27,10 @@ if [ "${PERSEUS_SKIP_E2E:-0}" != 1 ]; then
   rc=0
   KUBECONFIG=$E2E_RUN/kubeconfig python -m pytest -q -m e2e "$@" || rc=$?
   [ "$rc" = 5 ] && rc=0 # extra args selected no e2e test
-  exit "$rc"
+  scripts/cluster.sh down "$E2E_RUN"
+  [ "$rc" = 0 ] || exit "$rc"
+  if [ "${PERSEUS_SKIP_NODE:-0}" != 1 ]; then
+    echo "==> real-node stage: the image, a kubelet node, the chart and the job as pods"
+    scripts/node-e2e.sh
+  fi
 fi
