@@ -11,6 +11,9 @@ needs the job token (``--job-token-file``, the policy's Secret). Rank r runs in 
 ``<job>-<r>``, data-parallel pipeline r // S, stage r % S, on the nodes' GPUs in order.
 Prints one line per iteration: wall-clock time in simulated seconds against the all-max-clock
 time of the profile's 1F1B DAG, and the GPUs' energy.
+
+``perseus sim-train coordinator`` and ``perseus sim-train rank`` run the same job as one process
+per rank (a pod each) and a coordinator: see `perseus_operator.commands.sim_distributed`.
 """
 
 from __future__ import annotations
@@ -21,16 +24,28 @@ import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from perseus_operator.cli import CliError
+from perseus_operator.commands import sim_distributed
 
-__all__ = ["add_parser", "parse_crash", "parse_node", "parse_straggler", "run"]
+if TYPE_CHECKING:
+    from perseus_sidecar.sim.trainer import IterationResult
+
+__all__ = [
+    "add_parser",
+    "format_iteration",
+    "parse_crash",
+    "parse_node",
+    "parse_straggler",
+    "run",
+]
 
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "sim-train",
+        allow_abbrev=False,
         help="run the simulated 1F1B pipeline trainer against simulated sidecars",
         description="Play P data-parallel 1F1B pipelines on simulated GPUs, calling the real "
         "training hooks against running `perseus-sidecar --gpu-backend simulated` processes.",
@@ -38,12 +53,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--node",
         action="append",
-        required=True,
         metavar="HOST:PORT=STATE_DIR",
         help="a simulated node: its sidecar's HTTP address and --state-dir (repeat per node)",
     )
     parser.add_argument("--pipelines", type=int, default=1, help="data-parallel pipelines")
-    parser.add_argument("--microbatches", type=int, required=True, help="microbatches/iteration")
+    parser.add_argument("--microbatches", type=int, help="microbatches/iteration (required)")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--namespace", default="default", help="the job's namespace")
     parser.add_argument("--job", default="sim", help="the job (EnergyPolicy) name")
@@ -91,6 +105,17 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--connect-timeout-s", type=float, default=10.0)
     parser.add_argument("--json", type=Path, help="also write the per-iteration results here")
     parser.set_defaults(run=run)
+    sim_distributed.add_modes(parser)
+
+
+def format_iteration(r: IterationResult) -> str:
+    """The per-iteration line the demo and the tests parse."""
+    deviation = (r.time_s / r.expected_s - 1) * 100
+    return (
+        f"iteration {r.iteration:4d}  time {r.time_s:8.4f} s  "
+        f"(all-max {r.expected_s:.4f} s, {deviation:+.2f}%)  "
+        f"energy {r.energy_j:10.1f} J  late starts {r.late_starts}"
+    )
 
 
 def parse_node(text: str) -> tuple[str, int, Path]:
@@ -152,7 +177,6 @@ def run(args: argparse.Namespace) -> int:
     from perseus_sidecar.sim.announce import announce_job, withdraw_job
     from perseus_sidecar.sim.trainer import (
         Crash,
-        IterationResult,
         NodeSpec,
         SimConfig,
         SimTrainer,
@@ -160,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
         Straggler,
     )
 
+    if not args.node or args.microbatches is None:
+        raise CliError(
+            "--node and --microbatches are required (or run a mode: sim-train coordinator|rank)"
+        )
     nodes = tuple(NodeSpec(*parse_node(text)) for text in args.node)
     operator_token = (
         None
@@ -219,13 +247,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
         def show(r: IterationResult) -> None:
-            deviation = (r.time_s / r.expected_s - 1) * 100
-            print(
-                f"iteration {r.iteration:4d}  time {r.time_s:8.4f} s  "
-                f"(all-max {r.expected_s:.4f} s, {deviation:+.2f}%)  "
-                f"energy {r.energy_j:10.1f} J  late starts {r.late_starts}",
-                flush=True,
-            )
+            print(format_iteration(r), flush=True)
 
         try:
             results = trainer.run(show)

@@ -20,6 +20,7 @@ the threads' wake-up jitter.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
@@ -33,6 +34,7 @@ from pathlib import Path
 from perseus_profiles import INSTRUCTIONS, StageProfile
 from perseus_sidecar import hooks as hooks_mod
 from perseus_sidecar.gpu.simulated import NodeSettings, SimulatedGpu, open_node
+from perseus_sidecar.sim.links import Barrier, Links, QueueLinks, StoppedError
 from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
 
 __all__ = [
@@ -56,10 +58,6 @@ _CLOCK_CHECKS_S = (0.001, 0.003, 0.01)
 
 class SimulationError(RuntimeError):
     """The simulation cannot run as configured; one readable line."""
-
-
-class _StoppedError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -201,37 +199,6 @@ class _Node:
     table: dict[tuple[int, bool, int], tuple[float, float]] = field(default_factory=dict)
 
 
-class _Barrier:
-    """The per-iteration all-reduce: the last rank to arrive closes the iteration."""
-
-    def __init__(self, parties: int, close: Callable[[float], float]) -> None:
-        self._parties = parties
-        self._close = close
-        self._cond = threading.Condition()
-        self._arrived = 0
-        self._latest_end = -math.inf
-        self._generation = 0
-        self._next_start = 0.0
-
-    def arrive(self, end: float, stop: threading.Event) -> float:
-        with self._cond:
-            generation = self._generation
-            self._arrived += 1
-            self._latest_end = max(self._latest_end, end)
-            if self._arrived == self._parties:
-                self._next_start = self._close(self._latest_end)
-                self._arrived = 0
-                self._latest_end = -math.inf
-                self._generation += 1
-                self._cond.notify_all()
-                return self._next_start
-            while self._generation == generation:
-                if stop.is_set():
-                    raise _StoppedError
-                self._cond.wait(_CHUNK_S)
-            return self._next_start
-
-
 class SimTrainer:
     """Attach to the simulated nodes, place the ranks, run; see the module doc."""
 
@@ -265,7 +232,6 @@ class SimTrainer:
                         node.table[(s, i == 0, m.frequency_mhz)] = (m.time_s, m.energy_j)
         self.orders = one_f_one_b_order(self.stages, config.microbatches)
         self.placements = self._place()
-        self.expected_per_pipeline_s = [self._all_max_time_s(p) for p in range(config.pipelines)]
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._results: list[IterationResult] = []
@@ -274,13 +240,14 @@ class SimTrainer:
         self._on_iteration: Callable[[IterationResult], None] | None = None
         self._acts: list[list[queue.SimpleQueue[tuple[int, float]]]] = []
         self._grads: list[list[queue.SimpleQueue[tuple[int, float]]]] = []
+        self._rank_hooks: dict[int, hooks_mod.Hooks] = {}
         self._epoch_wall_s = 0.0
         self._closed: queue.SimpleQueue[tuple[float, float, int, float]] = queue.SimpleQueue()
         self._epoch_wall_ns = 0
         self._iteration_start = 0.0
         self._wall_start = 0.0
         self._energy_start = 0.0
-        self._barrier = _Barrier(len(self.placements), self._close_iteration)
+        self._barrier = Barrier(len(self.placements), self._close_iteration)
 
     # Setup -----------------------------------------------------------------------------------
 
@@ -307,6 +274,11 @@ class SimTrainer:
                 )
             )
         return placements
+
+    @functools.cached_property
+    def expected_per_pipeline_s(self) -> list[float]:
+        """Each pipeline's all-max-clock iteration time (no straggler)."""
+        return [self._all_max_time_s(p) for p in range(self.config.pipelines)]
 
     def _all_max_time_s(self, pipeline: int) -> float:
         nodes = {p.stage: self.nodes[p.node] for p in self.placements if p.data_rank == pipeline}
@@ -342,7 +314,7 @@ class SimTrainer:
 
     def _hooks(self, p: RankPlacement) -> hooks_mod.Hooks:
         spec = self.nodes[p.node].spec
-        return hooks_mod.register(
+        self._rank_hooks[p.rank] = hooks = hooks_mod.register(
             rank=p.rank,
             pipeline_rank=p.stage,
             data_rank=p.data_rank,
@@ -357,6 +329,7 @@ class SimTrainer:
             sync=None,
             make_default=False,
         )
+        return hooks
 
     # Timeline --------------------------------------------------------------------------------
 
@@ -372,7 +345,7 @@ class SimTrainer:
     def _sleep_until(self, t: float) -> None:
         while True:
             if self._stop.is_set():
-                raise _StoppedError
+                raise StoppedError
             left_s = self._epoch_wall_s + t * self.time_scale - time.time()
             if left_s <= 0:
                 return
@@ -382,20 +355,8 @@ class SimTrainer:
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             if self._stop.is_set():
-                raise _StoppedError
+                raise StoppedError
             time.sleep(min(left, _CHUNK_S))
-
-    def _get(self, q: queue.SimpleQueue[tuple[int, float]], m: int) -> float:
-        while True:
-            if self._stop.is_set():
-                raise _StoppedError
-            try:
-                got_m, end = q.get(timeout=_CHUNK_S)
-            except queue.Empty:
-                continue
-            if got_m != m:
-                raise SimulationError(f"dependency out of order: expected {m}, got {got_m}")
-            return end
 
     # Running ---------------------------------------------------------------------------------
 
@@ -460,57 +421,78 @@ class SimTrainer:
     def _guard(self, p: RankPlacement, hooks: hooks_mod.Hooks, start: float) -> None:
         try:
             self._run_rank(p, hooks, start)
-        except _StoppedError:
+        except StoppedError:
             pass
         except BaseException as exc:  # a broken rank stops the whole simulation
             self._errors.append(exc)
             self._stop.set()
 
     def _run_rank(self, p: RankPlacement, hooks: hooks_mod.Hooks, start: float) -> None:
-        node = self.nodes[p.node]
-        gpu = node.gpus[p.gpu_index]
-        s, stages = p.stage, self.stages
-        acts, grads = self._acts[p.data_rank], self._grads[p.data_rank]
-        max_lag = self.config.max_lag_s / self.time_scale
+        links = QueueLinks(
+            p.stage, self._acts[p.data_rank], self._grads[p.data_rank], self._barrier, self._stop
+        )
         crashes = {c.at_iteration: c for c in self.config.crashes if c.rank == p.rank}
         try:
             for iteration in range(self.config.iterations):
                 crash = crashes.get(iteration)
                 factor = self.config.straggle_factor(p.data_rank, iteration)
-                prev_end = start
-                for index, (forward, m) in enumerate(self.orders[s]):
-                    if crash is not None and index == len(self.orders[s]) // 2:
-                        log.warning("rank %d crashes in iteration %d", p.rank, iteration)
-                        hooks.close(0.0)
-                        self._sleep_wall(crash.down_s)
-                        hooks = self._hooks(p)
-                        hooks.wait_connected(self.config.connect_timeout_s)
-                        prev_end = max(prev_end, self._now())
-                    if forward:
-                        dep = self._get(acts[s], m) if s > 0 else -math.inf
-                    else:
-                        dep = self._get(grads[s], m) if s < stages - 1 else -math.inf
-                    ready = max(prev_end, dep)
-                    begin = max(ready, self._now() - max_lag)
-                    if begin > ready:
-                        with self._late_lock:
-                            self._late += 1
-                    self._sleep_until(begin)
-                    kind: hooks_mod.InstructionKind = "forward" if forward else "backward"
-                    hooks.instruction_begin(kind, m, self._wall_ns(begin))
-                    end = self._play(
-                        node, gpu, (s, forward), factor=factor, begin=begin, sent_wall_s=time.time()
-                    )
-                    hooks.instruction_end(kind, m, self._wall_ns(end))
-                    if forward and s < stages - 1:
-                        acts[s + 1].put((m, end))
-                    elif not forward and s > 0:
-                        grads[s - 1].put((m, end))
-                    prev_end = end
-                start = self._barrier.arrive(prev_end, self._stop)
-                hooks.iteration_end(self._wall_ns(start))
+                end = self._play_iteration(
+                    p,
+                    links,
+                    start,
+                    factor,
+                    pause=None if crash is None else functools.partial(self._crash, p, crash),
+                )
+                start = links.barrier(end)
+                self._rank_hooks[p.rank].iteration_end(self._wall_ns(start))
         finally:
-            hooks.close()
+            self._rank_hooks[p.rank].close()
+
+    def _crash(self, p: RankPlacement, crash: Crash, prev_end: float) -> float:
+        """Rank `p` dies (its event stream closes) and comes back after `crash.down_s`,
+        registering again; returns when its work may go on."""
+        log.warning("rank %d crashes in iteration %d", p.rank, crash.at_iteration)
+        self._rank_hooks[p.rank].close(0.0)
+        self._sleep_wall(crash.down_s)
+        self._hooks(p).wait_connected(self.config.connect_timeout_s)
+        return max(prev_end, self._now())
+
+    def _play_iteration(
+        self,
+        p: RankPlacement,
+        links: Links,
+        start: float,
+        factor: float,
+        *,
+        pause: Callable[[float], float] | None = None,
+    ) -> float:
+        """Play rank `p`'s stage order of one iteration from `start` (its GPU `factor` times
+        slower), taking each dependency from and handing each result to `links`; returns the
+        end of its last instruction. `pause` (the in-process crash) runs halfway through."""
+        node = self.nodes[p.node]
+        gpu = node.gpus[p.gpu_index]
+        order = self.orders[p.stage]
+        max_lag = self.config.max_lag_s / self.time_scale
+        prev_end = start
+        for index, (forward, m) in enumerate(order):
+            if pause is not None and index == len(order) // 2:
+                prev_end = pause(prev_end)
+            ready = max(prev_end, links.receive(forward, m))
+            begin = max(ready, self._now() - max_lag)
+            if begin > ready:
+                with self._late_lock:
+                    self._late += 1
+            self._sleep_until(begin)
+            hooks = self._rank_hooks[p.rank]
+            kind: hooks_mod.InstructionKind = "forward" if forward else "backward"
+            hooks.instruction_begin(kind, m, self._wall_ns(begin))
+            end = self._play(
+                node, gpu, (p.stage, forward), factor=factor, begin=begin, sent_wall_s=time.time()
+            )
+            hooks.instruction_end(kind, m, self._wall_ns(end))
+            links.send(forward, m, end)
+            prev_end = end
+        return prev_end
 
     def _play(
         self,

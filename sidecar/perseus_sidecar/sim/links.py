@@ -1,0 +1,130 @@
+"""How a simulated rank meets its pipeline neighbours: activations go downstream, gradients
+upstream, each carrying the timeline instant its instruction ended, and every rank meets the
+others at the per-iteration all-reduce barrier.
+
+`Links` is what the trainer's rank loop needs; `QueueLinks` is the in-process implementation
+(ranks as threads of one `SimTrainer`); `perseus_sidecar.sim.tcp_links` carries the same over
+TCP between rank processes (`perseus sim-train rank`).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = ["Barrier", "Links", "QueueLinks", "StoppedError"]
+
+_CHUNK_S = 0.1
+"""Longest uninterrupted wait, so a stop request is noticed promptly."""
+
+
+class StoppedError(Exception):
+    """The run (or, across processes, the current attempt at an iteration) was stopped."""
+
+
+class Links(Protocol):
+    def receive(self, forward: bool, microbatch: int) -> float:
+        """The timeline end of the instruction this one depends on in the neighbouring stage
+        (the activation for a forward, the gradient for a backward); -inf when there is none
+        (first stage's forwards, last stage's backwards). Blocks until it arrives."""
+        ...
+
+    def send(self, forward: bool, microbatch: int, end: float) -> None:
+        """This stage's instruction ended at `end`: pass the activation on (forward) or the
+        gradient back (backward), where there is a neighbour to receive it."""
+        ...
+
+    def barrier(self, end: float) -> float:
+        """The all-reduce: this rank's work for the iteration ended at `end`; returns the
+        next iteration's start on the timeline once every rank arrived."""
+        ...
+
+
+class Barrier:
+    """The in-process all-reduce: the last rank to arrive closes the iteration with `close`
+    (latest end -> next start)."""
+
+    def __init__(self, parties: int, close: Callable[[float], float]) -> None:
+        self._parties = parties
+        self._close = close
+        self._cond = threading.Condition()
+        self._arrived = 0
+        self._latest_end = -math.inf
+        self._generation = 0
+        self._next_start = 0.0
+
+    def arrive(self, end: float, stop: threading.Event) -> float:
+        with self._cond:
+            generation = self._generation
+            self._arrived += 1
+            self._latest_end = max(self._latest_end, end)
+            if self._arrived == self._parties:
+                self._next_start = self._close(self._latest_end)
+                self._arrived = 0
+                self._latest_end = -math.inf
+                self._generation += 1
+                self._cond.notify_all()
+                return self._next_start
+            while self._generation == generation:
+                if stop.is_set():
+                    raise StoppedError
+                self._cond.wait(_CHUNK_S)
+            return self._next_start
+
+
+def get_in_order(
+    q: queue.SimpleQueue[tuple[int, float]], microbatch: int, stop: threading.Event
+) -> float:
+    """The next (microbatch, end) from `q`, which must be for `microbatch`: 1F1B sends each
+    neighbour its microbatches in order."""
+    while True:
+        if stop.is_set():
+            raise StoppedError
+        try:
+            got, end = q.get(timeout=_CHUNK_S)
+        except queue.Empty:
+            continue
+        if got != microbatch:
+            raise ValueError(f"dependency out of order: expected {microbatch}, got {got}")
+        return end
+
+
+class QueueLinks:
+    """Stage `stage` of one pipeline whose ranks are threads: `acts[s]` / `grads[s]` are the
+    queues stage s receives activations / gradients on."""
+
+    def __init__(
+        self,
+        stage: int,
+        acts: list[queue.SimpleQueue[tuple[int, float]]],
+        grads: list[queue.SimpleQueue[tuple[int, float]]],
+        barrier: Barrier,
+        stop: threading.Event,
+    ) -> None:
+        self._stage = stage
+        self._last = len(acts) - 1
+        self._acts = acts
+        self._grads = grads
+        self._barrier = barrier
+        self._stop = stop
+
+    def receive(self, forward: bool, microbatch: int) -> float:
+        if forward:
+            if self._stage == 0:
+                return -math.inf
+            return get_in_order(self._acts[self._stage], microbatch, self._stop)
+        if self._stage == self._last:
+            return -math.inf
+        return get_in_order(self._grads[self._stage], microbatch, self._stop)
+
+    def send(self, forward: bool, microbatch: int, end: float) -> None:
+        if forward and self._stage < self._last:
+            self._acts[self._stage + 1].put((microbatch, end))
+        elif not forward and self._stage > 0:
+            self._grads[self._stage - 1].put((microbatch, end))
+
+    def barrier(self, end: float) -> float:
+        return self._barrier.arrive(end, self._stop)
