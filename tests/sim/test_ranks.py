@@ -204,6 +204,29 @@ def test_ranks_run_1f1b_across_processes(job_env: tuple[Path, SidecarProcess]) -
         assert counts == dict.fromkeys(INSTRUCTIONS, iterations * microbatches)
 
 
+def test_the_stop_file_ends_the_job_cleanly(job_env: tuple[Path, SidecarProcess]) -> None:
+    """A job started for a million iterations ends after the iteration in progress once the
+    stop file exists: every process exits 0 and the energy of the last iteration is reported."""
+    tmp_path, sidecar = job_env
+    job = Job(tmp_path, sidecar, pipelines=1)
+    stop = tmp_path / "stop"
+    try:
+        job.start_coordinator("--stop-file", str(stop), iterations=1_000_000, microbatches=4)
+        ranks = [job.start_rank(r) for r in range(job.ranks)]
+        job.wait_for("coordinator", "iteration    1  time")
+        stop.touch()
+        assert job.coordinator is not None
+        assert job.coordinator.wait(60) == 0, job.log("coordinator")
+        assert [p.wait(30) for p in ranks] == [0] * job.ranks
+    finally:
+        job.stop()
+    results = json.loads(job.json.read_text())
+    assert 2 <= len(results) < 1_000_000
+    assert [r["iteration"] for r in results] == list(range(len(results)))
+    assert all(r["energy_j"] > 0 for r in results)
+    assert "ends after" in job.log("coordinator")
+
+
 def test_a_killed_rank_rejoins_and_the_job_redoes_the_iteration(
     job_env: tuple[Path, SidecarProcess],
 ) -> None:

@@ -65,6 +65,12 @@ def add_modes(parser: argparse.ArgumentParser) -> None:
     coordinator.add_argument(
         "--rank-timeout-s", type=float, default=30.0, help="silence after which a rank is gone"
     )
+    coordinator.add_argument(
+        "--stop-file",
+        type=Path,
+        help="end the job after the iteration in progress once this file exists "
+        "(e.g. `kubectl exec ... -- touch FILE`)",
+    )
     coordinator.add_argument("--json", type=Path, help="also write the per-iteration results")
     coordinator.set_defaults(run=run_coordinator)
 
@@ -171,6 +177,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
             join_timeout_s=args.join_timeout_s,
             rejoin_timeout_s=args.rejoin_timeout_s,
             rank_timeout_s=args.rank_timeout_s,
+            stop_file=args.stop_file,
         )
     except SimulationError as exc:
         raise CliError(str(exc)) from None

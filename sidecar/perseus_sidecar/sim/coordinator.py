@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from perseus_sidecar.sim import wire
 from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
@@ -68,6 +69,8 @@ class CoordinatorConfig:
     """Silence after which a rank counts as gone (ranks ping every 2 s)."""
     start_margin_s: float = 0.05
     """Wall seconds between sending a start and the instant it names."""
+    stop_file: Path | None = None
+    """Once this file exists, the job ends after the iteration in progress, as if its last."""
 
     def __post_init__(self) -> None:
         for label, value in (
@@ -151,6 +154,8 @@ class Coordinator:
         self._deadline = time.monotonic() + config.join_timeout_s
         self._generation = 0
         self._iteration = 0
+        self._iterations = config.iterations
+        """The job's length: the configured iterations, fewer once the stop file appears."""
         self._ready: set[int] = set()
         self._arrived: dict[int, tuple[float, int]] = {}
         self._epoch_ns: int | None = None
@@ -213,8 +218,7 @@ class Coordinator:
             now = time.monotonic()
             if self._phase == "finishing" and now > self._deadline:
                 missing = sorted(
-                    set(range(self.config.ranks))
-                    - set(self._readings.get(self.config.iterations, {}))
+                    set(range(self.config.ranks)) - set(self._readings.get(self._iterations, {}))
                 )
                 self._fail(f"ranks {missing[:10]} did not report their last reading in time")
             elif self._phase in ("joining", "waiting") and now > self._deadline:
@@ -342,7 +346,7 @@ class Coordinator:
         if self._phase in ("joining", "waiting", "done"):
             return
         if self._phase == "finishing":
-            if gone.rank not in self._readings.get(self.config.iterations, {}):
+            if gone.rank not in self._readings.get(self._iterations, {}):
                 self._deadline = time.monotonic() + self.config.rejoin_timeout_s
             return
         self.restarts += 1
@@ -457,7 +461,11 @@ class Coordinator:
         self._boundary_s[k + 1] = next_start
         self._boundary_wall_s[k + 1] = wall_s
         self._iteration = k + 1
-        if self._iteration < self.config.iterations:
+        if self.config.stop_file is not None and self.config.stop_file.exists():
+            if self._iterations > self._iteration:
+                self._say(f"{self.config.stop_file} exists: the job ends after {k + 1} iterations")
+            self._iterations = min(self._iterations, self._iteration)
+        if self._iteration < self._iterations:
             self._arrived = {}
             self._send_start(next_start)
         else:
@@ -473,7 +481,8 @@ class Coordinator:
                 "finish",
                 generation=self._generation,
                 epoch_ns=self._epoch_ns,
-                read_at_s=self._boundary_s[self.config.iterations],
+                iteration=self._iterations,
+                read_at_s=self._boundary_s[self._iterations],
             )
         )
 
@@ -497,7 +506,7 @@ class Coordinator:
             self.results.append(result)
             if self._on_iteration is not None:
                 self._on_iteration(result)
-        if len(self.results) == self.config.iterations and self._finished is not None:
+        if len(self.results) == self._iterations and self._finished is not None:
             self._phase = "done"
             if not self._finished.done():
                 self._finished.set_result(None)

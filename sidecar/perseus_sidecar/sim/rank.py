@@ -390,7 +390,7 @@ def _follow(
                 at = message.get_float("read_at_s")
                 if playing:
                     trainer._rank_hooks[placement.rank].iteration_end(trainer._wall_ns(at))
-                session.send("reading", iteration=trainer.config.iterations,
+                session.send("reading", iteration=message.get_int("iteration"),
                              energy_j=trainer.energy_at(at))  # fmt: skip
                 return
             if kind != "start":

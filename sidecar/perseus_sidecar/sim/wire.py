@@ -110,7 +110,12 @@ SPECS: dict[str, dict[str, _Field]] = {
         "factor": _Num(1e-6, 1e6),
         "read_at_s": _TIME,
     },
-    "finish": {"generation": _GEN, "epoch_ns": _Int(0, 2**63 - 1), "read_at_s": _TIME},
+    "finish": {
+        "generation": _GEN,
+        "iteration": _ITER,
+        "epoch_ns": _Int(0, 2**63 - 1),
+        "read_at_s": _TIME,
+    },
     "abort": {"generation": _GEN, "reason": _Text(1000)},
     "fail": {"reason": _Text(1000)},
     # rank -> rank
