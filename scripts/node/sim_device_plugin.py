@@ -448,11 +448,17 @@ def run(gpus: SimulatedGpus, plugin_dir: Path, endpoint: str, stop: threading.Ev
     socket is recreated or ours disappears (a kubelet restart)."""
     kubelet_socket = plugin_dir / KUBELET_SOCKET
     server = DevicePluginServer(gpus, plugin_dir / endpoint, stop)
+    waiting = False
     while not stop.is_set():
         kubelet = _identity(kubelet_socket)
         if kubelet is None:
+            # A kubelet that is starting creates the directory and the socket a moment later.
+            if not waiting:
+                log.info("waiting for the kubelet's socket %s", kubelet_socket)
+            waiting = True
             stop.wait(WATCH_INTERVAL_S)
             continue
+        waiting = False
         server.start()
         try:
             register(kubelet_socket, endpoint, server.options)
@@ -491,9 +497,6 @@ def main(argv: list[str] | None = None) -> int:
         gpus = SimulatedGpus(args.node_name, args.gpus)
     except ValueError as exc:
         print(f"sim_device_plugin: {exc}", file=sys.stderr)
-        return 2
-    if not args.plugin_dir.is_dir():
-        print(f"sim_device_plugin: no directory {args.plugin_dir}", file=sys.stderr)
         return 2
     if "/" in args.endpoint or args.endpoint in ("", KUBELET_SOCKET):
         print(f"sim_device_plugin: bad --endpoint {args.endpoint!r}", file=sys.stderr)

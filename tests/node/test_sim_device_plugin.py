@@ -287,6 +287,26 @@ def test_plugin_registers_again_when_the_kubelet_restarts(
         restarted.close()
 
 
+def test_plugin_waits_for_a_kubelet_that_starts_after_it(plugin_dir: Path) -> None:
+    """scripts/node.sh starts the plugin with the kubelet, before the kubelet's socket exists."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=dp.run, args=(dp.SimulatedGpus("n1", 1), plugin_dir / "later", "sim.sock", stop)
+    )
+    thread.start()
+    try:
+        (plugin_dir / "later").mkdir()
+        kubelet = FakeKubelet(plugin_dir / "later")
+        try:
+            assert kubelet.requests.get(timeout=30).endpoint == "sim.sock"
+        finally:
+            kubelet.close()
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
 def test_sigterm_stops_the_plugin_cleanly(plugin_dir: Path) -> None:
     kubelet = FakeKubelet(plugin_dir)
     try:
@@ -313,7 +333,6 @@ def test_sigterm_stops_the_plugin_cleanly(plugin_dir: Path) -> None:
     [
         (["--gpus", "0"], "--gpus must be between 1 and 1024, got 0"),
         (["--gpus", "2", "--node-name", "a/b"], "--node-name 'a/b' is not a valid node name"),
-        (["--gpus", "2", "--plugin-dir", "/nonexistent"], "no directory /nonexistent"),
         (["--gpus", "2", "--endpoint", "kubelet.sock"], "bad --endpoint 'kubelet.sock'"),
     ],
 )
