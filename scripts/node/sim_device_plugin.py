@@ -8,10 +8,10 @@ that socket with `v1beta1.Registration/Register` on the kubelet's own socket the
 
 - Devices: `GPU-sim-<node>-<i>` for i < --gpus, the UUIDs of the sidecar's simulated backend,
   all Healthy, forever (nothing here can fail).
-- Allocate: per container, `PERSEUS_GPU_UUID` is the first allocated device (the training hooks
-  read it: one rank, one GPU) and `NVIDIA_VISIBLE_DEVICES` all of them, comma-separated, as the
-  NVIDIA plugin sets it. A container given several GPUs gets them all; a rank that needs
-  another one than the first passes its UUID to the hooks itself.
+- Allocate: per container, `PERSEUS_GPU_UUID` is the allocated device of the lowest index (the
+  training hooks read it: one rank, one GPU) and `NVIDIA_VISIBLE_DEVICES` all of them in index
+  order, comma-separated, as the NVIDIA plugin sets it. A container given several GPUs gets
+  them all; a rank that drives another one than the first passes its UUID to the hooks itself.
 - GetPreferredAllocation prefers the lowest indices, so a lone pod gets GPU 0 and allocations
   are reproducible (the kubelet otherwise picks from an unordered set).
 - The kubelet forgets its plugins when it restarts (it recreates its socket and empties the
@@ -329,13 +329,16 @@ class SimulatedGpus:
         return [simulated_uuid(self.node_name, i) for i in range(self.count)]
 
     def allocate(self, device_ids: list[str]) -> dict[str, str]:
-        """The container's environment for `device_ids` (the kubelet's order kept)."""
+        """The container's environment for `device_ids`, in index order: the kubelet passes
+        them in no particular order."""
         if not device_ids:
             raise AllocationError("no device requested")
-        unknown = sorted(set(device_ids) - set(self.ids))
+        order = {uuid: i for i, uuid in enumerate(self.ids)}
+        unknown = sorted(set(device_ids) - order.keys())
         if unknown:
             raise AllocationError(f"unknown devices: {', '.join(unknown)}")
-        return {"PERSEUS_GPU_UUID": device_ids[0], "NVIDIA_VISIBLE_DEVICES": ",".join(device_ids)}
+        ids = sorted(set(device_ids), key=order.__getitem__)
+        return {"PERSEUS_GPU_UUID": ids[0], "NVIDIA_VISIBLE_DEVICES": ",".join(ids)}
 
     def preferred(self, request: PreferenceRequest) -> list[str]:
         """The devices that must be included, then the lowest-index available ones."""

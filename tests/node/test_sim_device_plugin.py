@@ -138,9 +138,9 @@ def test_unknown_fields_are_skipped() -> None:
 def test_simulated_gpus_use_the_sidecars_uuids() -> None:
     gpus = dp.SimulatedGpus("n1", 4)
     assert gpus.ids == UUIDS
-    assert gpus.allocate([UUIDS[2], UUIDS[0]]) == {
-        "PERSEUS_GPU_UUID": UUIDS[2],
-        "NVIDIA_VISIBLE_DEVICES": f"{UUIDS[2]},{UUIDS[0]}",
+    assert gpus.allocate([UUIDS[2], UUIDS[0]]) == {  # the kubelet's order is a set's
+        "PERSEUS_GPU_UUID": UUIDS[0],
+        "NVIDIA_VISIBLE_DEVICES": f"{UUIDS[0]},{UUIDS[2]}",
     }
     with pytest.raises(dp.AllocationError, match="unknown devices: GPU-sim-n2-0"):
         gpus.allocate(["GPU-sim-n2-0"])
@@ -240,7 +240,7 @@ def test_plugin_registers_and_serves_the_kubelets_calls(
         )(b"")
         assert dp.decode_list_and_watch_response(next(stream)) == [dp.Device(u) for u in UUIDS]
         allocated = _call(
-            channel, "Allocate", dp.encode_allocate_request([[UUIDS[1]], [UUIDS[2], UUIDS[3]]])
+            channel, "Allocate", dp.encode_allocate_request([[UUIDS[1]], [UUIDS[3], UUIDS[2]]])
         )
         assert dp.decode_allocate_response(allocated) == [
             {"PERSEUS_GPU_UUID": UUIDS[1], "NVIDIA_VISIBLE_DEVICES": UUIDS[1]},
