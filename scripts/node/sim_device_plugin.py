@@ -221,14 +221,22 @@ def decode_list_and_watch_response(data: bytes) -> list[Device]:
     return out
 
 
+def encode_device_ids(device_ids: list[str]) -> bytes:
+    """ContainerAllocateRequest, and PreStartContainerRequest of the same shape: devicesIDs = 1."""
+    return b"".join(_str_field(1, i) for i in device_ids)
+
+
+def decode_device_ids(data: bytes) -> list[str]:
+    return _strings(data, 1)
+
+
 def encode_allocate_request(containers: list[list[str]]) -> bytes:
-    """AllocateRequest: container_requests = 1, each ContainerAllocateRequest devicesIDs = 1.
-    (PreStartContainerRequest is one ContainerAllocateRequest: devicesIDs = 1.)"""
-    return b"".join(_bytes_field(1, b"".join(_str_field(1, i) for i in ids)) for ids in containers)
+    """AllocateRequest: container_requests = 1, each a ContainerAllocateRequest."""
+    return b"".join(_bytes_field(1, encode_device_ids(ids)) for ids in containers)
 
 
 def decode_allocate_request(data: bytes) -> list[list[str]]:
-    return [_strings(message, 1) for message in _messages(data, 1)]
+    return [decode_device_ids(message) for message in _messages(data, 1)]
 
 
 def encode_allocate_response(envs_per_container: list[dict[str, str]]) -> bytes:
@@ -407,7 +415,7 @@ class DevicePluginServer:
                 "GetPreferredAllocation": self._unary(
                     self._preferred, decode_preferred_allocation_request
                 ),
-                "PreStartContainer": self._unary(encode_empty, decode_allocate_request),
+                "PreStartContainer": self._unary(encode_empty, decode_device_ids),
             },
         )
         self.socket_path.unlink(missing_ok=True)

@@ -259,7 +259,10 @@ def test_plugin_registers_and_serves_the_kubelets_calls(
             dp.encode_preferred_allocation_request([dp.PreferenceRequest(UUIDS[::-1], [], 2)]),
         )
         assert dp.decode_preferred_allocation_response(preferred) == [UUIDS[:2]]
-        assert _call(channel, "PreStartContainer", dp.encode_allocate_request([[UUIDS[0]]])) == b""
+        prestart = dp.encode_device_ids([UUIDS[0], UUIDS[1]])
+        assert prestart == _str(1, UUIDS[0]) + _str(1, UUIDS[1])
+        assert dp.decode_device_ids(prestart) == UUIDS[:2]
+        assert _call(channel, "PreStartContainer", prestart) == b""
 
         stop.set()
         thread.join(timeout=30)
