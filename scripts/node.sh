@@ -11,8 +11,13 @@
 #                                             (processes, mounts, bridge, iptables, sysctls)
 #   scripts/node.sh status RUN_DIR            components, node and pods
 #
-# Needs `scripts/cluster.sh build` (the Kubernetes binaries) and root. Debian packages it needs
-# (containerd, runc, CNI plugins, iptables, conntrack) are installed when missing.
+# Needs `scripts/cluster.sh build` (the Kubernetes binaries), scripts/setup.sh's .venv (the
+# device plugin) and root. Debian packages it needs (containerd, runc, CNI plugins, iptables,
+# conntrack) are installed when missing.
+#
+# GPUs: scripts/node/sim_device_plugin.py registers NODE_GPUS (8) simulated GPUs with the kubelet
+# as nvidia.com/gpu, named like the sidecar's simulated backend (GPU-sim-<node>-<i>): pods request
+# them as real GPUs, get PERSEUS_GPU_UUID, and the kubelet's pod-resources API lists them.
 #
 # Network: the API server and the kubelet listen on NODE_IP (10.99.0.1), a /32 alias on lo, which
 # pods reach (the `kubernetes` Service points at it); pods live on the bridge perseus0
@@ -26,6 +31,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$("$ROOT/scripts/cluster.sh" bin)
 NODE_IP=${NODE_IP:-10.99.0.1}
 NODE=${NODE_NAME:-perseus-node}
+GPUS=${NODE_GPUS:-8}
+PYTHON=$ROOT/.venv/bin/python
 BR=perseus0
 POD_CIDR=10.88.0.0/16
 POD_GW=10.88.0.1
@@ -42,7 +49,7 @@ KUBELET_HEALTHZ=${NODE_KUBELET_HEALTHZ:-20248}
 PROXY_HEALTHZ=${NODE_PROXY_HEALTHZ:-20256}
 PROXY_METRICS=${NODE_PROXY_METRICS:-20249}
 PAUSE=localhost/pause:perseus
-COMPONENTS="etcd apiserver kcm scheduler containerd kubelet kube-proxy"
+COMPONENTS="etcd apiserver kcm scheduler containerd kubelet kube-proxy device-plugin"
 export PATH=$BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 say() { echo "==> [$(date +%H:%M:%S)] $*"; }
@@ -234,6 +241,7 @@ up() {
     [ -x "$BIN/$b" ] || die "missing $BIN/$b: run scripts/cluster.sh build"
   done
   [ -f "$images/pause.tar" ] && [ -f "$images/perseus.tar" ] || die "missing images in $images: run scripts/image.sh"
+  "$PYTHON" -c "import grpc" 2>/dev/null || die "no grpcio in $ROOT/.venv (the device plugin): run scripts/setup.sh"
   mkdir -p "$CFG" "$LOG" "$STATE"
   if alive apiserver; then
     echo "already running"; echo "export KUBECONFIG=$KUBECONFIG"; return 0
@@ -280,12 +288,17 @@ up() {
     --node-labels=nvidia.com/gpu.present=true \
     --root-dir="$STATE/kubelet" --cert-dir="$STATE/kubelet/pki" --fail-swap-on=false --oom-score-adj=0
   start kube-proxy "$BIN/kube-proxy" --config="$CFG/kube-proxy.yaml"
+  # The kubelet's device-plugin socket is /var/lib/kubelet/device-plugins whatever --root-dir
+  # says; the plugin registers as soon as it appears, and again whenever the kubelet restarts.
+  start device-plugin "$PYTHON" "$ROOT/scripts/node/sim_device_plugin.py" --node-name "$NODE" --gpus "$GPUS"
   local ready="{.status.conditions[?(@.type==\"Ready\")].status}"
   waitfor 120 "node $NODE Ready" kubelet sh -c "kubectl get node $NODE -o jsonpath='$ready' | grep -qx True"
   # nodelifecycle lifts the not-ready taint shortly after Ready
   waitfor 60 "node $NODE untainted" kcm sh -c "[ -z \"\$(kubectl get node $NODE -o jsonpath='{.spec.taints}')\" ]"
+  waitfor 60 "$GPUS allocatable nvidia.com/gpu on $NODE" device-plugin \
+    sh -c "kubectl get node $NODE -o jsonpath='{.status.allocatable.nvidia\.com/gpu}' | grep -qx $GPUS"
   for b in $COMPONENTS; do alive "$b" || die "$b exited; its log: $LOG/$b.log"; done
-  say "node $NODE Ready after $((SECONDS - t0))s"
+  say "node $NODE Ready with $GPUS simulated GPUs after $((SECONDS - t0))s"
   echo "export KUBECONFIG=$KUBECONFIG"
 }
 
@@ -304,7 +317,7 @@ down() {
     done
   fi
   local p
-  for p in kube-proxy kubelet scheduler kcm apiserver etcd; do alive "$p" && kill "$(cat "$STATE/$p.pid")"; done
+  for p in device-plugin kube-proxy kubelet scheduler kcm apiserver etcd; do alive "$p" && kill "$(cat "$STATE/$p.pid")"; done
   sleep 1
   if alive containerd; then
     local c

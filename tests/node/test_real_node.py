@@ -58,6 +58,50 @@ def healthy(cluster: Cluster, job: NodeJob) -> dict[str, Any] | None:
     return st if ok and condition(st, "ScheduleApplied").get("status") == "True" else None
 
 
+def test_node_hands_out_simulated_gpus_through_the_device_plugin(
+    cluster: Cluster, job: NodeJob
+) -> None:
+    """scripts/node/sim_device_plugin.py: the kubelet offers 8 `nvidia.com/gpu` and gives a pod
+    that requests two the lowest free ones, with the environment the hooks read."""
+    node = cluster.kjson("get", "node", "perseus-node")
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    namespace, uuids = "gpu-check", ["GPU-sim-perseus-node-0", "GPU-sim-perseus-node-1"]
+    command = (
+        "import os; print(os.environ['PERSEUS_GPU_UUID'], os.environ['NVIDIA_VISIBLE_DEVICES'])"
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "two-gpus", "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": job.image,
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["python3", "-c", command],
+                    "resources": {"limits": {"nvidia.com/gpu": 2}},
+                }
+            ],
+        },
+    }
+    cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}, pod])
+    try:
+
+        def finished() -> str | None:
+            phase = cluster.kjson("-n", namespace, "get", "pod", "two-gpus")["status"].get("phase")
+            return phase if phase in ("Succeeded", "Failed") else None
+
+        assert wait_for("the GPU pod", finished, 120) == "Succeeded"
+        logs = cluster.kubectl("-n", namespace, "logs", "two-gpus").stdout.split()
+        assert logs == [uuids[0], ",".join(uuids)]
+        plugin_log = (Path(RUN) / "logs" / "device-plugin.log").read_text()
+        assert f"allocated {','.join(uuids)}" in plugin_log
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=true", check=False)
+
+
 def test_chart_installs_as_real_pods(cluster: Cluster) -> None:
     cluster.install_chart()
     sidecar = cluster.ready_pod(SYSTEM_NS, SIDECARS)

@@ -1,0 +1,529 @@
+"""A device plugin for the simulated GPUs: the kubelet of scripts/node.sh hands them to pods as
+`nvidia.com/gpu`, the way the NVIDIA device plugin hands out real ones.
+
+Node infrastructure like the kubelet (run on the host by scripts/node.sh, not shipped in the
+image). It speaks the kubelet's device plugin API v1beta1 over gRPC: it serves
+`v1beta1.DevicePlugin` on a unix socket in the kubelet's device-plugins directory and registers
+that socket with `v1beta1.Registration/Register` on the kubelet's own socket there.
+
+- Devices: `GPU-sim-<node>-<i>` for i < --gpus, the UUIDs of the sidecar's simulated backend,
+  all Healthy, forever (nothing here can fail).
+- Allocate: per container, `PERSEUS_GPU_UUID` is the allocated device of the lowest index (the
+  training hooks read it: one rank, one GPU) and `NVIDIA_VISIBLE_DEVICES` all of them in index
+  order, comma-separated, as the NVIDIA plugin sets it. A container given several GPUs gets
+  them all; a rank that drives another one than the first passes its UUID to the hooks itself.
+- GetPreferredAllocation prefers the lowest indices, so a lone pod gets GPU 0 and allocations
+  are reproducible (the kubelet otherwise picks from an unordered set).
+- The kubelet forgets its plugins when it restarts (it recreates its socket and empties the
+  directory): the plugin then serves again and registers again. SIGTERM/SIGINT: stop serving,
+  remove the socket, exit 0.
+
+Messages are encoded by hand (a few fields each, see the `encode_*`/`decode_*` pairs) so the
+node needs grpcio but no generated code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TypeVar
+
+import grpc
+
+from perseus_sidecar.gpu.simulated import simulated_uuid
+
+API_VERSION = "v1beta1"
+RESOURCE_NAME = "nvidia.com/gpu"
+DEFAULT_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
+KUBELET_SOCKET = "kubelet.sock"
+DEFAULT_ENDPOINT = "perseus-sim-gpu.sock"
+HEALTHY = "Healthy"
+REGISTER_TIMEOUT_S = 5.0
+WATCH_INTERVAL_S = 1.0
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+log = logging.getLogger("sim-device-plugin")
+
+# ---------------------------------------------------------------------------------------------
+# protobuf: the wire format of the few messages (proto3, so default values are not sent)
+
+
+class ProtoError(ValueError):
+    """Bytes that are not the expected protobuf message."""
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64  # int32/int64 negatives are ten-byte two's complement
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _bytes_field(number: int, value: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _str_field(number: int, value: str) -> bytes:
+    return _bytes_field(number, value.encode()) if value else b""
+
+
+def _int_field(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(value) if value else b""
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
+    """(field number, value) pairs: bytes for length-delimited fields, int for varints;
+    fixed-width fields (none in these messages) are skipped."""
+    i, n = 0, len(data)
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            if i >= n or shift > 63:
+                raise ProtoError("truncated varint")
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while i < n:
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, varint()
+        elif wire == 2:
+            size = varint()
+            if i + size > n:
+                raise ProtoError("truncated length-delimited field")
+            yield number, data[i : i + size]
+            i += size
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+            if i > n:
+                raise ProtoError("truncated fixed-width field")
+        else:
+            raise ProtoError(f"unsupported wire type {wire}")
+
+
+def _as_bytes(value: bytes | int) -> bytes:
+    if not isinstance(value, bytes):
+        raise ProtoError("a varint where a length-delimited field belongs")
+    return value
+
+
+def _as_str(value: bytes | int) -> str:
+    try:
+        return _as_bytes(value).decode()
+    except UnicodeDecodeError:
+        raise ProtoError("a string field is not UTF-8") from None
+
+
+def _as_int(value: bytes | int) -> int:
+    if not isinstance(value, int):
+        raise ProtoError("a length-delimited field where a varint belongs")
+    return value
+
+
+def _strings(data: bytes, number: int) -> list[str]:
+    """The repeated string field `number` of a message."""
+    return [_as_str(v) for f, v in _fields(data) if f == number]
+
+
+def _messages(data: bytes, number: int) -> list[bytes]:
+    return [_as_bytes(v) for f, v in _fields(data) if f == number]
+
+
+@dataclass(frozen=True)
+class DevicePluginOptions:
+    """pre_start_required = 1, get_preferred_allocation_available = 2."""
+
+    pre_start_required: bool = False
+    get_preferred_allocation_available: bool = False
+
+
+def encode_options(options: DevicePluginOptions) -> bytes:
+    return _int_field(1, int(options.pre_start_required)) + _int_field(
+        2, int(options.get_preferred_allocation_available)
+    )
+
+
+def decode_options(data: bytes) -> DevicePluginOptions:
+    values = {f: _as_int(v) for f, v in _fields(data) if f in (1, 2)}
+    return DevicePluginOptions(bool(values.get(1, 0)), bool(values.get(2, 0)))
+
+
+@dataclass(frozen=True)
+class RegisterRequest:
+    """version = 1, endpoint = 2 (a file name in the device-plugins directory),
+    resource_name = 3, options = 4."""
+
+    version: str
+    endpoint: str
+    resource_name: str
+    options: DevicePluginOptions = field(default_factory=DevicePluginOptions)
+
+
+def encode_register_request(request: RegisterRequest) -> bytes:
+    return (
+        _str_field(1, request.version)
+        + _str_field(2, request.endpoint)
+        + _str_field(3, request.resource_name)
+        + _bytes_field(4, encode_options(request.options))
+    )
+
+
+def decode_register_request(data: bytes) -> RegisterRequest:
+    values = {f: v for f, v in _fields(data) if f in (1, 2, 3, 4)}
+    return RegisterRequest(
+        version=_as_str(values.get(1, b"")),
+        endpoint=_as_str(values.get(2, b"")),
+        resource_name=_as_str(values.get(3, b"")),
+        options=decode_options(_as_bytes(values.get(4, b""))),
+    )
+
+
+@dataclass(frozen=True)
+class Device:
+    """ID = 1, health = 2 (topology = 3 is left out: the simulated GPUs have no NUMA node)."""
+
+    id: str
+    health: str = HEALTHY
+
+
+def encode_list_and_watch_response(devices: list[Device]) -> bytes:
+    """ListAndWatchResponse: devices = 1."""
+    return b"".join(_bytes_field(1, _str_field(1, d.id) + _str_field(2, d.health)) for d in devices)
+
+
+def decode_list_and_watch_response(data: bytes) -> list[Device]:
+    out = []
+    for message in _messages(data, 1):
+        values = {f: _as_str(v) for f, v in _fields(message) if f in (1, 2)}
+        out.append(Device(values.get(1, ""), values.get(2, "")))
+    return out
+
+
+def encode_device_ids(device_ids: list[str]) -> bytes:
+    """ContainerAllocateRequest, and PreStartContainerRequest of the same shape: devicesIDs = 1."""
+    return b"".join(_str_field(1, i) for i in device_ids)
+
+
+def decode_device_ids(data: bytes) -> list[str]:
+    return _strings(data, 1)
+
+
+def encode_allocate_request(containers: list[list[str]]) -> bytes:
+    """AllocateRequest: container_requests = 1, each a ContainerAllocateRequest."""
+    return b"".join(_bytes_field(1, encode_device_ids(ids)) for ids in containers)
+
+
+def decode_allocate_request(data: bytes) -> list[list[str]]:
+    return [decode_device_ids(message) for message in _messages(data, 1)]
+
+
+def encode_allocate_response(envs_per_container: list[dict[str, str]]) -> bytes:
+    """AllocateResponse: container_responses = 1, each ContainerAllocateResponse envs = 1 (a
+    map: repeated entries key = 1, value = 2); mounts, devices and annotations are empty."""
+    return b"".join(
+        _bytes_field(
+            1,
+            b"".join(_bytes_field(1, _str_field(1, k) + _str_field(2, v)) for k, v in envs.items()),
+        )
+        for envs in envs_per_container
+    )
+
+
+def decode_allocate_response(data: bytes) -> list[dict[str, str]]:
+    out = []
+    for container in _messages(data, 1):
+        envs = {}
+        for entry in _messages(container, 1):
+            values = {f: _as_str(v) for f, v in _fields(entry) if f in (1, 2)}
+            envs[values.get(1, "")] = values.get(2, "")
+        out.append(envs)
+    return out
+
+
+@dataclass(frozen=True)
+class PreferenceRequest:
+    """ContainerPreferredAllocationRequest: available_deviceIDs = 1, must_include_deviceIDs = 2,
+    allocation_size = 3."""
+
+    available: list[str]
+    must_include: list[str]
+    size: int
+
+
+def encode_preferred_allocation_request(requests: list[PreferenceRequest]) -> bytes:
+    """PreferredAllocationRequest: container_requests = 1."""
+    return b"".join(
+        _bytes_field(
+            1,
+            b"".join(_str_field(1, i) for i in r.available)
+            + b"".join(_str_field(2, i) for i in r.must_include)
+            + _int_field(3, r.size),
+        )
+        for r in requests
+    )
+
+
+def decode_preferred_allocation_request(data: bytes) -> list[PreferenceRequest]:
+    out = []
+    for message in _messages(data, 1):
+        sizes = [_as_int(v) for f, v in _fields(message) if f == 3]
+        out.append(
+            PreferenceRequest(_strings(message, 1), _strings(message, 2), sizes[-1] if sizes else 0)
+        )
+    return out
+
+
+def encode_preferred_allocation_response(containers: list[list[str]]) -> bytes:
+    """PreferredAllocationResponse: container_responses = 1, each deviceIDs = 1 (the same
+    shape as AllocateRequest)."""
+    return encode_allocate_request(containers)
+
+
+decode_preferred_allocation_response = decode_allocate_request
+
+
+def encode_empty(_: object = None) -> bytes:
+    return b""
+
+
+def decode_empty(data: bytes) -> None:
+    for _ in _fields(data):  # unknown fields are ignored, malformed bytes are not
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the plugin
+
+
+class AllocationError(ValueError):
+    """The kubelet asked for devices this plugin does not have."""
+
+
+@dataclass(frozen=True)
+class SimulatedGpus:
+    node_name: str
+    count: int
+
+    def __post_init__(self) -> None:
+        if not _NODE_NAME.match(self.node_name):
+            raise ValueError(f"--node-name {self.node_name!r} is not a valid node name")
+        if not 1 <= self.count <= 1024:
+            raise ValueError(f"--gpus must be between 1 and 1024, got {self.count}")
+
+    @property
+    def ids(self) -> list[str]:
+        return [simulated_uuid(self.node_name, i) for i in range(self.count)]
+
+    def allocate(self, device_ids: list[str]) -> dict[str, str]:
+        """The container's environment for `device_ids`, in index order: the kubelet passes
+        them in no particular order."""
+        if not device_ids:
+            raise AllocationError("no device requested")
+        order = {uuid: i for i, uuid in enumerate(self.ids)}
+        unknown = sorted(set(device_ids) - order.keys())
+        if unknown:
+            raise AllocationError(f"unknown devices: {', '.join(unknown)}")
+        ids = sorted(set(device_ids), key=order.__getitem__)
+        return {"PERSEUS_GPU_UUID": ids[0], "NVIDIA_VISIBLE_DEVICES": ",".join(ids)}
+
+    def preferred(self, request: PreferenceRequest) -> list[str]:
+        """The devices that must be included, then the lowest-index available ones."""
+        order = {uuid: i for i, uuid in enumerate(self.ids)}
+        chosen = list(dict.fromkeys(request.must_include))
+        rest = sorted(
+            (d for d in set(request.available) - set(chosen) if d in order), key=order.__getitem__
+        )
+        return (chosen + rest)[: max(request.size, len(chosen))]
+
+
+Request = TypeVar("Request")
+
+
+class DevicePluginServer:
+    """`v1beta1.DevicePlugin` on `<plugin_dir>/<endpoint>`, through grpcio's generic handlers."""
+
+    def __init__(self, gpus: SimulatedGpus, socket_path: Path, stop: threading.Event) -> None:
+        self.gpus = gpus
+        self.socket_path = socket_path
+        self._stop = stop
+        self._server: grpc.Server | None = None
+
+    options = DevicePluginOptions(get_preferred_allocation_available=True)
+
+    def _unary(
+        self,
+        handler: Callable[[Request], bytes],
+        decode: Callable[[bytes], Request],
+    ) -> grpc.RpcMethodHandler[bytes, bytes]:
+        def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                return handler(decode(request))
+            except (ProtoError, AllocationError) as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                raise  # abort raises; this line only tells the type checker
+
+        return grpc.unary_unary_rpc_method_handler(call)
+
+    def _allocate(self, containers: list[list[str]]) -> bytes:
+        envs = [self.gpus.allocate(ids) for ids in containers]
+        for env in envs:
+            log.info("allocated %s", env["NVIDIA_VISIBLE_DEVICES"])
+        return encode_allocate_response(envs)
+
+    def _preferred(self, requests: list[PreferenceRequest]) -> bytes:
+        return encode_preferred_allocation_response([self.gpus.preferred(r) for r in requests])
+
+    def _list_and_watch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """All devices once; the stream then stays open (their health never changes) until the
+        kubelet goes away or the plugin stops."""
+        decode_empty(request)
+        yield encode_list_and_watch_response([Device(i) for i in self.gpus.ids])
+        while context.is_active() and not self._stop.wait(WATCH_INTERVAL_S):
+            pass
+
+    def start(self) -> None:
+        handler = grpc.method_handlers_generic_handler(
+            f"{API_VERSION}.DevicePlugin",
+            {
+                "GetDevicePluginOptions": self._unary(
+                    lambda _: encode_options(self.options), decode_empty
+                ),
+                "ListAndWatch": grpc.unary_stream_rpc_method_handler(self._list_and_watch),
+                "Allocate": self._unary(self._allocate, decode_allocate_request),
+                "GetPreferredAllocation": self._unary(
+                    self._preferred, decode_preferred_allocation_request
+                ),
+                "PreStartContainer": self._unary(encode_empty, decode_device_ids),
+            },
+        )
+        self.socket_path.unlink(missing_ok=True)
+        # Each ListAndWatch stream holds a worker while it is open: the kubelet keeps one.
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        server.add_generic_rpc_handlers((handler,))
+        if not server.add_insecure_port(f"unix:{self.socket_path}"):
+            raise OSError(f"cannot listen on {self.socket_path}")
+        server.start()
+        self._server = server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=1.0).wait()
+            self._server = None
+        self.socket_path.unlink(missing_ok=True)
+
+
+def register(kubelet_socket: Path, endpoint: str, options: DevicePluginOptions) -> None:
+    """`v1beta1.Registration/Register` with the kubelet; raises grpc.RpcError when refused."""
+    request = RegisterRequest(API_VERSION, endpoint, RESOURCE_NAME, options)
+    with grpc.insecure_channel(f"unix://{kubelet_socket}") as channel:
+        call = channel.unary_unary(
+            f"/{API_VERSION}.Registration/Register",
+            request_serializer=encode_register_request,
+            response_deserializer=bytes,  # grpcio takes a None result for a failure
+        )
+        decode_empty(call(request, timeout=REGISTER_TIMEOUT_S, wait_for_ready=True))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
+def run(gpus: SimulatedGpus, plugin_dir: Path, endpoint: str, stop: threading.Event) -> None:
+    """Serve and register until `stop`; serve and register again whenever the kubelet's
+    socket is recreated or ours disappears (a kubelet restart)."""
+    kubelet_socket = plugin_dir / KUBELET_SOCKET
+    server = DevicePluginServer(gpus, plugin_dir / endpoint, stop)
+    waiting = False
+    while not stop.is_set():
+        kubelet = _identity(kubelet_socket)
+        if kubelet is None:
+            # A kubelet that is starting creates the directory and the socket a moment later.
+            if not waiting:
+                log.info("waiting for the kubelet's socket %s", kubelet_socket)
+            waiting = True
+            stop.wait(WATCH_INTERVAL_S)
+            continue
+        waiting = False
+        server.start()
+        try:
+            register(kubelet_socket, endpoint, server.options)
+        except grpc.RpcError as exc:
+            log.warning("registration with %s failed: %s; retrying", kubelet_socket, exc.details())
+            server.stop()
+            stop.wait(WATCH_INTERVAL_S)
+            continue
+        log.info(
+            "registered %s (%d devices %s..%s) as %s with %s",
+            RESOURCE_NAME,
+            gpus.count,
+            gpus.ids[0],
+            gpus.ids[-1],
+            endpoint,
+            kubelet_socket,
+        )
+        while not stop.wait(WATCH_INTERVAL_S):
+            if _identity(kubelet_socket) != kubelet or not server.socket_path.exists():
+                log.info("the kubelet restarted: registering again")
+                break
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Simulated GPUs as nvidia.com/gpu for the kubelet."
+    )
+    parser.add_argument("--node-name", required=True, help="the node's name in the UUIDs")
+    parser.add_argument("--gpus", type=int, required=True, help="number of simulated GPUs")
+    parser.add_argument("--plugin-dir", type=Path, default=DEFAULT_PLUGIN_DIR)
+    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="socket name in plugin-dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        gpus = SimulatedGpus(args.node_name, args.gpus)
+    except ValueError as exc:
+        print(f"sim_device_plugin: {exc}", file=sys.stderr)
+        return 2
+    if "/" in args.endpoint or args.endpoint in ("", KUBELET_SOCKET):
+        print(f"sim_device_plugin: bad --endpoint {args.endpoint!r}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run(gpus, args.plugin_dir, args.endpoint, stop)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    sys.exit(main())
