@@ -4,7 +4,8 @@ Service, and one Job per rank running `perseus sim-train rank` with the training
 
 Each rank pod reaches its node's sidecar at ``status.hostIP`` on the sidecar's host port, reads
 the job token from the Secret the operator creates for the policy, plays its stage on the
-simulated GPU whose "driver" state the sidecar keeps under a hostPath, and exchanges activations
+simulated GPU the kubelet gave it (`nvidia.com/gpu: 1` from the simulated device plugin, which
+sets PERSEUS_GPU_UUID) and whose "driver" state the sidecar keeps under a hostPath, and exchanges activations
 and gradients with its pipeline neighbours over the pod network. One Job per rank (Kubernetes
 1.20 has no indexed Jobs) gives every rank a stable number and a replacement pod when its pod is
 deleted; the pods carry the policy's selector label, the coordinator does not.
@@ -37,7 +38,6 @@ class NodeJob:
     sidecar_port: int
     gpu_state_host_path: str
     """The sidecar's stateHostPath: the simulated GPUs' driver state."""
-    gpus_per_node: int = 8
     stop_file: str = "/tmp/stop"
     """Created inside the coordinator's pod, ends the job after the current iteration."""
 
@@ -158,7 +158,6 @@ def training_manifests(job: NodeJob) -> list[dict[str, Any]]:
                         f"--rank={rank}",
                         f"--coordinator=$({service_env}):{COORDINATOR_PORT}",
                         f"--node-state={GPU_STATE_DIR}",
-                        f"--gpu-index={rank % job.gpus_per_node}",
                         f"--sidecar=$(HOST_IP):{job.sidecar_port}",
                         f"--listen-port={RANK_PORT}",
                         "--advertise-ip=$(POD_IP)",
@@ -173,6 +172,9 @@ def training_manifests(job: NodeJob) -> list[dict[str, Any]]:
                         _env_from_field("POD_NAMESPACE", "metadata.namespace"),
                     ],
                     "ports": [{"containerPort": RANK_PORT, "protocol": "TCP"}],
+                    # the kubelet picks the GPU (the device plugin sets PERSEUS_GPU_UUID) and
+                    # its pod-resources API tells the sidecar which pod holds which GPU
+                    "resources": {"limits": {"nvidia.com/gpu": 1}},
                     "securityContext": _container_security(),
                     "volumeMounts": [
                         tmp_mount,

@@ -40,7 +40,8 @@ def test_rank_pods_carry_the_selector_the_token_and_their_sidecar() -> None:
         spec = pod["spec"]
         assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
         command = spec["containers"][0]["command"]
-        assert f"--rank={rank}" in command and f"--gpu-index={rank % 8}" in command
+        assert f"--rank={rank}" in command
+        assert spec["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
         assert "--sidecar=$(HOST_IP):18080" in command
         assert "--coordinator=$(DEMO_COORDINATOR_SERVICE_HOST):29400" in command
         env = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import sys
 from dataclasses import asdict
@@ -91,6 +92,12 @@ def add_modes(parser: argparse.ArgumentParser) -> None:
     )
     rank.add_argument(
         "--gpu-index", type=int, help="the node GPU to play (default: rank modulo the node's GPUs)"
+    )
+    rank.add_argument(
+        "--gpu-uuid",
+        default=os.environ.get("PERSEUS_GPU_UUID") or None,
+        help="the GPU the kubelet gave this pod (default: $PERSEUS_GPU_UUID, which the device "
+        "plugin sets); --gpu-index wins",
     )
     rank.add_argument("--listen-port", type=int, default=29401, help="for the previous stage")
     rank.add_argument(
@@ -234,6 +241,7 @@ def run_rank(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         pod=args.pod,
         gpu_index=args.gpu_index,
+        gpu_uuid=args.gpu_uuid,
         listen_port=_port(args.listen_port, "--listen-port"),
         advertise_ip=args.advertise_ip,
         max_lag_s=args.max_lag_ms / 1000,

@@ -19,7 +19,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from perseus_sidecar import hooks as hooks_mod
@@ -55,6 +55,9 @@ class RankOptions:
     namespace: str
     pod: str
     gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    """The GPU the kubelet gave the pod (PERSEUS_GPU_UUID from the device plugin): the rank
+    plays that one. An explicit gpu_index wins; with neither, the rank's slot on the node."""
     listen_port: int = 29401
     advertise_ip: str | None = None
     max_lag_s: float = 0.05
@@ -256,6 +259,12 @@ def run_rank(options: RankOptions) -> None:
         )
     if not uuids:
         raise RankError(f"the simulated node in {options.state_dir} has no GPUs", 2)
+    if options.gpu_index is None and options.gpu_uuid is not None:
+        if options.gpu_uuid not in uuids:
+            raise RankError(
+                f"GPU {options.gpu_uuid[:80]!r} is not one of the simulated node's GPUs", 2
+            )
+        options = replace(options, gpu_index=uuids.index(options.gpu_uuid))
     _check_sidecar(options)
     try:
         listener = PeerListener(options.advertise_ip or "0.0.0.0", options.listen_port)
