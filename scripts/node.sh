@@ -184,6 +184,8 @@ cgroupDriver: cgroupfs
 failSwapOn: false
 clusterDomain: cluster.local
 resolvConf: /etc/resolv.conf
+# a Secret the operator creates after the pods started reaches their volumes within seconds
+syncFrequency: 10s
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: "100Mi", nodefs.available: "2%", imagefs.available: "2%"}

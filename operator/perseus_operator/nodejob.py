@@ -185,7 +185,12 @@ def training_manifests(job: NodeJob) -> list[dict[str, Any]]:
             ],
             "volumes": [
                 tmp_volume,
-                {"name": "job-token", "secret": {"secretName": f"perseus-job-{job.policy}"}},
+                # optional: the operator creates the Secret once the job's pods run; the hooks
+                # read the token again at every registration attempt
+                {
+                    "name": "job-token",
+                    "secret": {"secretName": f"perseus-job-{job.policy}", "optional": True},
+                },
                 {
                     "name": "gpus",
                     "hostPath": {"path": job.gpu_state_host_path, "type": "Directory"},

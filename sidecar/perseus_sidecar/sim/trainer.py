@@ -523,7 +523,8 @@ class SimTrainer:
             now_clock = gpu.effective_clock_mhz()
             if now_clock != clock:
                 at = min(max(begin + (time.time() - sent_wall_s), segment), end)
-                left -= (at - segment) / (time_s * factor)
+                # a clock seen at the very end leaves nothing, not a rounding error below zero
+                left = max(left - (at - segment) / (time_s * factor), 0.0)
                 clock, segment = now_clock, at
                 time_s, energy_j = node.table[(stage, forward, clock)]
                 end = at + left * time_s * factor
