@@ -19,13 +19,18 @@ class Settings(BaseSettings):
     token: str | None = Field(default=None, repr=False)
     """The token itself, for local runs and tests; `token_file` wins."""
     sidecar_port: int = Field(default=8080, ge=1, le=65535)
+    """The sidecars' HTTP (host) port: the operator's token goes there, so it is never read from
+    a pod."""
     sidecar_selector: str = "app.kubernetes.io/component=sidecar"
     """Labels (k=v,k=v) of the sidecar DaemonSet's pods; indexed by node."""
+    sidecar_daemonset: str = Field(default="perseus-sidecar", min_length=1)
+    """The sidecar DaemonSet of `pod_namespace`: only pods it owns are taken as sidecars."""
     sidecar_timeout_s: float = Field(default=2.0, gt=0)
     namespaces: str = ""
     """Comma-separated namespaces to watch; empty: the whole cluster."""
     pod_namespace: str = "default"
-    """The operator's own namespace: profile ConfigMaps are stored there."""
+    """The operator's own namespace: the sidecar DaemonSet runs there and profile ConfigMaps are
+    stored there."""
     liveness_url: str = "http://0.0.0.0:8081/healthz"
     log_level: str = "info"
     tick_s: float = Field(default=0.5, gt=0)
