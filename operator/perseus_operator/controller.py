@@ -48,6 +48,7 @@ from perseus_operator.status_views import (
 from perseus_operator.straggler import Sample, StragglerState
 from perseus_operator.straggler import update as straggler_update
 from perseus_profiles import ProfileError, StageProfile, parse_profile_csv
+from perseus_sidecar.api import RankTimings
 
 __all__ = ["Controller", "cleanup_policy"]
 
@@ -272,8 +273,13 @@ class Controller:
             state = "measuring" if rt.profiling is not None else "missing"
             return replace(obs, profile=rc.ProfileView(state, rt.profile_msg))  # type: ignore[arg-type]
         obs = replace(obs, profile=rc.ProfileView("ready", rt.profile_msg))
+        ranks = rc.job_ranks(
+            ((n, s.timings.ranks) for n, s in snaps.items() if s.timings is not None),
+            obs.pods,
+            spec.pipeline,
+        )
         if spec.mode == "Optimize" and rt.baseline_j is None:
-            self._measure_baseline(rt, spec, snaps)  # while the planner works, not after it
+            self._measure_baseline(rt, spec, ranks)  # while the planner works, not after it
         await self._ensure_frontier(rt, spec)
         if rt.plan_error is not None:
             return replace(obs, plan_error=rt.plan_error)
@@ -294,7 +300,7 @@ class Controller:
             straggler_plan=rt.straggler_plan,
             straggler_pace_s=rt.straggler.pace_s,
         )
-        self._measure_saving(rt, spec, snaps)
+        self._measure_saving(rt, spec, ranks)
         return replace(
             obs,
             baseline_ready=rt.baseline_j is not None,
@@ -463,10 +469,10 @@ class Controller:
                 rt.straggler_plan = plan_view(rt.profile, rt.frontier, chosen)
 
     def _measure_baseline(
-        self, rt: PolicyRuntime, spec: EnergyPolicySpec, snaps: Mapping[str, NodeSnapshot]
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, ranks: list[RankTimings]
     ) -> None:
-        """All-max-clock energy per iteration of the whole job, over a window with no schedule."""
-        ranks = [r for s in snaps.values() if s.timings is not None for r in s.timings.ranks]
+        """All-max-clock energy per iteration of the whole job (its counted ranks only), over a
+        window with no schedule."""
         if len(ranks) < spec.pipeline.ranks:
             return
         if rt.regime.name != "baseline":
@@ -481,11 +487,10 @@ class Controller:
         rt.baseline_gpus = len(ranks)
 
     def _measure_saving(
-        self, rt: PolicyRuntime, spec: EnergyPolicySpec, snaps: Mapping[str, NodeSnapshot]
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, ranks: list[RankTimings]
     ) -> None:
         """Energy per iteration under the current plan against the baseline (fair under a
         straggler: the followers' baseline also pays blocking power for the wait)."""
-        ranks = [r for s in snaps.values() if s.timings is not None for r in s.timings.ranks]
         if len(ranks) < spec.pipeline.ranks or rt.baseline_j is None:
             return
         if not rt.regime.name.startswith("plan:"):

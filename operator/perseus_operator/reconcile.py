@@ -8,11 +8,11 @@ here, so every transition is unit-tested without a cluster.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
-from perseus_operator.model import EnergyPolicySpec, Phase
+from perseus_operator.model import EnergyPolicySpec, Phase, Pipeline
 
 __all__ = [
     "Announce",
@@ -31,6 +31,7 @@ __all__ = [
     "RemoveSchedule",
     "decide",
     "events_between",
+    "job_ranks",
     "merge_conditions",
     "saving_percent",
 ]
@@ -69,6 +70,46 @@ class RankView:
     pipeline_rank: int
     tensor_rank: int
     pod: str
+
+
+class _Rank(Protocol):
+    @property
+    def data_rank(self) -> int: ...
+    @property
+    def pipeline_rank(self) -> int: ...
+    @property
+    def tensor_rank(self) -> int: ...
+    @property
+    def pod(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Rank)
+
+
+def job_ranks(
+    ranks_by_node: Iterable[tuple[str, Iterable[R]]],
+    pods: Iterable[PodView],
+    pipeline: Pipeline,
+) -> list[R]:
+    """The ranks that count for the job: registered by a running pod of the job on the node that
+    reports them, inside the spec's shape, one per (data, pipeline, tensor) position (the first
+    by node, then pod). Anything else a pod registers must not inflate the rank count, the
+    baseline or the measured energy."""
+    announced = {(p.node_name, p.name) for p in pods if p.running}
+    seen: set[tuple[int, int, int]] = set()
+    out: list[R] = []
+    for node, ranks in sorted(ranks_by_node, key=lambda item: item[0]):
+        for r in sorted(ranks, key=lambda r: r.pod):
+            where = (r.data_rank, r.pipeline_rank, r.tensor_rank)
+            inside = (
+                0 <= r.data_rank < pipeline.data_parallel
+                and 0 <= r.pipeline_rank < pipeline.stages
+                and 0 <= r.tensor_rank < pipeline.tensor_parallel
+            )
+            if inside and (node, r.pod) in announced and where not in seen:
+                seen.add(where)
+                out.append(r)
+    return out
 
 
 @dataclass(frozen=True)
@@ -288,8 +329,10 @@ def decide(obs: Observed) -> Decision:
             continue
         if view.announced_pods != frozenset(p.identity for p in pods):
             actions.append(Announce(node, tuple(sorted(pods, key=lambda p: p.name))))
-    ranks = [r for n in sorted(by_node) if n in obs.nodes for r in obs.nodes[n].ranks]
-    registered = len({(r.data_rank, r.pipeline_rank, r.tensor_rank) for r in ranks})
+    ranks = job_ranks(
+        ((n, obs.nodes[n].ranks) for n in by_node if n in obs.nodes), running, spec.pipeline
+    )
+    registered = len(ranks)
     base_status["registeredRanks"] = registered
 
     degraded_msg = ""

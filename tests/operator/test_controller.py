@@ -51,19 +51,24 @@ class Gateway:
         self.entries: frozenset[rc.Entry] = frozenset()
         self.calls: list[str] = []
         self.down = False
+        self.extra: list[tuple[str, int, int]] = []
+        """(pod, data rank, pipeline rank) of ranks registered on top of the job's four."""
+        self.announced_extra: set[str] = set()
+        """Pods the sidecar reports ranks of although the operator did not announce them."""
 
     async def snapshot(
         self, address: str, namespace: str, name: str, window_s: float
     ) -> NodeSnapshot:
         if self.down:
             raise SidecarUnreachableError(f"{address}: connection refused")
+        shapes = [(f"p{r}", r // 2, r % 2) for r in range(4)] + self.extra
         ranks = [
             RankTimings(
                 rank_id=f"r{r}",
-                pod=f"p{r}",
+                pod=pod,
                 rank=r,
-                pipeline_rank=r % 2,
-                data_rank=r // 2,
+                pipeline_rank=pipeline_rank,
+                data_rank=data_rank,
                 tensor_rank=0,
                 gpu_uuid=f"GPU-{r}",
                 iterations=10,
@@ -75,8 +80,8 @@ class Gateway:
                 schedule_active=bool(self.entries),
                 stale=False,
             )
-            for r in range(4)
-            if f"p{r}" in self.announced
+            for r, (pod, data_rank, pipeline_rank) in enumerate(shapes)
+            if pod in self.announced or (self.announced and pod in self.announced_extra)
         ]
         timings = TimingsOut(
             namespace=namespace, name=name, window_s=window_s, ranks=ranks, stages=[], pipelines=[]
@@ -251,3 +256,20 @@ async def test_a_refused_schedule_is_degraded_with_the_sidecars_message() -> Non
     assert store.patches[-1]["conditions"][3]["reason"] == "SidecarRejected"
     assert "1410 MHz is not supported" in store.patches[-1]["conditions"][0]["message"]
     assert any(e.type == "Warning" and e.reason == "Degraded" for e in events)
+
+
+async def test_extra_registered_ranks_count_neither_as_ranks_nor_in_the_baseline() -> None:
+    """A pod registering ranks outside the job's shape, twice the same position, or for a pod
+    the operator never announced: only the job's four GPUs make the baseline."""
+    store, gateway = Store(PROFILE.to_csv()), Gateway()
+    gateway.extra = [("p0", 5, 0), ("p1", 0, 0), ("p3", 1, 7), ("stranger", 1, 1)]
+    gateway.announced_extra = {"stranger"}
+    _, decisions, _ = await passes(store, gateway, 6)
+    last = store.patches[-1]
+    assert decisions[-1].phase == "Optimizing" and last["registeredRanks"] == 4
+    assert last["measuredBaseline"] == {
+        "energyJoules": 400.0,
+        "iterationTimeSeconds": 1.0,
+        "gpus": 4,
+    }
+    assert last["measuredSavingPercent"] == pytest.approx(10.0)
