@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from perseus_operator import reconcile as rc
-from perseus_operator.model import EnergyPolicySpec, SpecError, parse_spec
+from perseus_operator.model import CLUSTER_SCOPE, EnergyPolicySpec, SpecError, parse_spec
 from perseus_operator.planner import (
     Frontier,
     PipelineShape,
@@ -35,6 +35,8 @@ from perseus_operator.sidecars import (
 )
 from perseus_operator.state import EventSink, PodRecord, PolicyRecord, PolicyRuntime, Regime, Store
 from perseus_operator.status_views import (
+    ImplausibleProfileError,
+    check_plausible,
     check_profile,
     effective_blocking_w,
     enough_samples,
@@ -268,7 +270,8 @@ class Controller:
             return obs  # a sweep needs every rank; an import does not: it overlaps the startup
         await self._ensure_profile(rt, spec, snaps)
         if rt.profile_error is not None:
-            return replace(obs, profile=rc.ProfileView("invalid", rt.profile_error))
+            view = rc.ProfileView("invalid", rt.profile_error, rt.profile_error_reason)
+            return replace(obs, profile=view)
         if rt.profile is None:
             state = "measuring" if rt.profiling is not None else "missing"
             return replace(obs, profile=rc.ProfileView(state, rt.profile_msg))  # type: ignore[arg-type]
@@ -324,24 +327,11 @@ class Controller:
             return
         if rt.profile_sig != sig:
             rt.profile, rt.profile_error, rt.profiling, rt.profile_sig = None, None, None, sig
+            rt.profile_error_reason = "ProfileInvalid"
         all_clocks = frozenset.intersection(*(s.gpu_model[1] for s in snaps.values()))
-        stored = await self.store.load_profile(
-            self.profile_namespace,
-            model,
-            spec.pipeline.stages,
-            spec.pipeline.tensor_parallel,
-            spec.profile_key,
-        )
-        if stored is not None:
-            try:
-                profile = check_profile(parse_profile_csv(stored[1]), spec, all_clocks)
-            except ProfileError as exc:
-                log.warning("stored profile %s unusable (%s); fetching again", stored[0], exc)
-            else:
-                rt.profile, rt.profile_cm, rt.blocking_w = profile, stored[0], stored[2]
-                rt.profile_msg = f"stored profile {self.profile_namespace}/{stored[0]} ({model})"
-                return
+        scope = CLUSTER_SCOPE if spec.profile_scope == "Cluster" else rt.namespace
         if source.import_ is not None:
+            # The policy names its own profile: a stored one never replaces it.
             imp = source.import_
             text = await self.store.read_configmap_key(rt.namespace, imp.config_map, imp.key)
             if text is None:
@@ -351,17 +341,25 @@ class Controller:
             try:
                 profile = check_profile(parse_profile_csv(text), spec, all_clocks)
             except ProfileError as exc:
-                rt.profile_error = f"ConfigMap {imp.config_map} key {imp.key}: {exc}"
+                self._profile_failed(rt, f"ConfigMap {imp.config_map} key {imp.key}: {exc}", exc)
                 return
             source_note = f"imported from {rt.namespace}/{imp.config_map}"
         else:
+            if await self._use_stored_profile(rt, spec, scope, model, all_clocks):
+                return
             assert source.measure is not None
             profile_or_none = await self._measure_profile(rt, spec, snaps, clocks)
             if profile_or_none is None:
                 return
-            profile, source_note = profile_or_none, "measured through the sidecars"
+            try:
+                profile = check_plausible(profile_or_none)
+            except ProfileError as exc:
+                self._profile_failed(rt, f"the measured profile: {exc}", exc)
+                return
+            source_note = "measured through the sidecars"
         name = await self.store.store_profile(
             self.profile_namespace,
+            scope=scope,
             gpu_model=model,
             stages=spec.pipeline.stages,
             tensor_parallel=spec.pipeline.tensor_parallel,
@@ -372,6 +370,42 @@ class Controller:
         )
         rt.profile, rt.profile_cm = profile, name
         rt.profile_msg = f"{source_note}; stored as {self.profile_namespace}/{name} ({model})"
+
+    @staticmethod
+    def _profile_failed(rt: PolicyRuntime, message: str, exc: ProfileError) -> None:
+        rt.profile_error = message
+        implausible = isinstance(exc, ImplausibleProfileError)
+        rt.profile_error_reason = "ProfileImplausible" if implausible else "ProfileInvalid"
+
+    async def _use_stored_profile(
+        self,
+        rt: PolicyRuntime,
+        spec: EnergyPolicySpec,
+        scope: str,
+        model: str,
+        clocks: frozenset[int],
+    ) -> bool:
+        """Take the profile stored for this scope and key, if one is there and fits: a measuring
+        policy then skips its sweep."""
+        stored = await self.store.load_profile(
+            self.profile_namespace,
+            scope=scope,
+            gpu_model=model,
+            stages=spec.pipeline.stages,
+            tensor_parallel=spec.pipeline.tensor_parallel,
+            key=spec.profile_key,
+        )
+        if stored is None:
+            return False
+        try:
+            profile = check_profile(parse_profile_csv(stored[1]), spec, clocks)
+        except ProfileError as exc:
+            log.warning("stored profile %s unusable (%s); measuring again", stored[0], exc)
+            return False
+        rt.profile, rt.profile_cm, rt.blocking_w = profile, stored[0], stored[2]
+        rt.profiling = None
+        rt.profile_msg = f"stored profile {self.profile_namespace}/{stored[0]} ({model})"
+        return True
 
     async def _measure_profile(
         self,

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 __all__ = [
+    "CLUSTER_SCOPE",
     "GROUP",
     "KIND",
     "PLURAL",
@@ -53,6 +54,9 @@ PHASES: tuple[str, ...] = (
     "Completed",
     "Failed",
 )
+CLUSTER_SCOPE = "*cluster*"
+"""The scope of profiles shared across namespaces (`profileScope: Cluster`): no namespace can be
+named so, so a namespace's own profiles never mix with the shared ones."""
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 CONFIGMAP_KEY = r"^[-._a-zA-Z0-9]+$"
 
@@ -150,6 +154,11 @@ class EnergyPolicySpec(_Model):
         max_length=63,
         pattern=DNS_SUBDOMAIN,
         description="names what makes a profile reusable (model, microbatch size, sequence length)",
+    )
+    profile_scope: Literal["Namespace", "Cluster"] = Field(
+        default="Namespace",
+        description="who shares stored profiles: policies of this namespace only, or (opt-in)"
+        " every policy of the cluster that also sets Cluster",
     )
     profile: ProfileSource
     blocking_power_w: float | None = Field(

@@ -139,6 +139,8 @@ class NodeView:
 class ProfileView:
     state: Literal["ready", "measuring", "missing", "invalid"]
     message: str = ""
+    reason: str = "ProfileInvalid"
+    """The condition reason of an invalid profile (ProfileInvalid, ProfileImplausible)."""
 
 
 @dataclass(frozen=True)
@@ -346,7 +348,7 @@ def decide(obs: Observed) -> Decision:
     if obs.profile.state == "ready":
         profiled = ("True", "ProfileReady", obs.profile.message)
     elif obs.profile.state == "invalid":
-        bad: C = ("False", "ProfileInvalid", obs.profile.message)
+        bad: C = ("False", obs.profile.reason, obs.profile.message)
         return Decision(
             "Failed",
             _conds(bad, bad, UNKNOWN, bad),

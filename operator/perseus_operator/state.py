@@ -69,6 +69,7 @@ class Store(Protocol):
         self,
         namespace: str,
         *,
+        scope: str,
         gpu_model: str,
         stages: int,
         tensor_parallel: int,
@@ -79,7 +80,14 @@ class Store(Protocol):
     ) -> str: ...
 
     async def load_profile(
-        self, namespace: str, gpu_model: str, stages: int, tensor_parallel: int, key: str
+        self,
+        namespace: str,
+        *,
+        scope: str,
+        gpu_model: str,
+        stages: int,
+        tensor_parallel: int,
+        key: str,
     ) -> tuple[str, str, float | None] | None: ...
 
 
@@ -107,6 +115,7 @@ class PolicyRuntime:
     profile_sig: tuple[Any, ...] | None = None
     profile_msg: str = ""
     profile_error: str | None = None
+    profile_error_reason: str = "ProfileInvalid"
     profile_cm: str | None = None
     blocking_w: float | None = None
     """Blocking power measured while profiling (or stored with the profile)."""

@@ -12,8 +12,8 @@ from perseus_operator import reconcile as rc
 from perseus_operator.controller import Controller, cleanup_policy
 from perseus_operator.sidecars import NodeSnapshot, SidecarRejectedError, SidecarUnreachableError
 from perseus_operator.state import PodRecord, PolicyRecord, PolicyRuntime
-from perseus_operator.status_views import merge_patch
-from perseus_profiles import load_example
+from perseus_operator.status_views import ImplausibleProfileError, check_plausible, merge_patch
+from perseus_profiles import EXAMPLES, Measurement, StageProfile, load_example
 from perseus_sidecar.api import RankTimings, TimingsOut
 
 PROFILE = load_example("gpt3-175b-a100").select_stages((0, 7))
@@ -25,6 +25,8 @@ class Store:
         self.csv = csv
         self.patches: list[dict[str, Any]] = []
         self.stored: dict[str, str] = {}
+        self.profiles: dict[tuple[Any, ...], str] = {}
+        """Stored profiles by (scope, GPU model, stages, tensor parallel, key)."""
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         self.patches.append(dict(status))
@@ -37,10 +39,14 @@ class Store:
 
     async def store_profile(self, namespace: str, **kw: Any) -> str:
         self.stored[kw["key"]] = kw["csv_text"]
+        where = (kw["scope"], kw["gpu_model"], kw["stages"], kw["tensor_parallel"], kw["key"])
+        self.profiles[where] = kw["csv_text"]
         return "perseus-profile-x"
 
-    async def load_profile(self, *args: Any) -> tuple[str, str] | None:
-        return None
+    async def load_profile(self, namespace: str, **kw: Any) -> tuple[str, str, None] | None:
+        where = (kw["scope"], kw["gpu_model"], kw["stages"], kw["tensor_parallel"], kw["key"])
+        found = self.profiles.get(where)
+        return None if found is None else ("perseus-profile-x", found, None)
 
 
 class Gateway:
@@ -112,6 +118,12 @@ class Gateway:
         self.calls.append("remove")
         self.entries = frozenset()
 
+    async def start_profiling(self, address: str, namespace: str, name: str, request: Any) -> None:
+        self.calls.append("start_profiling")
+
+    async def profiling(self, address: str, namespace: str, name: str) -> None:
+        return None  # still sweeping
+
     async def forget(self, address: str, namespace: str, name: str) -> None:
         self.calls.append("forget")
         if self.down:
@@ -138,20 +150,22 @@ PODS = [
 
 
 async def passes(
-    store: Store, gateway: Gateway, n: int, **spec: Any
+    store: Store, gateway: Gateway, n: int, namespace: str = "ns", **spec: Any
 ) -> tuple[Controller, list[rc.Decision], list[rc.EventSpec]]:
     events: list[rc.EventSpec] = []
     controller = Controller(
-        store,  # type: ignore[arg-type]
+        store,
         gateway,  # type: ignore[arg-type]
         profile_namespace="perseus",
         baseline_iterations=3,
         measure_iterations=3,
         emit=lambda b, e: events.append(e),
     )
-    rt = controller.runtime("ns", "p")
+    rt = controller.runtime(namespace, "p")
+    raw = body(**spec)
+    raw["metadata"]["namespace"] = namespace
     decisions = [
-        await controller.reconcile_once(body(**spec), rt, PODS, {"n0": "10.1.0.1:8080"}, [])
+        await controller.reconcile_once(raw, rt, PODS, {"n0": "10.1.0.1:8080"}, [])
         for _ in range(n)
     ]
     return controller, decisions, events
@@ -273,3 +287,79 @@ async def test_extra_registered_ranks_count_neither_as_ranks_nor_in_the_baseline
         "gpus": 4,
     }
     assert last["measuredSavingPercent"] == pytest.approx(10.0)
+
+
+def slower_at_max(profile: StageProfile, stage: int, factor: float) -> StageProfile:
+    """`profile` with stage `stage`'s backward taking `factor` times longer at the top clock only:
+    every lower clock then looks faster than the maximum."""
+    options = [list(per) for per in profile.options]
+    backward = list(options[stage][1])
+    top = backward[0]
+    backward[0] = Measurement(top.frequency_mhz, top.time_s * factor, top.energy_j * factor)
+    options[stage][1] = tuple(backward)
+    return StageProfile(tuple((f, b) for f, b in options))
+
+
+POISON = slower_at_max(PROFILE, 1, 1.05)  # plausible, but not the policy's own profile
+MEASURE: dict[str, Any] = {"profile": {"measure": {}}, "blockingPowerW": 83.64}
+STORED_KEY = ("A100", 2, 1, "default")
+
+
+async def test_a_stored_profile_never_overrides_an_explicit_import() -> None:
+    store, gateway = Store(PROFILE.to_csv()), Gateway()
+    store.profiles[("ns", *STORED_KEY)] = POISON.to_csv()
+    controller, decisions, _ = await passes(store, gateway, 6)
+    assert controller.runtime("ns", "p").profile == PROFILE
+    profiled = next(c for c in decisions[-1].conditions if c.type == "Profiled")
+    assert profiled.message.startswith("imported from ns/prof")
+    assert store.profiles[("ns", *STORED_KEY)] == PROFILE.to_csv()
+
+
+async def test_stored_profiles_are_scoped_to_the_namespace() -> None:
+    """A tenant's stored profile is not another namespace's: a measuring policy elsewhere sweeps
+    its own clocks. Sharing is an opt-in of both sides (profileScope: Cluster)."""
+    store = Store(POISON.to_csv())
+    await passes(store, Gateway(), 3, namespace="tenant")  # imports and stores POISON
+    assert set(store.profiles) == {("tenant", *STORED_KEY)}
+    victim = Gateway()
+    controller, decisions, _ = await passes(store, victim, 4, **MEASURE)
+    assert controller.runtime("ns", "p").profile is None and "start_profiling" in victim.calls
+    assert decisions[-1].phase == "Profiling"
+
+    await passes(store, Gateway(), 3, namespace="tenant", profileScope="Cluster")
+    shared = ("*cluster*", *STORED_KEY)
+    assert store.profiles[shared] == POISON.to_csv()
+    declined = Gateway()
+    controller, _, _ = await passes(store, declined, 4, **MEASURE)
+    assert controller.runtime("ns", "p").profile is None  # a Namespace policy never reads it
+    joined = Gateway()
+    controller, _, _ = await passes(store, joined, 4, profileScope="Cluster", **MEASURE)
+    assert controller.runtime("ns", "p").profile == POISON
+    assert "start_profiling" not in joined.calls
+
+
+async def test_an_implausible_import_fails_with_its_own_reason() -> None:
+    bad = slower_at_max(PROFILE, 1, 3.0)
+    _, decisions, events = await passes(Store(bad.to_csv()), Gateway(), 3)
+    last = decisions[-1]
+    ready = next(c for c in last.conditions if c.type == "Ready")
+    assert last.phase == "Failed" and ready.reason == "ProfileImplausible"
+    assert "stage 1 backward takes" in ready.message
+    assert "time must not fall as the clock falls" in ready.message
+    assert any(e.reason == "ProfileImplausible" and e.type == "Warning" for e in events)
+
+
+async def test_an_implausible_stored_profile_is_ignored() -> None:
+    store, gateway = Store(None), Gateway()
+    store.profiles[("ns", *STORED_KEY)] = slower_at_max(PROFILE, 0, 2.0).to_csv()
+    controller, decisions, _ = await passes(store, gateway, 4, **MEASURE)
+    assert controller.runtime("ns", "p").profile is None and "start_profiling" in gateway.calls
+    assert decisions[-1].phase == "Profiling"
+
+
+def test_plausibility_tolerates_measurement_noise_only() -> None:
+    for name in EXAMPLES:  # real measurements: up to 9.5% faster at a lower clock (A40)
+        check_plausible(load_example(name))
+    check_plausible(slower_at_max(PROFILE, 1, 1.1))
+    with pytest.raises(ImplausibleProfileError, match="stage 1 backward takes"):
+        check_plausible(slower_at_max(PROFILE, 1, 1.25))
