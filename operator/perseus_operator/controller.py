@@ -19,10 +19,10 @@ from typing import Any
 
 from perseus_operator import reconcile as rc
 from perseus_operator.model import CLUSTER_SCOPE, EnergyPolicySpec, SpecError, parse_spec
+from perseus_operator.plan_process import Planner, PlanningError, plan_in_subprocess
 from perseus_operator.planner import (
     Frontier,
     PipelineShape,
-    compute_frontier,
     plan_for_no_straggler,
     plan_for_straggler,
 )
@@ -33,7 +33,15 @@ from perseus_operator.sidecars import (
     SidecarRejectedError,
     SidecarUnreachableError,
 )
-from perseus_operator.state import EventSink, PodRecord, PolicyRecord, PolicyRuntime, Regime, Store
+from perseus_operator.state import (
+    EventSink,
+    PlanFailureRecord,
+    PodRecord,
+    PolicyRecord,
+    PolicyRuntime,
+    Regime,
+    Store,
+)
 from perseus_operator.status_views import (
     ImplausibleProfileError,
     check_plausible,
@@ -69,6 +77,8 @@ class Controller:
         baseline_iterations: int = 5,
         measure_iterations: int = 5,
         max_window_s: float = 60.0,
+        max_plan_instructions: int = 16384,
+        plan: Planner | None = None,
         emit: EventSink | None = None,
     ) -> None:
         self.store = store
@@ -77,6 +87,12 @@ class Controller:
         self.baseline_iterations = baseline_iterations
         self.measure_iterations = measure_iterations
         self.max_window_s = max_window_s
+        self.max_plan_instructions = max_plan_instructions
+        self.plan: Planner = plan or (
+            lambda profile, shape, blocking_w: plan_in_subprocess(
+                profile, shape, blocking_w, memory_mib=1024, timeout_s=300.0
+            )
+        )
         self.emit: EventSink = emit or (lambda body, event: None)
         self.runtimes: dict[tuple[str, str], PolicyRuntime] = {}
         self._frontiers: dict[tuple[str, PipelineShape, float], Frontier] = {}
@@ -133,7 +149,7 @@ class Controller:
         generation = int(meta.get("generation") or 0)
         status = body.get("status") or {}
         if not rt.last_status and status:
-            self._resume(rt, status)
+            self._resume(rt, status, generation)
         try:
             spec: EnergyPolicySpec | None = parse_spec(body.get("spec") or {})
             spec_error = None
@@ -162,6 +178,8 @@ class Controller:
             nodes=nodes,
             was_optimizing=rt.was_optimizing,
         )
+        if rt.plan_failure is not None and rt.plan_failure.generation != generation:
+            rt.plan_failure = None  # the spec changed: planning may be tried again
         if spec is not None and conflict is None and running and not spec.suspend:
             obs = await self._plan_inputs(rt, spec, obs, snapshots)
         decision = rc.decide(obs)
@@ -201,8 +219,14 @@ class Controller:
         )
         return rt.conflict
 
-    def _resume(self, rt: PolicyRuntime, status: Mapping[str, Any]) -> None:
-        """After an operator restart: the measured baseline and phase come from the status."""
+    def _resume(self, rt: PolicyRuntime, status: Mapping[str, Any], generation: int) -> None:
+        """After an operator restart: the measured baseline, the phase and a planning failure of
+        this very spec come from the status."""
+        failed = status.get("planFailure") or {}
+        if failed.get("generation") == generation and failed.get("message"):
+            rt.plan_failure = PlanFailureRecord(
+                generation, str(failed.get("reason") or "PlanningFailed"), str(failed["message"])
+            )
         base = status.get("measuredBaseline") or {}
         if base.get("energyJoules") and base.get("iterationTimeSeconds"):
             rt.baseline_j = float(base["energyJoules"])
@@ -264,6 +288,18 @@ class Controller:
         obs: rc.Observed,
         snaps: Mapping[str, NodeSnapshot],
     ) -> rc.Observed:
+        instructions = 2 * spec.pipeline.stages * spec.pipeline.microbatches
+        if instructions > self.max_plan_instructions:
+            msg = (
+                f"{spec.pipeline.stages} stages x {spec.pipeline.microbatches} microbatches are"
+                f" {instructions} instructions per pipeline; the operator plans at most"
+                f" {self.max_plan_instructions} (PERSEUS_OPERATOR_MAX_PLAN_INSTRUCTIONS)"
+            )
+            return replace(obs, plan_error=msg, plan_error_reason="TooLarge")
+        if rt.plan_failure is not None and rt.plan_failure.generation == obs.generation:
+            # Recorded (also across a restart): no new attempt until the spec changes.
+            failed = rt.plan_failure
+            return replace(obs, plan_error=failed.message, plan_error_reason=failed.reason)
         registered = sum(len(v.ranks) for v in obs.nodes.values())
         everyone = registered >= spec.pipeline.ranks
         if not snaps or (not everyone and rt.profile is None and spec.profile.measure is not None):
@@ -283,9 +319,10 @@ class Controller:
         )
         if spec.mode == "Optimize" and rt.baseline_j is None:
             self._measure_baseline(rt, spec, ranks)  # while the planner works, not after it
-        await self._ensure_frontier(rt, spec)
-        if rt.plan_error is not None:
-            return replace(obs, plan_error=rt.plan_error)
+        await self._ensure_frontier(rt, spec, obs.generation)
+        if rt.plan_failure is not None:
+            failed = rt.plan_failure
+            return replace(obs, plan_error=failed.message, plan_error_reason=failed.reason)
         if rt.frontier is None or rt.plan is None:
             return obs
         frontier = rt.frontier
@@ -443,7 +480,9 @@ class Controller:
             rt.profile_error = f"profiling produced no usable profile: {exc}"
             return None
 
-    async def _ensure_frontier(self, rt: PolicyRuntime, spec: EnergyPolicySpec) -> None:
+    async def _ensure_frontier(
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, generation: int
+    ) -> None:
         assert rt.profile is not None
         shape = PipelineShape(spec.pipeline.stages, spec.pipeline.microbatches)
         blocking_w = effective_blocking_w(rt, spec)
@@ -454,16 +493,18 @@ class Controller:
         key = (hashlib.sha256(profile.to_csv().encode()).hexdigest(), shape, blocking_w)
         frontier = self._frontiers.get(key)
         if frontier is None:
-            # Policies of identical jobs share one frontier: the planner's CPU runs once.
+            # Policies of identical jobs share one frontier: the planner's CPU runs once. It
+            # runs in a child process, whose memory cannot take the operator down.
             try:
-                frontier = await asyncio.to_thread(compute_frontier, profile, shape, blocking_w)
-            except ValueError as exc:
-                rt.plan_error, rt.frontier_sig = f"the planner refused: {exc}", sig
+                frontier = await self.plan(profile, shape, blocking_w)
+            except PlanningError as exc:
+                log.warning("%s/%s: %s", rt.namespace, rt.name, exc.message)
+                rt.plan_failure = PlanFailureRecord(generation, exc.reason, exc.message)
                 return
             self._frontiers[key] = frontier
             while len(self._frontiers) > 64:
                 self._frontiers.pop(next(iter(self._frontiers)))
-        rt.frontier, rt.frontier_sig, rt.plan_error = frontier, sig, None
+        rt.frontier, rt.frontier_sig, rt.plan_failure = frontier, sig, None
         rt.plan = plan_view(profile, frontier, plan_for_no_straggler(frontier, spec.max_slowdown))
         rt.straggler, rt.straggler_plan, rt.last_spans = StragglerState(), None, {}
 
@@ -601,6 +642,13 @@ class Controller:
             "straggler": straggler_status(rt, old),
             "profileConfigMap": rt.profile_cm,
             "blockingPowerW": round(rt.blocking_w, 2) if rt.blocking_w else None,
+            "planFailure": {
+                "generation": rt.plan_failure.generation,
+                "reason": rt.plan_failure.reason,
+                "message": rt.plan_failure.message[:1000],
+            }
+            if rt.plan_failure is not None
+            else None,
         }
         if rt.baseline_j is not None and rt.baseline_iteration_s is not None:
             new["measuredBaseline"] = {
@@ -635,6 +683,7 @@ _OWNED = (
     "measuredSavingPercent",
     "straggler",
     "measuredBaseline",
+    "planFailure",
 )
 
 

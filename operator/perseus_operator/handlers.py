@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -19,6 +20,7 @@ import kopf
 from perseus_operator.controller import Controller, cleanup_policy
 from perseus_operator.kube import Kube
 from perseus_operator.model import GROUP, PLURAL, VERSION, parse_spec
+from perseus_operator.plan_process import plan_in_subprocess
 from perseus_operator.reconcile import EventSpec
 from perseus_operator.settings import Settings
 from perseus_operator.sidecar_index import SidecarPod, choose_sidecars, sidecar_candidate
@@ -77,6 +79,12 @@ async def configure(*, settings: kopf.OperatorSettings, **_: Any) -> None:
         baseline_iterations=STATE.settings.baseline_iterations,
         measure_iterations=STATE.settings.measure_iterations,
         max_window_s=STATE.settings.max_window_s,
+        max_plan_instructions=STATE.settings.max_plan_instructions,
+        plan=functools.partial(
+            plan_in_subprocess,
+            memory_mib=STATE.settings.planner_memory_mib,
+            timeout_s=STATE.settings.planner_timeout_s,
+        ),
         emit=_emit,
     )
 

@@ -30,6 +30,7 @@ __all__ = [
     "Mode",
     "Phase",
     "Pipeline",
+    "PlanFailure",
     "ProfileSource",
     "SpecError",
     "StragglerStatus",
@@ -268,6 +269,16 @@ class MeasuredBaseline(_Model):
     gpus: int
 
 
+class PlanFailure(_Model):
+    """Planning failed for this spec generation: not tried again, even after a restart."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    generation: int
+    reason: str
+    message: str
+
+
 class EnergyPolicyStatus(_Model):
     """What the operator observed and did; small by design."""
 
@@ -285,6 +296,7 @@ class EnergyPolicyStatus(_Model):
     measured_saving_percent: float | None = None
     straggler: StragglerStatus | None = None
     measured_baseline: MeasuredBaseline | None = None
+    plan_failure: PlanFailure | None = None
     blocking_power_w: float | None = Field(
         default=None,
         alias="blockingPowerW",

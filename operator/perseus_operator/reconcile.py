@@ -185,7 +185,9 @@ class Observed:
     blocking_power_w: float | None = None
     """The blocking power in use: the spec's, or the one measured while profiling."""
     plan_error: str | None = None
-    """The planner refused the inputs: the policy fails with this message."""
+    """Planning is refused or failed: the policy fails with this message."""
+    plan_error_reason: str = "PlanningFailed"
+    """Its condition reason: PlanningFailed, or TooLarge (refused before planning)."""
     rejected: str | None = None
     """A sidecar refused the schedule pushed to it (its message)."""
     baseline_ready: bool = False
@@ -361,6 +363,13 @@ def decide(obs: Observed) -> Decision:
     else:
         profiled = ("False", "WaitingForProfile", obs.profile.message)
 
+    if obs.plan_error is not None:  # before waiting for ranks: TooLarge is known at once
+        failed: C = ("False", obs.plan_error_reason, obs.plan_error)
+        conds = _conds(failed, profiled, failed, failed)
+        return Decision(
+            "Failed", conds, tuple(actions) + _remove_everywhere(obs), base_status, False
+        )
+
     def waiting(phase: Phase, reason: str, msg: str, planned: C) -> Decision:
         if degraded_msg and obs.was_optimizing:
             phase, reason, msg = "Degraded", "SidecarUnavailable", degraded_msg
@@ -379,12 +388,6 @@ def decide(obs: Observed) -> Decision:
         return waiting("Pending", "WaitingForRanks", msg, UNKNOWN)
     if obs.profile.state != "ready":
         return waiting("Profiling", profiled[1], obs.profile.message, UNKNOWN)
-    if obs.plan_error is not None:
-        failed: C = ("False", "PlanningFailed", obs.plan_error)
-        conds = _conds(failed, profiled, failed, failed)
-        return Decision(
-            "Failed", conds, tuple(actions) + _remove_everywhere(obs), base_status, False
-        )
     if obs.frontier is None or obs.plan is None:
         return waiting("Planning", "Planning", "computing the frontier", ("False", "Planning", ""))
 

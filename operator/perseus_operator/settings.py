@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     """Iterations under a schedule before the measured saving is reported."""
     max_window_s: float = Field(default=60.0, gt=0)
     """Longest timing window asked from the sidecars."""
+    max_plan_instructions: int = Field(default=16384, ge=2)
+    """Largest pipeline planned, in instructions per pipeline (2 x stages x microbatches; the
+    default is 32 x 256, planned in about 20-30 s under 400 MB). Larger policies fail at once
+    with reason TooLarge."""
+    planner_memory_mib: int = Field(default=1024, ge=128)
+    """Address-space limit of the planner's child process, MiB (above its resident size)."""
+    planner_timeout_s: float = Field(default=300.0, gt=0)
+    """The planner's child process is killed past this and the policy fails (PlanningFailed)."""
     cleanup_attempts: int = Field(default=5, ge=1)
     """Finalizer: tries per sidecar to remove schedules before giving up (its own rank timeout
     resets the clocks of a dead sidecar's GPUs on restart)."""

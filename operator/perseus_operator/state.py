@@ -15,7 +15,15 @@ from perseus_operator.profiling import ProfileSession
 from perseus_operator.straggler import StragglerState
 from perseus_profiles import StageProfile
 
-__all__ = ["EventSink", "PodRecord", "PolicyRecord", "PolicyRuntime", "Regime", "Store"]
+__all__ = [
+    "EventSink",
+    "PlanFailureRecord",
+    "PodRecord",
+    "PolicyRecord",
+    "PolicyRuntime",
+    "Regime",
+    "Store",
+]
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,16 @@ class Store(Protocol):
 EventSink = Callable[[Mapping[str, Any], rc.EventSpec], None]
 
 
+@dataclass(frozen=True)
+class PlanFailureRecord:
+    """Planning failed for this spec generation: not retried until the spec changes, also
+    after an operator restart (it is written to `status.planFailure`)."""
+
+    generation: int
+    reason: str
+    message: str
+
+
 @dataclass
 class Regime:
     """A stretch of time under one schedule (or none): measurements only count inside it."""
@@ -119,7 +137,8 @@ class PolicyRuntime:
     profile_cm: str | None = None
     blocking_w: float | None = None
     """Blocking power measured while profiling (or stored with the profile)."""
-    plan_error: str | None = None
+    plan_failure: PlanFailureRecord | None = None
+    """The last planning failure and the spec generation it failed for (kept in the status)."""
     profiling: ProfileSession | None = None
     frontier: Frontier | None = None
     frontier_sig: tuple[Any, ...] | None = None

@@ -10,6 +10,8 @@ import pytest
 
 from perseus_operator import reconcile as rc
 from perseus_operator.controller import Controller, cleanup_policy
+from perseus_operator.plan_process import PlanningError, plan_in_subprocess
+from perseus_operator.planner import Frontier, PipelineShape
 from perseus_operator.sidecars import NodeSnapshot, SidecarRejectedError, SidecarUnreachableError
 from perseus_operator.state import PodRecord, PolicyRecord, PolicyRuntime
 from perseus_operator.status_views import ImplausibleProfileError, check_plausible, merge_patch
@@ -363,3 +365,88 @@ def test_plausibility_tolerates_measurement_noise_only() -> None:
     check_plausible(slower_at_max(PROFILE, 1, 1.1))
     with pytest.raises(ImplausibleProfileError, match="stage 1 backward takes"):
         check_plausible(slower_at_max(PROFILE, 1, 1.25))
+
+
+async def test_a_pipeline_too_large_to_plan_fails_at_once_without_planning() -> None:
+    calls: list[PipelineShape] = []
+
+    async def plan(profile: StageProfile, shape: PipelineShape, blocking_w: float) -> Frontier:
+        calls.append(shape)
+        raise AssertionError("must not plan")
+
+    store, gateway = Store(PROFILE.to_csv()), Gateway()
+    controller = Controller(store, gateway, profile_namespace="perseus", plan=plan)  # type: ignore[arg-type]
+    big = body(pipeline={"stages": 64, "microbatches": 1024, "dataParallel": 2})
+    rt = controller.runtime("ns", "p")
+    decision = await controller.reconcile_once(big, rt, PODS, {"n0": "10.1.0.1:8080"}, [])
+    assert decision.phase == "Failed" and calls == []
+    planned = next(c for c in decision.conditions if c.type == "Planned")
+    assert planned.reason == "TooLarge"
+    assert planned.message.startswith("64 stages x 1024 microbatches are 131072 instructions")
+    assert "at most 16384" in planned.message
+
+
+async def test_the_planner_child_dies_of_its_memory_limit_not_the_operator() -> None:
+    """The child caps its address space: a plan needing more fails with a message, while the
+    same limit plans a small pipeline (so the limit, not a broken child, is what stopped it)."""
+    profile = load_example("gpt3-175b-a100")
+    small = await plan_in_subprocess(
+        profile, PipelineShape(8, 12), 83.64, memory_mib=200, timeout_s=120
+    )
+    assert len(small.plans) > 100 and small.order[0][0] == "F0"
+    with pytest.raises(PlanningError, match="ran out of memory planning 8 stages x 1024"):
+        await plan_in_subprocess(
+            profile, PipelineShape(8, 1024), 83.64, memory_mib=200, timeout_s=120
+        )
+    with pytest.raises(PlanningError, match=r"did not finish 8 stages x 1024 \S+ within 0\.5 s"):
+        await plan_in_subprocess(
+            profile, PipelineShape(8, 1024), 83.64, memory_mib=2048, timeout_s=0.5
+        )
+    with pytest.raises(PlanningError, match="the planner refused: blocking power must be"):
+        await plan_in_subprocess(
+            profile, PipelineShape(8, 12), float("nan"), memory_mib=512, timeout_s=120
+        )
+
+
+async def test_a_failed_plan_is_recorded_and_not_retried_until_the_spec_changes() -> None:
+    calls: list[int] = []
+
+    async def failing(profile: StageProfile, shape: PipelineShape, blocking_w: float) -> Frontier:
+        calls.append(1)
+        raise PlanningError("PlanningFailed", "the planner ran out of memory (limit 1024 MiB)")
+
+    def controller(store: Store) -> Controller:
+        return Controller(store, Gateway(), profile_namespace="perseus", plan=failing)  # type: ignore[arg-type]
+
+    store = Store(PROFILE.to_csv())
+    first = controller(store)
+    raw = body()
+    for _ in range(5):
+        decision = await first.reconcile_once(
+            raw, first.runtime("ns", "p"), PODS, {"n0": "10.1.0.1:8080"}, []
+        )
+    assert decision.phase == "Failed" and len(calls) == 1
+    status = first.runtime("ns", "p").last_status
+    assert status["planFailure"] == {
+        "generation": 2,
+        "reason": "PlanningFailed",
+        "message": "the planner ran out of memory (limit 1024 MiB)",
+    }
+
+    # An operator restart: the status says this spec failed, so no blind retry.
+    raw["status"] = status
+    again = controller(Store(PROFILE.to_csv()))
+    for _ in range(3):
+        decision = await again.reconcile_once(
+            raw, again.runtime("ns", "p"), PODS, {"n0": "10.1.0.1:8080"}, []
+        )
+    ready = next(c for c in decision.conditions if c.type == "Ready")
+    assert decision.phase == "Failed" and ready.reason == "PlanningFailed" and len(calls) == 1
+    assert "ran out of memory" in ready.message
+
+    # The spec changes: one new attempt.
+    raw["metadata"]["generation"] = 3
+    for _ in range(3):
+        await again.reconcile_once(raw, again.runtime("ns", "p"), PODS, {"n0": "10.1.0.1:8080"}, [])
+    assert len(calls) == 2
+    assert again.runtime("ns", "p").last_status["planFailure"]["generation"] == 3
