@@ -17,7 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from perseus_operator.plan_worker import EXIT_OUT_OF_MEMORY, EXIT_REFUSED
+from perseus_operator.plan_worker import CODE_BASE, EXIT_OUT_OF_MEMORY, EXIT_REFUSED
 from perseus_operator.planner import Frontier, PipelineShape, Plan, instruction_order
 from perseus_profiles import StageProfile
 
@@ -111,9 +111,10 @@ def _frontier(
     (cheaply), not every plan's cost (`frontier_io.load_frontier` does that for files)."""
     try:
         doc = json.loads(out)
-        clocks = profile.frequencies_mhz
+        # The profile's own int objects: every plan shares them.
+        decode = {CODE_BASE + i: f for i, f in enumerate(profile.frequencies_mhz)}
         order = instruction_order(shape)
-        plans = tuple(_plan(raw, clocks, order) for raw in doc["plans"])
+        plans = tuple(_plan(raw, decode, order) for raw in doc["plans"])
         t0_s, e0_j = _positive(doc["t0_s"]), _positive(doc["baseline_energy_j"])
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise PlanningError("PlanningFailed", f"the planner's answer is malformed: {exc}") from None
@@ -128,11 +129,9 @@ def _positive(value: Any) -> float:
     return float(value)
 
 
-def _plan(raw: Any, clocks: tuple[int, ...], order: tuple[tuple[str, ...], ...]) -> Plan:
+def _plan(raw: Any, decode: dict[int, int], order: tuple[tuple[str, ...], ...]) -> Plan:
     time_s, energy_j, rows = raw
     if len(rows) != len(order) or any(len(r) != len(o) for r, o in zip(rows, order, strict=True)):
         raise ValueError("a plan's clocks do not match the instruction order")
-    # Index into the profile's tuple: every plan shares the same few int objects.
-    return Plan(
-        _positive(time_s), _positive(energy_j), tuple(tuple(clocks[i] for i in r) for r in rows)
-    )
+    clocks = tuple(tuple(map(decode.__getitem__, map(ord, row))) for row in rows)
+    return Plan(_positive(time_s), _positive(energy_j), clocks)

@@ -7,8 +7,9 @@ ends this process with MemoryError, or at worst a SIGKILL, never the operator. S
 only at import time, so the limit is in place before anything large loads.
 
 Exit codes: 0 done; 2 the planner refused the inputs (one line on stderr); 3 out of memory.
-Frequencies go out as indices into the profile's clocks (highest first): small integers that
-the operator turns back into shared objects, so a large frontier costs it pointers, not ints.
+Each stage's clocks go out as one string, a character per instruction (`chr(CODE_BASE + i)`
+for the profile's i-th clock, highest first): a large frontier then costs the operator a small
+document to parse and, once decoded into the profile's own int objects, pointers, not ints.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["EXIT_OUT_OF_MEMORY", "EXIT_REFUSED", "main"]
+__all__ = ["CODE_BASE", "EXIT_OUT_OF_MEMORY", "EXIT_REFUSED", "main"]
 
 EXIT_REFUSED = 2
 EXIT_OUT_OF_MEMORY = 3
+CODE_BASE = 48
+"""The first clock's character ("0"): JSON writes the first 79 clocks as one ASCII byte each."""
 
 
 def limit_memory(memory_mib: int) -> None:
@@ -47,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = parse_profile_csv(str(request["profile_csv"]))
         shape = PipelineShape(int(request["stages"]), int(request["microbatches"]))
         frontier = compute_frontier(profile, shape, float(request["blocking_power_w"]))
-        index = {f: i for i, f in enumerate(profile.frequencies_mhz)}
+        code = {f: chr(CODE_BASE + i) for i, f in enumerate(profile.frequencies_mhz)}
         out = {
             "t0_s": frontier.t0_s,
             "baseline_energy_j": frontier.baseline_energy_j,
@@ -55,12 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [
                     p.iteration_time_s,
                     p.energy_j,
-                    [[index[f] for f in row] for row in p.frequencies_mhz],
+                    ["".join(code[f] for f in row) for row in p.frequencies_mhz],
                 ]
                 for p in frontier.plans
             ],
         }
-        sys.stdout.write(json.dumps(out, separators=(",", ":")))
+        sys.stdout.buffer.write(json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode())
         sys.stdout.flush()
     except MemoryError:
         print("out of memory", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Profiling through the sidecars: a downward sweep over the simulated GPUs; the measured profile
-is stored (keyed by GPU model, stages, tensor-parallel degree and profileKey) and planned."""
+is stored (keyed by the namespace, GPU model, stages, tensor-parallel degree and profileKey) and
+planned."""
 
 from __future__ import annotations
 
