@@ -357,6 +357,7 @@ class Controller:
             spec.pipeline.stages,
             spec.pipeline.tensor_parallel,
             spec.profile_key,
+            spec.profile_scope,
             source.import_.config_map if source.import_ else None,
             source.import_.key if source.import_ else None,
         )
@@ -382,7 +383,10 @@ class Controller:
                 return
             source_note = f"imported from {rt.namespace}/{imp.config_map}"
         else:
-            if await self._use_stored_profile(rt, spec, scope, model, all_clocks):
+            # Looked up before a sweep starts, not on every pass of it.
+            if rt.profiling is None and await self._use_stored_profile(
+                rt, spec, scope, model, all_clocks
+            ):
                 return
             assert source.measure is not None
             profile_or_none = await self._measure_profile(rt, spec, snaps, clocks)
