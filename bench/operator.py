@@ -32,7 +32,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from perseus_operator.model import GROUP, PLURAL, VERSION
-from perseus_operator.simcluster import SimCluster, SimJob, wait_for
+from perseus_operator.simcluster import SIDECAR_PORT, SimCluster, SimJob, wait_for
 from perseus_profiles import load_example
 from perseus_sidecar.api import (
     GpuOut,
@@ -368,35 +368,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
             fake = FakeSidecar(f"bench-node-{i}")
             runner = web.AppRunner(fake.app(), access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            # The operator reaches every sidecar on its configured port: one address per node.
+            site = web.TCPSite(runner, job.node_ip(i), SIDECAR_PORT)
             await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             runners.append(runner)
             bench.fakes.append(fake)
             await core.create_node(
                 client.V1Node(metadata=client.V1ObjectMeta(name=f"bench-node-{i}"))
             )
-            pod = client.V1Pod(
-                metadata=client.V1ObjectMeta(
-                    name=f"sidecar-{i}",
-                    labels={
-                        "app.kubernetes.io/name": "perseus",
-                        "app.kubernetes.io/component": "sidecar",
-                    },
-                    annotations={"perseus.dev/port": str(port)},
-                ),
-                spec=client.V1PodSpec(
-                    node_name=f"bench-node-{i}",
-                    automount_service_account_token=False,
-                    containers=[client.V1Container(name="main", image="simulated")],
-                ),
-            )
-            await core.create_namespaced_pod(NS, pod)
-            await core.patch_namespaced_pod_status(
-                f"sidecar-{i}",
-                NS,
-                {"status": {"phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1"}},
-            )
+            await sim.create_sidecar_pod(i)  # owned by a DaemonSet, as the operator requires
         await sim.create_profile_configmap("bench-profile")
         profile_out = os.environ.get("PERSEUS_BENCH_CPROFILE")
         command = None

@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from perseus_operator import reconcile as rc
-from perseus_operator.model import EnergyPolicySpec, SpecError, parse_spec
+from perseus_operator.model import CLUSTER_SCOPE, EnergyPolicySpec, SpecError, parse_spec
+from perseus_operator.plan_process import Planner, PlanningError, plan_in_subprocess
 from perseus_operator.planner import (
     Frontier,
     PipelineShape,
-    compute_frontier,
     plan_for_no_straggler,
     plan_for_straggler,
 )
@@ -33,8 +33,18 @@ from perseus_operator.sidecars import (
     SidecarRejectedError,
     SidecarUnreachableError,
 )
-from perseus_operator.state import EventSink, PodRecord, PolicyRecord, PolicyRuntime, Regime, Store
+from perseus_operator.state import (
+    EventSink,
+    PlanFailureRecord,
+    PodRecord,
+    PolicyRecord,
+    PolicyRuntime,
+    Regime,
+    Store,
+)
 from perseus_operator.status_views import (
+    ImplausibleProfileError,
+    check_plausible,
     check_profile,
     effective_blocking_w,
     enough_samples,
@@ -48,6 +58,7 @@ from perseus_operator.status_views import (
 from perseus_operator.straggler import Sample, StragglerState
 from perseus_operator.straggler import update as straggler_update
 from perseus_profiles import ProfileError, StageProfile, parse_profile_csv
+from perseus_sidecar.api import RankTimings
 
 __all__ = ["Controller", "cleanup_policy"]
 
@@ -66,6 +77,8 @@ class Controller:
         baseline_iterations: int = 5,
         measure_iterations: int = 5,
         max_window_s: float = 60.0,
+        max_plan_instructions: int = 16384,
+        plan: Planner | None = None,
         emit: EventSink | None = None,
     ) -> None:
         self.store = store
@@ -74,6 +87,12 @@ class Controller:
         self.baseline_iterations = baseline_iterations
         self.measure_iterations = measure_iterations
         self.max_window_s = max_window_s
+        self.max_plan_instructions = max_plan_instructions
+        self.plan: Planner = plan or (
+            lambda profile, shape, blocking_w: plan_in_subprocess(
+                profile, shape, blocking_w, memory_mib=1024, timeout_s=300.0
+            )
+        )
         self.emit: EventSink = emit or (lambda body, event: None)
         self.runtimes: dict[tuple[str, str], PolicyRuntime] = {}
         self._frontiers: dict[tuple[str, PipelineShape, float], Frontier] = {}
@@ -130,7 +149,7 @@ class Controller:
         generation = int(meta.get("generation") or 0)
         status = body.get("status") or {}
         if not rt.last_status and status:
-            self._resume(rt, status)
+            self._resume(rt, status, generation)
         try:
             spec: EnergyPolicySpec | None = parse_spec(body.get("spec") or {})
             spec_error = None
@@ -159,6 +178,8 @@ class Controller:
             nodes=nodes,
             was_optimizing=rt.was_optimizing,
         )
+        if rt.plan_failure is not None and rt.plan_failure.generation != generation:
+            rt.plan_failure = None  # the spec changed: planning may be tried again
         if spec is not None and conflict is None and running and not spec.suspend:
             obs = await self._plan_inputs(rt, spec, obs, snapshots)
         decision = rc.decide(obs)
@@ -198,8 +219,14 @@ class Controller:
         )
         return rt.conflict
 
-    def _resume(self, rt: PolicyRuntime, status: Mapping[str, Any]) -> None:
-        """After an operator restart: the measured baseline and phase come from the status."""
+    def _resume(self, rt: PolicyRuntime, status: Mapping[str, Any], generation: int) -> None:
+        """After an operator restart: the measured baseline, the phase and a planning failure of
+        this very spec come from the status."""
+        failed = status.get("planFailure") or {}
+        if failed.get("generation") == generation and failed.get("message"):
+            rt.plan_failure = PlanFailureRecord(
+                generation, str(failed.get("reason") or "PlanningFailed"), str(failed["message"])
+            )
         base = status.get("measuredBaseline") or {}
         if base.get("energyJoules") and base.get("iterationTimeSeconds"):
             rt.baseline_j = float(base["energyJoules"])
@@ -261,22 +288,41 @@ class Controller:
         obs: rc.Observed,
         snaps: Mapping[str, NodeSnapshot],
     ) -> rc.Observed:
+        instructions = 2 * spec.pipeline.stages * spec.pipeline.microbatches
+        if instructions > self.max_plan_instructions:
+            msg = (
+                f"{spec.pipeline.stages} stages x {spec.pipeline.microbatches} microbatches are"
+                f" {instructions} instructions per pipeline; the operator plans at most"
+                f" {self.max_plan_instructions} (PERSEUS_OPERATOR_MAX_PLAN_INSTRUCTIONS)"
+            )
+            return replace(obs, plan_error=msg, plan_error_reason="TooLarge")
+        if rt.plan_failure is not None and rt.plan_failure.generation == obs.generation:
+            # Recorded (also across a restart): no new attempt until the spec changes.
+            failed = rt.plan_failure
+            return replace(obs, plan_error=failed.message, plan_error_reason=failed.reason)
         registered = sum(len(v.ranks) for v in obs.nodes.values())
         everyone = registered >= spec.pipeline.ranks
         if not snaps or (not everyone and rt.profile is None and spec.profile.measure is not None):
             return obs  # a sweep needs every rank; an import does not: it overlaps the startup
         await self._ensure_profile(rt, spec, snaps)
         if rt.profile_error is not None:
-            return replace(obs, profile=rc.ProfileView("invalid", rt.profile_error))
+            view = rc.ProfileView("invalid", rt.profile_error, rt.profile_error_reason)
+            return replace(obs, profile=view)
         if rt.profile is None:
             state = "measuring" if rt.profiling is not None else "missing"
             return replace(obs, profile=rc.ProfileView(state, rt.profile_msg))  # type: ignore[arg-type]
         obs = replace(obs, profile=rc.ProfileView("ready", rt.profile_msg))
+        ranks = rc.job_ranks(
+            ((n, s.timings.ranks) for n, s in snaps.items() if s.timings is not None),
+            obs.pods,
+            spec.pipeline,
+        )
         if spec.mode == "Optimize" and rt.baseline_j is None:
-            self._measure_baseline(rt, spec, snaps)  # while the planner works, not after it
-        await self._ensure_frontier(rt, spec)
-        if rt.plan_error is not None:
-            return replace(obs, plan_error=rt.plan_error)
+            self._measure_baseline(rt, spec, ranks)  # while the planner works, not after it
+        await self._ensure_frontier(rt, spec, obs.generation)
+        if rt.plan_failure is not None:
+            failed = rt.plan_failure
+            return replace(obs, plan_error=failed.message, plan_error_reason=failed.reason)
         if rt.frontier is None or rt.plan is None:
             return obs
         frontier = rt.frontier
@@ -294,7 +340,7 @@ class Controller:
             straggler_plan=rt.straggler_plan,
             straggler_pace_s=rt.straggler.pace_s,
         )
-        self._measure_saving(rt, spec, snaps)
+        self._measure_saving(rt, spec, ranks)
         return replace(
             obs,
             baseline_ready=rt.baseline_j is not None,
@@ -311,6 +357,7 @@ class Controller:
             spec.pipeline.stages,
             spec.pipeline.tensor_parallel,
             spec.profile_key,
+            spec.profile_scope,
             source.import_.config_map if source.import_ else None,
             source.import_.key if source.import_ else None,
         )
@@ -318,24 +365,11 @@ class Controller:
             return
         if rt.profile_sig != sig:
             rt.profile, rt.profile_error, rt.profiling, rt.profile_sig = None, None, None, sig
+            rt.profile_error_reason = "ProfileInvalid"
         all_clocks = frozenset.intersection(*(s.gpu_model[1] for s in snaps.values()))
-        stored = await self.store.load_profile(
-            self.profile_namespace,
-            model,
-            spec.pipeline.stages,
-            spec.pipeline.tensor_parallel,
-            spec.profile_key,
-        )
-        if stored is not None:
-            try:
-                profile = check_profile(parse_profile_csv(stored[1]), spec, all_clocks)
-            except ProfileError as exc:
-                log.warning("stored profile %s unusable (%s); fetching again", stored[0], exc)
-            else:
-                rt.profile, rt.profile_cm, rt.blocking_w = profile, stored[0], stored[2]
-                rt.profile_msg = f"stored profile {self.profile_namespace}/{stored[0]} ({model})"
-                return
+        scope = CLUSTER_SCOPE if spec.profile_scope == "Cluster" else rt.namespace
         if source.import_ is not None:
+            # The policy names its own profile: a stored one never replaces it.
             imp = source.import_
             text = await self.store.read_configmap_key(rt.namespace, imp.config_map, imp.key)
             if text is None:
@@ -345,17 +379,28 @@ class Controller:
             try:
                 profile = check_profile(parse_profile_csv(text), spec, all_clocks)
             except ProfileError as exc:
-                rt.profile_error = f"ConfigMap {imp.config_map} key {imp.key}: {exc}"
+                self._profile_failed(rt, f"ConfigMap {imp.config_map} key {imp.key}: {exc}", exc)
                 return
             source_note = f"imported from {rt.namespace}/{imp.config_map}"
         else:
+            # Looked up before a sweep starts, not on every pass of it.
+            if rt.profiling is None and await self._use_stored_profile(
+                rt, spec, scope, model, all_clocks
+            ):
+                return
             assert source.measure is not None
             profile_or_none = await self._measure_profile(rt, spec, snaps, clocks)
             if profile_or_none is None:
                 return
-            profile, source_note = profile_or_none, "measured through the sidecars"
+            try:
+                profile = check_plausible(profile_or_none)
+            except ProfileError as exc:
+                self._profile_failed(rt, f"the measured profile: {exc}", exc)
+                return
+            source_note = "measured through the sidecars"
         name = await self.store.store_profile(
             self.profile_namespace,
+            scope=scope,
             gpu_model=model,
             stages=spec.pipeline.stages,
             tensor_parallel=spec.pipeline.tensor_parallel,
@@ -366,6 +411,42 @@ class Controller:
         )
         rt.profile, rt.profile_cm = profile, name
         rt.profile_msg = f"{source_note}; stored as {self.profile_namespace}/{name} ({model})"
+
+    @staticmethod
+    def _profile_failed(rt: PolicyRuntime, message: str, exc: ProfileError) -> None:
+        rt.profile_error = message
+        implausible = isinstance(exc, ImplausibleProfileError)
+        rt.profile_error_reason = "ProfileImplausible" if implausible else "ProfileInvalid"
+
+    async def _use_stored_profile(
+        self,
+        rt: PolicyRuntime,
+        spec: EnergyPolicySpec,
+        scope: str,
+        model: str,
+        clocks: frozenset[int],
+    ) -> bool:
+        """Take the profile stored for this scope and key, if one is there and fits: a measuring
+        policy then skips its sweep."""
+        stored = await self.store.load_profile(
+            self.profile_namespace,
+            scope=scope,
+            gpu_model=model,
+            stages=spec.pipeline.stages,
+            tensor_parallel=spec.pipeline.tensor_parallel,
+            key=spec.profile_key,
+        )
+        if stored is None:
+            return False
+        try:
+            profile = check_profile(parse_profile_csv(stored[1]), spec, clocks)
+        except ProfileError as exc:
+            log.warning("stored profile %s unusable (%s); measuring again", stored[0], exc)
+            return False
+        rt.profile, rt.profile_cm, rt.blocking_w = profile, stored[0], stored[2]
+        rt.profiling = None
+        rt.profile_msg = f"stored profile {self.profile_namespace}/{stored[0]} ({model})"
+        return True
 
     async def _measure_profile(
         self,
@@ -403,7 +484,9 @@ class Controller:
             rt.profile_error = f"profiling produced no usable profile: {exc}"
             return None
 
-    async def _ensure_frontier(self, rt: PolicyRuntime, spec: EnergyPolicySpec) -> None:
+    async def _ensure_frontier(
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, generation: int
+    ) -> None:
         assert rt.profile is not None
         shape = PipelineShape(spec.pipeline.stages, spec.pipeline.microbatches)
         blocking_w = effective_blocking_w(rt, spec)
@@ -414,16 +497,18 @@ class Controller:
         key = (hashlib.sha256(profile.to_csv().encode()).hexdigest(), shape, blocking_w)
         frontier = self._frontiers.get(key)
         if frontier is None:
-            # Policies of identical jobs share one frontier: the planner's CPU runs once.
+            # Policies of identical jobs share one frontier: the planner's CPU runs once. It
+            # runs in a child process, whose memory cannot take the operator down.
             try:
-                frontier = await asyncio.to_thread(compute_frontier, profile, shape, blocking_w)
-            except ValueError as exc:
-                rt.plan_error, rt.frontier_sig = f"the planner refused: {exc}", sig
+                frontier = await self.plan(profile, shape, blocking_w)
+            except PlanningError as exc:
+                log.warning("%s/%s: %s", rt.namespace, rt.name, exc.message)
+                rt.plan_failure = PlanFailureRecord(generation, exc.reason, exc.message)
                 return
             self._frontiers[key] = frontier
             while len(self._frontiers) > 64:
                 self._frontiers.pop(next(iter(self._frontiers)))
-        rt.frontier, rt.frontier_sig, rt.plan_error = frontier, sig, None
+        rt.frontier, rt.frontier_sig, rt.plan_failure = frontier, sig, None
         rt.plan = plan_view(profile, frontier, plan_for_no_straggler(frontier, spec.max_slowdown))
         rt.straggler, rt.straggler_plan, rt.last_spans = StragglerState(), None, {}
 
@@ -463,10 +548,10 @@ class Controller:
                 rt.straggler_plan = plan_view(rt.profile, rt.frontier, chosen)
 
     def _measure_baseline(
-        self, rt: PolicyRuntime, spec: EnergyPolicySpec, snaps: Mapping[str, NodeSnapshot]
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, ranks: list[RankTimings]
     ) -> None:
-        """All-max-clock energy per iteration of the whole job, over a window with no schedule."""
-        ranks = [r for s in snaps.values() if s.timings is not None for r in s.timings.ranks]
+        """All-max-clock energy per iteration of the whole job (its counted ranks only), over a
+        window with no schedule."""
         if len(ranks) < spec.pipeline.ranks:
             return
         if rt.regime.name != "baseline":
@@ -481,11 +566,10 @@ class Controller:
         rt.baseline_gpus = len(ranks)
 
     def _measure_saving(
-        self, rt: PolicyRuntime, spec: EnergyPolicySpec, snaps: Mapping[str, NodeSnapshot]
+        self, rt: PolicyRuntime, spec: EnergyPolicySpec, ranks: list[RankTimings]
     ) -> None:
         """Energy per iteration under the current plan against the baseline (fair under a
         straggler: the followers' baseline also pays blocking power for the wait)."""
-        ranks = [r for s in snaps.values() if s.timings is not None for r in s.timings.ranks]
         if len(ranks) < spec.pipeline.ranks or rt.baseline_j is None:
             return
         if not rt.regime.name.startswith("plan:"):
@@ -562,6 +646,13 @@ class Controller:
             "straggler": straggler_status(rt, old),
             "profileConfigMap": rt.profile_cm,
             "blockingPowerW": round(rt.blocking_w, 2) if rt.blocking_w else None,
+            "planFailure": {
+                "generation": rt.plan_failure.generation,
+                "reason": rt.plan_failure.reason,
+                "message": rt.plan_failure.message[:1000],
+            }
+            if rt.plan_failure is not None
+            else None,
         }
         if rt.baseline_j is not None and rt.baseline_iteration_s is not None:
             new["measuredBaseline"] = {
@@ -596,6 +687,7 @@ _OWNED = (
     "measuredSavingPercent",
     "straggler",
     "measuredBaseline",
+    "planFailure",
 )
 
 

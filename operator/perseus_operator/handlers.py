@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -19,8 +20,10 @@ import kopf
 from perseus_operator.controller import Controller, cleanup_policy
 from perseus_operator.kube import Kube
 from perseus_operator.model import GROUP, PLURAL, VERSION, parse_spec
+from perseus_operator.plan_process import plan_in_subprocess
 from perseus_operator.reconcile import EventSpec
 from perseus_operator.settings import Settings
+from perseus_operator.sidecar_index import SidecarPod, choose_sidecars, sidecar_candidate
 from perseus_operator.sidecars import SidecarGateway
 from perseus_operator.state import PodRecord, PolicyRecord
 
@@ -37,6 +40,8 @@ class State:
         self.kube: Kube | None = None
         self.gateway: SidecarGateway | None = None
         self.controller: Controller | None = None
+        self.ignored_sidecars: frozenset[str] = frozenset()
+        """Candidates last logged as ignored: each is logged once, not on every pass."""
 
     def ready(self) -> Controller:
         if self.controller is None:
@@ -74,6 +79,12 @@ async def configure(*, settings: kopf.OperatorSettings, **_: Any) -> None:
         baseline_iterations=STATE.settings.baseline_iterations,
         measure_iterations=STATE.settings.measure_iterations,
         max_window_s=STATE.settings.max_window_s,
+        max_plan_instructions=STATE.settings.max_plan_instructions,
+        plan=functools.partial(
+            plan_in_subprocess,
+            memory_mib=STATE.settings.planner_memory_mib,
+            timeout_s=STATE.settings.planner_timeout_s,
+        ),
         emit=_emit,
     )
 
@@ -118,16 +129,27 @@ def job_pods(
 
 @kopf.index("pods", id="sidecars", labels=SIDECAR_LABELS)
 def sidecars(
-    *, spec: Mapping[str, Any], status: Mapping[str, Any], meta: Mapping[str, Any], **_: Any
-) -> dict[str, str] | None:
-    """Sidecar address (the node's IP and the sidecar's host port) by node name."""
-    node, host_ip = spec.get("nodeName"), status.get("hostIP")
-    if not node or not host_ip or meta.get("deletionTimestamp"):
-        return None
-    if status.get("phase") != "Running":
-        return None
-    port = (meta.get("annotations") or {}).get("perseus.dev/port") or STATE.settings.sidecar_port
-    return {str(node): f"{host_ip}:{port}"}
+    *,
+    namespace: str | None,
+    name: str,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    **_: Any,
+) -> dict[str, SidecarPod] | None:
+    """Sidecar candidates by node: running pods of the operator's namespace with the sidecar
+    labels (the port is the configured one; `_addresses` keeps only the DaemonSet's pods)."""
+    found = sidecar_candidate(
+        namespace=namespace,
+        name=name,
+        meta=meta,
+        spec=spec,
+        status=status,
+        own_namespace=STATE.settings.pod_namespace,
+        daemonset=STATE.settings.sidecar_daemonset,
+        port=STATE.settings.sidecar_port,
+    )
+    return None if found is None else {found[0]: found[1]}
 
 
 @kopf.index(GROUP, VERSION, PLURAL, id="policies")
@@ -156,8 +178,13 @@ def _selected(
     return [p for p in smallest if selector.matches(dict(p.labels))]
 
 
-def _addresses(index: kopf.Index[str, str]) -> dict[str, str]:
-    return {node: next(iter(values)) for node, values in index.items() if values}
+def _addresses(index: kopf.Index[str, SidecarPod]) -> dict[str, str]:
+    addresses, ignored = choose_sidecars(index.items(), STATE.settings.sidecar_daemonset)
+    for line in ignored:
+        if line not in STATE.ignored_sidecars:
+            log.warning("%s", line)
+    STATE.ignored_sidecars = frozenset(ignored)
+    return addresses
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, id="reconcile", cancellation_timeout=10)
@@ -170,7 +197,7 @@ async def reconcile(
     **kwargs: Any,
 ) -> None:
     job_pods: kopf.Index[Any, PodRecord] = kwargs["job_pods"]
-    sidecars: kopf.Index[str, str] = kwargs["sidecars"]
+    sidecars: kopf.Index[str, SidecarPod] = kwargs["sidecars"]
     policies: kopf.Index[str, PolicyRecord] = kwargs["policies"]
     controller = STATE.ready()
     namespace = namespace or ""
@@ -208,7 +235,7 @@ async def cleanup(
     logger: kopf.Logger,
     **kwargs: Any,
 ) -> None:
-    sidecars: kopf.Index[str, str] = kwargs["sidecars"]
+    sidecars: kopf.Index[str, SidecarPod] = kwargs["sidecars"]
     controller = STATE.ready()
     namespace = namespace or ""
     assert STATE.gateway is not None

@@ -39,10 +39,13 @@ def _label_value(text: str) -> str:
     return cleaned[:63].strip("-_.") or "unknown"
 
 
-def profile_configmap_name(gpu_model: str, stages: int, tensor_parallel: int, key: str) -> str:
-    """Deterministic, so a lookup is one GET: the hash covers every part of the key."""
-    digest = hashlib.sha256(f"{gpu_model}|{stages}|{tensor_parallel}|{key}".encode()).hexdigest()
-    return f"perseus-profile-{digest[:20]}"
+def profile_configmap_name(
+    scope: str, gpu_model: str, stages: int, tensor_parallel: int, key: str
+) -> str:
+    """Deterministic, so a lookup is one GET: the hash covers every part of the key, the scope
+    (the policy's namespace, or `CLUSTER_SCOPE`) first."""
+    text = f"{scope}|{gpu_model}|{stages}|{tensor_parallel}|{key}"
+    return f"perseus-profile-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
 class Kube:
@@ -133,6 +136,7 @@ class Kube:
         self,
         namespace: str,
         *,
+        scope: str,
         gpu_model: str,
         stages: int,
         tensor_parallel: int,
@@ -142,7 +146,7 @@ class Kube:
         blocking_power_w: float | None = None,
     ) -> str:
         """Create or replace the profile ConfigMap for this key; returns its name."""
-        name = profile_configmap_name(gpu_model, stages, tensor_parallel, key)
+        name = profile_configmap_name(scope, gpu_model, stages, tensor_parallel, key)
         body = client.V1ConfigMap(
             metadata=client.V1ObjectMeta(
                 name=name,
@@ -153,6 +157,7 @@ class Kube:
                     "perseus.dev/stages": str(stages),
                     "perseus.dev/tensor-parallel": str(tensor_parallel),
                     "perseus.dev/profile-key": _label_value(key),
+                    "perseus.dev/profile-scope": _label_value(scope),
                 },
                 annotations={
                     "perseus.dev/gpu-model": gpu_model,
@@ -175,10 +180,17 @@ class Kube:
         return name
 
     async def load_profile(
-        self, namespace: str, gpu_model: str, stages: int, tensor_parallel: int, key: str
+        self,
+        namespace: str,
+        *,
+        scope: str,
+        gpu_model: str,
+        stages: int,
+        tensor_parallel: int,
+        key: str,
     ) -> tuple[str, str, float | None] | None:
         """(ConfigMap name, CSV text, measured blocking power) of a stored profile, or None."""
-        name = profile_configmap_name(gpu_model, stages, tensor_parallel, key)
+        name = profile_configmap_name(scope, gpu_model, stages, tensor_parallel, key)
         try:
             cm = await self.core.read_namespaced_config_map(name, namespace)
         except ApiException as exc:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 __all__ = [
+    "CLUSTER_SCOPE",
     "GROUP",
     "KIND",
     "PLURAL",
@@ -29,6 +30,7 @@ __all__ = [
     "Mode",
     "Phase",
     "Pipeline",
+    "PlanFailure",
     "ProfileSource",
     "SpecError",
     "StragglerStatus",
@@ -53,6 +55,9 @@ PHASES: tuple[str, ...] = (
     "Completed",
     "Failed",
 )
+CLUSTER_SCOPE = "*cluster*"
+"""The scope of profiles shared across namespaces (`profileScope: Cluster`): no namespace can be
+named so, so a namespace's own profiles never mix with the shared ones."""
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 CONFIGMAP_KEY = r"^[-._a-zA-Z0-9]+$"
 
@@ -150,6 +155,11 @@ class EnergyPolicySpec(_Model):
         max_length=63,
         pattern=DNS_SUBDOMAIN,
         description="names what makes a profile reusable (model, microbatch size, sequence length)",
+    )
+    profile_scope: Literal["Namespace", "Cluster"] = Field(
+        default="Namespace",
+        description="who shares stored profiles: policies of this namespace only, or (opt-in)"
+        " every policy of the cluster that also sets Cluster",
     )
     profile: ProfileSource
     blocking_power_w: float | None = Field(
@@ -259,6 +269,16 @@ class MeasuredBaseline(_Model):
     gpus: int
 
 
+class PlanFailure(_Model):
+    """Planning failed for this spec generation: not tried again, even after a restart."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    generation: int
+    reason: str
+    message: str
+
+
 class EnergyPolicyStatus(_Model):
     """What the operator observed and did; small by design."""
 
@@ -276,6 +296,7 @@ class EnergyPolicyStatus(_Model):
     measured_saving_percent: float | None = None
     straggler: StragglerStatus | None = None
     measured_baseline: MeasuredBaseline | None = None
+    plan_failure: PlanFailure | None = None
     blocking_power_w: float | None = Field(
         default=None,
         alias="blockingPowerW",

@@ -8,11 +8,11 @@ here, so every transition is unit-tested without a cluster.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
-from perseus_operator.model import EnergyPolicySpec, Phase
+from perseus_operator.model import EnergyPolicySpec, Phase, Pipeline
 
 __all__ = [
     "Announce",
@@ -31,6 +31,7 @@ __all__ = [
     "RemoveSchedule",
     "decide",
     "events_between",
+    "job_ranks",
     "merge_conditions",
     "saving_percent",
 ]
@@ -71,6 +72,46 @@ class RankView:
     pod: str
 
 
+class _Rank(Protocol):
+    @property
+    def data_rank(self) -> int: ...
+    @property
+    def pipeline_rank(self) -> int: ...
+    @property
+    def tensor_rank(self) -> int: ...
+    @property
+    def pod(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Rank)
+
+
+def job_ranks(
+    ranks_by_node: Iterable[tuple[str, Iterable[R]]],
+    pods: Iterable[PodView],
+    pipeline: Pipeline,
+) -> list[R]:
+    """The ranks that count for the job: registered by a running pod of the job on the node that
+    reports them, inside the spec's shape, one per (data, pipeline, tensor) position (the first
+    by node, then pod). Anything else a pod registers must not inflate the rank count, the
+    baseline or the measured energy."""
+    announced = {(p.node_name, p.name) for p in pods if p.running}
+    seen: set[tuple[int, int, int]] = set()
+    out: list[R] = []
+    for node, ranks in sorted(ranks_by_node, key=lambda item: item[0]):
+        for r in sorted(ranks, key=lambda r: r.pod):
+            where = (r.data_rank, r.pipeline_rank, r.tensor_rank)
+            inside = (
+                0 <= r.data_rank < pipeline.data_parallel
+                and 0 <= r.pipeline_rank < pipeline.stages
+                and 0 <= r.tensor_rank < pipeline.tensor_parallel
+            )
+            if inside and (node, r.pod) in announced and where not in seen:
+                seen.add(where)
+                out.append(r)
+    return out
+
+
 @dataclass(frozen=True)
 class Entry:
     """One stage of one pipeline: instruction order and clocks, as pushed to a sidecar."""
@@ -98,6 +139,8 @@ class NodeView:
 class ProfileView:
     state: Literal["ready", "measuring", "missing", "invalid"]
     message: str = ""
+    reason: str = "ProfileInvalid"
+    """The condition reason of an invalid profile (ProfileInvalid, ProfileImplausible)."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +185,9 @@ class Observed:
     blocking_power_w: float | None = None
     """The blocking power in use: the spec's, or the one measured while profiling."""
     plan_error: str | None = None
-    """The planner refused the inputs: the policy fails with this message."""
+    """Planning is refused or failed: the policy fails with this message."""
+    plan_error_reason: str = "PlanningFailed"
+    """Its condition reason: PlanningFailed, or TooLarge (refused before planning)."""
     rejected: str | None = None
     """A sidecar refused the schedule pushed to it (its message)."""
     baseline_ready: bool = False
@@ -288,8 +333,10 @@ def decide(obs: Observed) -> Decision:
             continue
         if view.announced_pods != frozenset(p.identity for p in pods):
             actions.append(Announce(node, tuple(sorted(pods, key=lambda p: p.name))))
-    ranks = [r for n in sorted(by_node) if n in obs.nodes for r in obs.nodes[n].ranks]
-    registered = len({(r.data_rank, r.pipeline_rank, r.tensor_rank) for r in ranks})
+    ranks = job_ranks(
+        ((n, obs.nodes[n].ranks) for n in by_node if n in obs.nodes), running, spec.pipeline
+    )
+    registered = len(ranks)
     base_status["registeredRanks"] = registered
 
     degraded_msg = ""
@@ -303,7 +350,7 @@ def decide(obs: Observed) -> Decision:
     if obs.profile.state == "ready":
         profiled = ("True", "ProfileReady", obs.profile.message)
     elif obs.profile.state == "invalid":
-        bad: C = ("False", "ProfileInvalid", obs.profile.message)
+        bad: C = ("False", obs.profile.reason, obs.profile.message)
         return Decision(
             "Failed",
             _conds(bad, bad, UNKNOWN, bad),
@@ -315,6 +362,13 @@ def decide(obs: Observed) -> Decision:
         profiled = ("False", "Profiling", obs.profile.message)
     else:
         profiled = ("False", "WaitingForProfile", obs.profile.message)
+
+    if obs.plan_error is not None:  # before waiting for ranks: TooLarge is known at once
+        failed: C = ("False", obs.plan_error_reason, obs.plan_error)
+        conds = _conds(failed, profiled, failed, failed)
+        return Decision(
+            "Failed", conds, tuple(actions) + _remove_everywhere(obs), base_status, False
+        )
 
     def waiting(phase: Phase, reason: str, msg: str, planned: C) -> Decision:
         if degraded_msg and obs.was_optimizing:
@@ -334,12 +388,6 @@ def decide(obs: Observed) -> Decision:
         return waiting("Pending", "WaitingForRanks", msg, UNKNOWN)
     if obs.profile.state != "ready":
         return waiting("Profiling", profiled[1], obs.profile.message, UNKNOWN)
-    if obs.plan_error is not None:
-        failed: C = ("False", "PlanningFailed", obs.plan_error)
-        conds = _conds(failed, profiled, failed, failed)
-        return Decision(
-            "Failed", conds, tuple(actions) + _remove_everywhere(obs), base_status, False
-        )
     if obs.frontier is None or obs.plan is None:
         return waiting("Planning", "Planning", "computing the frontier", ("False", "Planning", ""))
 

@@ -19,13 +19,18 @@ class Settings(BaseSettings):
     token: str | None = Field(default=None, repr=False)
     """The token itself, for local runs and tests; `token_file` wins."""
     sidecar_port: int = Field(default=8080, ge=1, le=65535)
+    """The sidecars' HTTP (host) port: the operator's token goes there, so it is never read from
+    a pod."""
     sidecar_selector: str = "app.kubernetes.io/component=sidecar"
     """Labels (k=v,k=v) of the sidecar DaemonSet's pods; indexed by node."""
+    sidecar_daemonset: str = Field(default="perseus-sidecar", min_length=1)
+    """The sidecar DaemonSet of `pod_namespace`: only pods it owns are taken as sidecars."""
     sidecar_timeout_s: float = Field(default=2.0, gt=0)
     namespaces: str = ""
     """Comma-separated namespaces to watch; empty: the whole cluster."""
     pod_namespace: str = "default"
-    """The operator's own namespace: profile ConfigMaps are stored there."""
+    """The operator's own namespace: the sidecar DaemonSet runs there and profile ConfigMaps are
+    stored there."""
     liveness_url: str = "http://0.0.0.0:8081/healthz"
     log_level: str = "info"
     tick_s: float = Field(default=0.5, gt=0)
@@ -36,6 +41,14 @@ class Settings(BaseSettings):
     """Iterations under a schedule before the measured saving is reported."""
     max_window_s: float = Field(default=60.0, gt=0)
     """Longest timing window asked from the sidecars."""
+    max_plan_instructions: int = Field(default=16384, ge=2)
+    """Largest pipeline planned, in instructions per pipeline (2 x stages x microbatches; the
+    default is 32 x 256, planned in about 20-30 s under 400 MB). Larger policies fail at once
+    with reason TooLarge."""
+    planner_memory_mib: int = Field(default=1024, ge=128)
+    """Address-space limit of the planner's child process, MiB (above its resident size)."""
+    planner_timeout_s: float = Field(default=300.0, gt=0)
+    """The planner's child process is killed past this and the policy fails (PlanningFailed)."""
     cleanup_attempts: int = Field(default=5, ge=1)
     """Finalizer: tries per sidecar to remove schedules before giving up (its own rank timeout
     resets the clocks of a dead sidecar's GPUs on restart)."""

@@ -3,7 +3,11 @@
 Pods never run on the local control plane, so this plays the kubelet's part: it creates Node
 objects (the pod garbage collector deletes pods bound to missing nodes), sidecar and job Pod
 objects bound to them (`automountServiceAccountToken: false`: no token Secret race) and patches
-their status to Running with a distinct loopback address each. The real processes run locally:
+their status to Running with a distinct loopback address each. The sidecar pods look like the
+chart's: in the operator's namespace, owned by a DaemonSet (a real object, so the garbage collector
+keeps them; it selects no node and its selector matches none of them, so the DaemonSet controller
+neither adds nor claims pods; the owner reference is not a controller reference, which real
+DaemonSet pods carry, since that controller would release it). The real processes run locally:
 one `perseus-sidecar --gpu-backend simulated` per fake node, listening on that node's 127.0.x.y,
 and `perseus sim-train` playing the training job, whose hooks bind to each pod's own address.
 """
@@ -35,6 +39,8 @@ from perseus_operator.model import GROUP, PLURAL, VERSION
 __all__ = ["SimCluster", "SimJob", "wait_for"]
 
 SIDECAR_LABELS = {"app.kubernetes.io/name": "perseus", "app.kubernetes.io/component": "sidecar"}
+SIDECAR_DAEMONSET = "perseus-sidecar"
+SIDECAR_PORT = 8080
 BIN = Path(sys.executable).parent
 
 
@@ -99,9 +105,15 @@ class SimCluster:
     workdir: Path
     profile_csv: str
     token: str = "perseus-demo-operator-token"
+    operator_namespace: str = ""
+    """Where the operator "runs": its sidecar DaemonSet and pods live there (default: the job's)."""
     sidecars: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     trainer: subprocess.Popen[bytes] | None = None
     operator: subprocess.Popen[bytes] | None = None
+
+    @property
+    def own_namespace(self) -> str:
+        return self.operator_namespace or self.job.namespace
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -177,34 +189,112 @@ class SimCluster:
                 if exc.status != 409:
                     raise
 
+    async def sidecar_owner(self) -> client.V1OwnerReference:
+        """The DaemonSet the fake sidecar pods belong to, created on first use."""
+        apps = client.AppsV1Api(self.api)
+        ns = self.own_namespace
+        try:
+            ds = await apps.read_namespaced_daemon_set(SIDECAR_DAEMONSET, ns)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            own = {"perseus.dev/simulated-daemonset": "no-pod"}
+            body = client.V1DaemonSet(
+                metadata=client.V1ObjectMeta(name=SIDECAR_DAEMONSET, labels=SIDECAR_LABELS),
+                spec=client.V1DaemonSetSpec(
+                    selector=client.V1LabelSelector(match_labels=own),
+                    template=client.V1PodTemplateSpec(
+                        metadata=client.V1ObjectMeta(labels=own),
+                        spec=client.V1PodSpec(
+                            node_selector={"perseus.dev/simulated-daemonset": "no-node"},
+                            automount_service_account_token=False,
+                            containers=[client.V1Container(name="sidecar", image="simulated")],
+                        ),
+                    ),
+                ),
+            )
+            ds = await apps.create_namespaced_daemon_set(ns, body)
+        return client.V1OwnerReference(
+            api_version="apps/v1", kind="DaemonSet", name=ds.metadata.name, uid=ds.metadata.uid
+        )
+
     async def _running_pod(
-        self, name: str, node: int, pod_ip: str, labels: Mapping[str, str]
+        self,
+        name: str,
+        node: int,
+        pod_ip: str,
+        labels: Mapping[str, str],
+        *,
+        owner: client.V1OwnerReference | None = None,
+        namespace: str | None = None,
     ) -> None:
+        namespace = namespace or self.job.namespace
         body = client.V1Pod(
-            metadata=client.V1ObjectMeta(name=name, labels=dict(labels)),
+            metadata=client.V1ObjectMeta(
+                name=name, labels=dict(labels), owner_references=[owner] if owner else None
+            ),
             spec=client.V1PodSpec(
                 node_name=self.job.node_name(node),
                 automount_service_account_token=False,
                 containers=[client.V1Container(name="main", image="simulated")],
             ),
         )
-        await self.core.create_namespaced_pod(self.job.namespace, body)
-        await self.set_pod_phase(name, "Running", pod_ip=pod_ip, host_ip=self.job.node_ip(node))
+        await self.core.create_namespaced_pod(namespace, body)
+        await self.set_pod_phase(
+            name,
+            "Running",
+            pod_ip=pod_ip,
+            host_ip=self.job.node_ip(node),
+            ready=True,
+            namespace=namespace,
+        )
 
     async def set_pod_phase(
-        self, name: str, phase: str, *, pod_ip: str | None = None, host_ip: str | None = None
+        self,
+        name: str,
+        phase: str,
+        *,
+        pod_ip: str | None = None,
+        host_ip: str | None = None,
+        ready: bool | None = None,
+        namespace: str | None = None,
     ) -> None:
         status: dict[str, Any] = {"phase": phase}
         if pod_ip is not None:
             status.update(podIP=pod_ip, podIPs=[{"ip": pod_ip}])
         if host_ip is not None:
             status["hostIP"] = host_ip
-        await self.core.patch_namespaced_pod_status(name, self.job.namespace, {"status": status})
+        if ready is not None:
+            status["conditions"] = [{"type": "Ready", "status": str(ready)}]
+        await self.core.patch_namespaced_pod_status(
+            name, namespace or self.job.namespace, {"status": status}
+        )
+
+    def sidecar_pod_name(self, i: int) -> str:
+        return f"perseus-sidecar-{i}"
+
+    async def create_sidecar_pod(self, i: int) -> None:
+        """Node i's sidecar pod, as the chart's DaemonSet would create it."""
+        owner = await self.sidecar_owner()
+        ip = self.job.node_ip(i)
+        await self._running_pod(
+            self.sidecar_pod_name(i),
+            i,
+            ip,
+            SIDECAR_LABELS,
+            owner=owner,
+            namespace=self.own_namespace,
+        )
+
+    async def delete_sidecar_pod(self, i: int) -> None:
+        """Node i's sidecar pod object goes (its process keeps running)."""
+        await self.core.delete_namespaced_pod(
+            self.sidecar_pod_name(i), self.own_namespace, grace_period_seconds=0
+        )
 
     async def create_sidecar_pods(self) -> None:
         for i in range(self.job.nodes):
-            ip = self.job.node_ip(i)
-            await self._running_pod(f"perseus-sidecar-{i}", i, ip, SIDECAR_LABELS)
+            await self.create_sidecar_pod(i)
 
     async def create_job_pods(self) -> None:
         labels = {"app": "sim-train", "job": self.job.policy}
@@ -255,7 +345,7 @@ class SimCluster:
                 f"--profile={self.profile_file}",
                 f"--gpus={self.job.gpus_per_node}",
                 f"--host={self.job.node_ip(i)}",
-                "--port=8080",
+                f"--port={SIDECAR_PORT}",
                 "--event-port=8081",
                 f"--token-file={self.token_file}",
                 f"--state-dir={state}",
@@ -283,7 +373,7 @@ class SimCluster:
 
                 async def up(i: int = i) -> bool:
                     try:
-                        r = await http.get(f"http://{self.job.node_ip(i)}:8080/healthz")
+                        r = await http.get(f"http://{self.job.node_ip(i)}:{SIDECAR_PORT}/healthz")
                     except httpx.HTTPError:
                         return False
                     return r.status_code == 200
@@ -303,7 +393,9 @@ class SimCluster:
             "PERSEUS_OPERATOR_SIDECAR_SELECTOR": ",".join(
                 f"{k}={v}" for k, v in SIDECAR_LABELS.items()
             ),
-            "PERSEUS_OPERATOR_POD_NAMESPACE": self.job.namespace,
+            "PERSEUS_OPERATOR_POD_NAMESPACE": self.own_namespace,
+            "PERSEUS_OPERATOR_SIDECAR_DAEMONSET": SIDECAR_DAEMONSET,
+            "PERSEUS_OPERATOR_SIDECAR_PORT": str(SIDECAR_PORT),
             "PERSEUS_OPERATOR_TICK_S": "0.5",
             "PERSEUS_OPERATOR_LIVENESS_URL": "",
             **(extra_env or {}),
@@ -322,7 +414,8 @@ class SimCluster:
         token_file = self.workdir / "job-token"
         token_file.write_text(job_token)
         nodes = [
-            f"--node={self.job.node_ip(i)}:8080={self.state_dir(i)}" for i in range(self.job.nodes)
+            f"--node={self.job.node_ip(i)}:{SIDECAR_PORT}={self.state_dir(i)}"
+            for i in range(self.job.nodes)
         ]
         log = (self.workdir / "trainer.log").open("ab")
         self.trainer = subprocess.Popen(
@@ -454,6 +547,14 @@ class SimCluster:
                 proc.wait()
         self.sidecars.clear()
         ns = self.job.namespace
+        if self.own_namespace != ns:
+            for i in range(self.job.nodes):
+                with contextlib.suppress(ApiException):
+                    await self.delete_sidecar_pod(i)
+            with contextlib.suppress(ApiException):
+                await client.AppsV1Api(self.api).delete_namespaced_daemon_set(
+                    SIDECAR_DAEMONSET, self.own_namespace
+                )
         with contextlib.suppress(ApiException):
             await self.core.delete_collection_namespaced_pod(ns, grace_period_seconds=0)
         with contextlib.suppress(ApiException):

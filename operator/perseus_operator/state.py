@@ -15,7 +15,15 @@ from perseus_operator.profiling import ProfileSession
 from perseus_operator.straggler import StragglerState
 from perseus_profiles import StageProfile
 
-__all__ = ["EventSink", "PodRecord", "PolicyRecord", "PolicyRuntime", "Regime", "Store"]
+__all__ = [
+    "EventSink",
+    "PlanFailureRecord",
+    "PodRecord",
+    "PolicyRecord",
+    "PolicyRuntime",
+    "Regime",
+    "Store",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class Store(Protocol):
         self,
         namespace: str,
         *,
+        scope: str,
         gpu_model: str,
         stages: int,
         tensor_parallel: int,
@@ -79,11 +88,28 @@ class Store(Protocol):
     ) -> str: ...
 
     async def load_profile(
-        self, namespace: str, gpu_model: str, stages: int, tensor_parallel: int, key: str
+        self,
+        namespace: str,
+        *,
+        scope: str,
+        gpu_model: str,
+        stages: int,
+        tensor_parallel: int,
+        key: str,
     ) -> tuple[str, str, float | None] | None: ...
 
 
 EventSink = Callable[[Mapping[str, Any], rc.EventSpec], None]
+
+
+@dataclass(frozen=True)
+class PlanFailureRecord:
+    """Planning failed for this spec generation: not retried until the spec changes, also
+    after an operator restart (it is written to `status.planFailure`)."""
+
+    generation: int
+    reason: str
+    message: str
 
 
 @dataclass
@@ -107,10 +133,12 @@ class PolicyRuntime:
     profile_sig: tuple[Any, ...] | None = None
     profile_msg: str = ""
     profile_error: str | None = None
+    profile_error_reason: str = "ProfileInvalid"
     profile_cm: str | None = None
     blocking_w: float | None = None
     """Blocking power measured while profiling (or stored with the profile)."""
-    plan_error: str | None = None
+    plan_failure: PlanFailureRecord | None = None
+    """The last planning failure and the spec generation it failed for (kept in the status)."""
     profiling: ProfileSession | None = None
     frontier: Frontier | None = None
     frontier_sig: tuple[Any, ...] | None = None

@@ -3,6 +3,7 @@ the views `reconcile.decide` reads, and the JSON merge patch of a status update.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +15,9 @@ from perseus_operator.state import PolicyRuntime
 from perseus_profiles import ProfileError, StageProfile
 
 __all__ = [
+    "TIME_NOISE",
+    "ImplausibleProfileError",
+    "check_plausible",
     "check_profile",
     "effective_blocking_w",
     "enough_samples",
@@ -80,9 +84,44 @@ def mean_present(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
+TIME_NOISE = 0.15
+"""How much faster an instruction may look at a lower clock than at a higher one before the
+profile is refused: measurement noise, not physics (the paper's A40 profiles reach 9.5%)."""
+
+
+class ImplausibleProfileError(ProfileError):
+    """A well-formed profile whose figures cannot be real measurements."""
+
+
+def check_plausible(profile: StageProfile, noise: float = TIME_NOISE) -> StageProfile:
+    """Refuse a profile that would steer the planner into slowing the job: an instruction whose
+    time falls, beyond `noise`, as its clock falls (the planner would pick that clock as both
+    faster and cheaper), or a time or energy that is not a finite positive number."""
+    for s, per_instr in enumerate(profile.options):
+        for name, opts in zip(("forward", "backward"), per_instr, strict=True):
+            slowest_above: tuple[float, int] | None = None
+            for m in opts:  # highest clock first
+                for label, value in (("time", m.time_s), ("energy", m.energy_j)):
+                    if not math.isfinite(value) or value <= 0:
+                        raise ImplausibleProfileError(
+                            f"stage {s} {name} at {m.frequency_mhz} MHz: {label} must be a"
+                            f" finite positive number, got {value}"
+                        )
+                if slowest_above is not None and m.time_s < slowest_above[0] * (1 - noise):
+                    raise ImplausibleProfileError(
+                        f"stage {s} {name} takes {m.time_s:.6g} s at {m.frequency_mhz} MHz but"
+                        f" {slowest_above[0]:.6g} s at {slowest_above[1]} MHz: time must not fall"
+                        f" as the clock falls (more than {noise:.0%} is beyond noise)"
+                    )
+                if slowest_above is None or m.time_s > slowest_above[0]:
+                    slowest_above = (m.time_s, m.frequency_mhz)
+    return profile
+
+
 def check_profile(
     profile: StageProfile, spec: EnergyPolicySpec, clocks: frozenset[int]
 ) -> StageProfile:
+    """A profile fit for this policy: its shape, the nodes' clocks, then plausibility."""
     if profile.num_stages != spec.pipeline.stages:
         raise ProfileError(
             f"profile has {profile.num_stages} stages but spec.pipeline.stages is"
@@ -93,7 +132,7 @@ def check_profile(
         shown = ", ".join(str(f) for f in unsupported[:5])
         more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
         raise ProfileError(f"clocks {shown}{more} MHz are not supported by the nodes' GPUs")
-    return profile
+    return check_plausible(profile)
 
 
 def plan_view(profile: StageProfile, frontier: Frontier, plan: Plan) -> rc.PlanView:

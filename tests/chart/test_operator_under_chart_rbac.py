@@ -54,13 +54,14 @@ async def chart_sim(tmp_path: Path) -> AsyncIterator[tuple[SimCluster, OperatorR
         pod_ip_base="127.0.43.1",
     )
     profile = load_example("gpt3-175b-a100").select_stages((0, 1, 2, 7))
-    cluster = SimCluster(api, job, tmp_path / "sim", profile.to_csv())
+    # As the chart runs it: the operator's own namespace is the release's (downward API), and
+    # its sidecar DaemonSet's pods run there.
+    cluster = SimCluster(
+        api, job, tmp_path / "sim", profile.to_csv(), operator_namespace=release.namespace
+    )
     try:
         await cluster.start()
-        # As the chart runs it: the operator's own namespace is the release's (downward API).
-        cluster.start_operator(
-            str(release.kubeconfig), {"PERSEUS_OPERATOR_POD_NAMESPACE": release.namespace}
-        )
+        cluster.start_operator(str(release.kubeconfig))
         await cluster.create_profile_configmap(PROFILE_CM)
         yield cluster, release
     finally:

@@ -100,10 +100,15 @@ def test_sidecar_lands_on_gpu_nodes_and_is_reachable_on_host_ports(
     assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
     ports = {p["name"]: (p["containerPort"], p["hostPort"]) for p in ctr["ports"]}
     assert ports == {"http": (8080, 8080), "events": (8081, 8081)}
+    # The operator takes only this DaemonSet's pods as sidecars, on the configured port (a pod
+    # annotation naming a port is never read).
+    operator_env = default["ConfigMap/perseus-operator"]["data"]
+    assert operator_env["PERSEUS_OPERATOR_SIDECAR_DAEMONSET"] == "perseus-sidecar"
+    assert operator_env["PERSEUS_OPERATOR_SIDECAR_PORT"] == "8080"
     annotations = default["DaemonSet/perseus-sidecar"]["spec"]["template"]["metadata"][
         "annotations"
     ]
-    assert annotations["perseus.dev/port"] == "8080"
+    assert "perseus.dev/port" not in annotations
     env = {e["name"]: e for e in ctr["env"]}
     assert env["PERSEUS_SIDECAR_NODE_NAME"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "spec.nodeName"}

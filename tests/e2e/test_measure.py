@@ -1,5 +1,6 @@
 """Profiling through the sidecars: a downward sweep over the simulated GPUs; the measured profile
-is stored (keyed by GPU model, stages, tensor-parallel degree and profileKey) and planned."""
+is stored (keyed by the namespace, GPU model, stages, tensor-parallel degree and profileKey) and
+planned."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ async def test_measured_profile_is_stored_and_used(sim: SimCluster) -> None:
     assert st["predictedSavingPercent"] > 0
     assert abs(st["blockingPowerW"] - 83.64) < 10  # the simulated GPUs' idle power
 
-    name = profile_configmap_name("Simulated GPU", 4, 1, "m-e2e")
+    name = profile_configmap_name(sim.job.namespace, "Simulated GPU", 4, 1, "m-e2e")
     assert st["profileConfigMap"] == name
     cm = await client.CoreV1Api(sim.api).read_namespaced_config_map(name, sim.job.namespace)
     profile = parse_profile_csv(cm.data["profile.csv"])

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
+
 from perseus_operator import handlers as typed_handlers
+from perseus_operator.settings import Settings
+from perseus_operator.sidecar_index import SidecarPod
 from perseus_operator.state import PodRecord
 
 handlers: Any = typed_handlers  # kopf types the decorated functions as its callback protocols
@@ -33,12 +38,97 @@ def test_job_pods_are_indexed_under_each_label() -> None:
     assert terminating[("ns", "job", "gpt")].phase == "Terminating"
 
 
-def test_sidecar_address_by_node() -> None:
-    assert handlers.sidecars(**pod()) == {"n0": "10.1.0.1:8080"}
-    annotated = pod(meta={"annotations": {"perseus.dev/port": "9000"}})
-    assert handlers.sidecars(**annotated) == {"n0": "10.1.0.1:9000"}
-    assert handlers.sidecars(**pod(status={"phase": "Pending"})) is None
-    assert handlers.sidecars(**pod(meta={"deletionTimestamp": "now"})) is None
+OWNED = {"ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ps-sidecar"}]}
+READY = {"conditions": [{"type": "Ready", "status": "True"}]}
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    configured = Settings(
+        pod_namespace="perseus", sidecar_daemonset="ps-sidecar", sidecar_port=8080
+    )
+    monkeypatch.setattr(typed_handlers.STATE, "settings", configured)
+    monkeypatch.setattr(typed_handlers.STATE, "ignored_sidecars", frozenset())
+    return configured
+
+
+def sidecar(name: str = "ps-sidecar-a", ready: bool = True, **over: Any) -> dict[str, Any]:
+    status = {
+        "phase": "Running",
+        "podIP": "10.1.0.1",
+        "hostIP": "10.1.0.1",
+        **(READY if ready else {}),
+    }
+    return pod(namespace="perseus", name=name, meta=dict(OWNED), status=status) | over
+
+
+def addresses(*pods: dict[str, Any]) -> dict[str, str]:
+    index: dict[str, list[SidecarPod]] = {}
+    for p in pods:
+        for node, found in (handlers.sidecars(**p) or {}).items():
+            index.setdefault(node, []).append(found)
+    return handlers._addresses(index)  # type: ignore[no-any-return]
+
+
+def test_sidecar_address_by_node(settings: Settings) -> None:
+    assert addresses(sidecar()) == {"n0": "10.1.0.1:8080"}
+    assert handlers.sidecars(**sidecar(status={"phase": "Pending", "hostIP": "10.1.0.1"})) is None
+    assert handlers.sidecars(**sidecar(meta={**OWNED, "deletionTimestamp": "now"})) is None
+
+
+def test_a_tenants_pod_with_sidecar_labels_never_gets_the_operator_token(
+    settings: Settings,
+) -> None:
+    """A pod of another namespace with the sidecar labels and a port annotation pointing at its
+    own listener: not even a candidate. The port is the configured one, never the pod's."""
+    tenant = pod(
+        namespace="tenant",
+        meta={**OWNED, "annotations": {"perseus.dev/port": "9000"}},
+        status={"phase": "Running", "podIP": "10.0.0.9", "hostIP": "10.0.0.9", **READY},
+    )
+    assert handlers.sidecars(**tenant) is None
+    assert addresses(tenant) == {}
+    annotated = sidecar(meta={**OWNED, "annotations": {"perseus.dev/port": "9000"}})
+    assert addresses(annotated) == {"n0": "10.1.0.1:8080"}
+
+
+def test_only_the_daemonsets_pods_are_sidecars(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    stray = sidecar("stray", meta={})
+    other_owner = sidecar(
+        "other",
+        meta={"ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "x"}]},
+    )
+    replica_set = sidecar(
+        "rs",
+        meta={
+            "ownerReferences": [
+                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "ps-sidecar"}
+            ]
+        },
+    )
+    with caplog.at_level(logging.WARNING, logger="perseus.operator"):
+        assert addresses(stray, other_owner, replica_set) == {}
+    assert caplog.text.count("not owned by DaemonSet ps-sidecar") == 3
+
+
+def test_two_candidates_on_a_node_prefer_the_ready_owned_one_and_log_the_other(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    unready = sidecar(
+        "ps-sidecar-a", ready=False, status={"phase": "Running", "hostIP": "10.1.0.7"}
+    )
+    ready = sidecar("ps-sidecar-b")
+    stray = sidecar(
+        "aaa-stray", meta={}, status={"phase": "Running", "hostIP": "10.1.0.8", **READY}
+    )
+    with caplog.at_level(logging.WARNING, logger="perseus.operator"):
+        assert addresses(unready, stray, ready) == {"n0": "10.1.0.1:8080"}
+        assert addresses(ready, unready, stray) == {"n0": "10.1.0.1:8080"}  # logged once
+    assert caplog.text.count("ignoring sidecar candidate pod ps-sidecar-a") == 1
+    assert "pod ps-sidecar-b is preferred; not Ready" in caplog.text
+    assert caplog.text.count("ignoring sidecar candidate pod aaa-stray") == 1
 
 
 def test_selected_uses_the_smallest_bucket_and_checks_every_label() -> None:

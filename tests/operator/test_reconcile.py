@@ -201,6 +201,25 @@ def test_events_for_transitions_only() -> None:
     assert events_between("Failed", old, "Failed", new) == []
 
 
+def test_a_pipeline_too_large_to_plan_fails_before_ranks_or_profile() -> None:
+    """TooLarge is known from the spec alone: no wait for ranks or a profile, schedules go."""
+    msg = "64 stages x 1024 microbatches are 131072 instructions per pipeline; at most 16384"
+    bare = {"n0": replace(node(0, entries_for(0, PLAN)), ranks=()), "n1": node(1)}
+    d = decide(
+        ready_obs(
+            nodes=bare,
+            profile=ProfileView("missing"),
+            frontier=None,
+            plan=None,
+            plan_error=msg,
+            plan_error_reason="TooLarge",
+        )
+    )
+    assert d.phase == "Failed" and cond(d, "Planned").reason == "TooLarge"
+    assert cond(d, "Ready").reason == "TooLarge" and cond(d, "Ready").message == msg
+    assert RemoveSchedule("n0") in d.actions
+
+
 def test_planner_refusal_and_sidecar_rejection_are_reported() -> None:
     d = decide(ready_obs(frontier=None, plan=None, plan_error="the planner refused: x"))
     assert d.phase == "Failed" and cond(d, "Planned").reason == "PlanningFailed"
