@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -46,6 +46,7 @@ IntArray = npt.NDArray[np.int64]
 
 PACE_LANES = 32  # jittered roundings of the relaxed plan at the pace ...
 PACE_LANE_ELEMENTS = 24_000  # ... fewer on long pipelines (lanes x instructions), for time
+FRONTIER_LANES = 4  # the frontier plans cheapest at the pace, filled to it too
 REFINE_ROUNDS = 2  # rounds of roundings jittered around the best one so far ...
 REFINE_MAX_INSTRUCTIONS = 800  # ... on pipelines up to this size (longer ones: time)
 REFINE_SPREADS = (0.05, 0.03)  # their jitter (log, per class and per instruction)
@@ -98,14 +99,14 @@ class PacePlanner:
         frontier's choice where that is cheaper (the fastest plan when none keeps up)."""
         if not math.isfinite(pace_s) or pace_s <= 0:
             raise ValueError(f"pace must be a finite positive number of seconds, got {pace_s}")
-        looked_up = plan_for_straggler(self.frontier, pace_s)
-        lookup = self._priced(looked_up, pace_s, None, "frontier")
+        lookup = self._priced(plan_for_straggler(self.frontier, pace_s), pace_s, "frontier")
         if pace_s >= self.slowest_s:
-            # Every instruction at its cheapest option fits: no plan has a lower sum(c).
+            # Every instruction at its cheapest option fits: no plan has a lower sum(c), and
+            # that plan is the bound.
             t, e, idx = self.search.evaluated(self._cheapest[:, None])[0]
-            best = self._priced(self.search.to_plan(idx, t, e), pace_s, None, "solved")
-            best = best if best.cost_j < lookup.cost_j else lookup
-            return _with_bound(best, best.cost_j)
+            best = min(self._priced(self.search.to_plan(idx, t, e), pace_s, "solved"), lookup,
+                       key=lambda p: p.cost_j)  # fmt: skip
+            return replace(best, bound_j=best.cost_j)
         with self._lock:
             if self._lp is None:
                 self._lp = LpRelaxation(self.dag, self.table)
@@ -113,18 +114,19 @@ class PacePlanner:
         if solution is None:  # faster than any relaxed plan: the frontier's fastest plan
             return lookup
         bound_j = solution.cost_j + self.idle_power_w * pace_s
-        found = self._solve(solution.duration_s, pace_s, looked_up)
+        found = self._solve(solution.duration_s, pace_s)
         if found is None or found[1] >= lookup.cost_j:
-            return _with_bound(lookup, bound_j)
+            return replace(lookup, bound_j=bound_j)
         (t, e, idx), _ = found
-        return _with_bound(self._priced(self.search.to_plan(idx, t, e), pace_s, None, "solved"),
-                           bound_j)  # fmt: skip
+        solved = self._priced(self.search.to_plan(idx, t, e), pace_s, "solved")
+        return replace(solved, bound_j=bound_j)
 
     def _solve(
-        self, relaxed_s: FloatArray, pace_s: float, looked_up: Plan
+        self, relaxed_s: FloatArray, pace_s: float
     ) -> tuple[tuple[float, float, IntArray], float] | None:
-        """The cheapest of the relaxed plan's roundings (plain and jittered), and of the lookup,
-        each filled to the pace; then rounds jittered around the best. None if none fits."""
+        """The cheapest of the relaxed plan's roundings (plain and jittered) and of the frontier
+        plans cheapest at the pace, each filled to it; then rounds jittered around the best
+        rounding. None if none is on time."""
         search = self.search
         relaxed = relaxed_s[:, None]
         deadline = np.asarray([pace_s])
@@ -136,9 +138,10 @@ class PacePlanner:
             self.batch.round_priced(relaxed, price, deadline),
             search.jittered(relaxed, deadline, jitter, lanes_n),
         ]
-        lookup_idx = self._option_indices(looked_up)
-        if lookup_idx is not None:
-            bases.append(lookup_idx[:, None])
+        for plan in self._cheapest_on_frontier(pace_s):
+            idx = self._option_indices(plan)
+            if idx is not None:
+                bases.append(idx[:, None])
         best, best_lane = self._fill_and_pick(np.concatenate(bases, axis=1), pace_s)
         if self.dag.num_nodes > REFINE_MAX_INSTRUCTIONS:
             return best
@@ -176,6 +179,13 @@ class PacePlanner:
                 best, lane = ((t, e, idx), cost), k
         return best, lane
 
+    def _cheapest_on_frontier(self, pace_s: float) -> list[Plan]:
+        """The frontier's `FRONTIER_LANES` plans that cost least at the pace (filling them to
+        the pace can only make them cheaper)."""
+        fitting = [p for p in self.frontier.plans if p.iteration_time_s <= pace_s]
+        fitting.sort(key=lambda p: p.energy_j - self.idle_power_w * p.iteration_time_s)
+        return fitting[:FRONTIER_LANES]
+
     def _option_indices(self, plan: Plan) -> IntArray | None:
         """A plan's clocks as option indices into the table (None if one is not an efficient
         option, e.g. a frontier from another planner)."""
@@ -193,12 +203,8 @@ class PacePlanner:
             out[i] = k
         return out
 
-    def _priced(
-        self, plan: Plan, pace_s: float, bound_j: float | None, source: Literal["solved", "frontier"]
-    ) -> PacePlan:
+    def _priced(self, plan: Plan, pace_s: float, source: Literal["solved", "frontier"]) -> PacePlan:
+        """`plan` with its cost over the pace (waiting at blocking power; none if it is late,
+        which only the fastest plan can be, when nothing keeps up)."""
         wait_s = max(0.0, pace_s - plan.iteration_time_s)
-        return PacePlan(plan, pace_s, plan.energy_j + self.idle_power_w * wait_s, bound_j, source)
-
-
-def _with_bound(plan: PacePlan, bound_j: float) -> PacePlan:
-    return PacePlan(plan.plan, plan.pace_s, plan.cost_j, bound_j, plan.source)
+        return PacePlan(plan, pace_s, plan.energy_j + self.idle_power_w * wait_s, None, source)
