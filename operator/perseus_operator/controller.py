@@ -22,7 +22,9 @@ from perseus_operator.model import CLUSTER_SCOPE, EnergyPolicySpec, SpecError, p
 from perseus_operator.plan_process import Planner, PlanningError, plan_in_subprocess
 from perseus_operator.planner import (
     Frontier,
+    PacePlanner,
     PipelineShape,
+    Plan,
     plan_for_no_straggler,
     plan_for_straggler,
 )
@@ -333,7 +335,7 @@ class Controller:
         if spec.mode == "Observe":
             return obs
         timings = [s.timings for s in snaps.values() if s.timings is not None]
-        self._track_stragglers(rt, spec, timings)
+        await self._track_stragglers(rt, spec, timings)
         obs = replace(
             obs,
             straggler=rt.straggler.straggler,
@@ -511,8 +513,9 @@ class Controller:
         rt.frontier, rt.frontier_sig, rt.plan_failure = frontier, sig, None
         rt.plan = plan_view(profile, frontier, plan_for_no_straggler(frontier, spec.max_slowdown))
         rt.straggler, rt.straggler_plan, rt.last_spans = StragglerState(), None, {}
+        rt.pace_planner = None
 
-    def _track_stragglers(
+    async def _track_stragglers(
         self, rt: PolicyRuntime, spec: EnergyPolicySpec, timings: list[Any]
     ) -> None:
         assert rt.plan is not None and rt.frontier is not None and rt.profile is not None
@@ -544,8 +547,26 @@ class Controller:
             if verdict.state.straggler is None or verdict.state.pace_s is None:
                 rt.straggler_plan = None
             else:
-                chosen = plan_for_straggler(rt.frontier, verdict.state.pace_s)
+                chosen = await self._straggler_plan(rt, verdict.state.pace_s)
                 rt.straggler_plan = plan_view(rt.profile, rt.frontier, chosen)
+
+    async def _straggler_plan(self, rt: PolicyRuntime, pace_s: float) -> Plan:
+        """The plan for a straggler's pace, solved at the pace (in a worker thread: up to a few
+        tenths of a second) and never costlier than the frontier lookup, which stays the
+        fallback if the solve fails."""
+        assert rt.frontier is not None and rt.profile is not None
+        try:
+            if rt.pace_planner is None:
+                rt.pace_planner = await asyncio.to_thread(PacePlanner, rt.profile, rt.frontier)
+            return (await asyncio.to_thread(rt.pace_planner.plan, pace_s)).plan
+        except Exception as exc:  # a failed solve must not leave the others without a plan
+            log.warning(
+                "%s/%s: solving the straggler's pace failed (%s); using the frontier lookup",
+                rt.namespace,
+                rt.name,
+                exc,
+            )
+            return plan_for_straggler(rt.frontier, pace_s)
 
     def _measure_baseline(
         self, rt: PolicyRuntime, spec: EnergyPolicySpec, ranks: list[RankTimings]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from perseus_operator import reconcile as rc
-from perseus_operator.planner import Frontier
+from perseus_operator.planner import Frontier, PacePlanner
 from perseus_operator.profiling import ProfileSession
 from perseus_operator.straggler import StragglerState
 from perseus_profiles import StageProfile
@@ -142,6 +142,8 @@ class PolicyRuntime:
     profiling: ProfileSession | None = None
     frontier: Frontier | None = None
     frontier_sig: tuple[Any, ...] | None = None
+    pace_planner: PacePlanner | None = None
+    """Solves straggler plans at their pace for `frontier` (built on the first straggler)."""
     plan: rc.PlanView | None = None
     straggler: StragglerState = field(default_factory=StragglerState)
     straggler_plan: rc.PlanView | None = None

@@ -7,6 +7,8 @@ CLI rely on:
 - ``PipelineShape(stages, microbatches, schedule="1f1b")`` and ``instruction_order(shape)``;
 - ``compute_frontier(profile, pipeline, blocking_power_w, progress=None) -> Frontier``;
 - ``plan_for_no_straggler(frontier, max_slowdown)`` / ``plan_for_straggler(frontier, pace_s)``;
+- ``PacePlanner(profile, frontier).plan(pace_s) -> PacePlan``, the straggler's plan solved at its
+  pace (never costlier than ``plan_for_straggler``), with the LP bound at that pace;
 - ``evaluate_plan(profile, pipeline, blocking_power_w, frequencies_mhz) -> (time_s, energy_j)``,
   the exact cost of any plan, and ``stage_spans(...)``, each stage's predicted compute span.
 """
@@ -14,10 +16,13 @@ CLI rely on:
 from perseus_operator.planner.evaluate import evaluate_plan, stage_spans
 from perseus_operator.planner.frontier import Frontier, Plan, ProgressCallback, compute_frontier
 from perseus_operator.planner.lookup import plan_for_no_straggler, plan_for_straggler
+from perseus_operator.planner.pace import PacePlan, PacePlanner
 from perseus_operator.planner.pipeline import PipelineShape, instruction_order
 
 __all__ = [
     "Frontier",
+    "PacePlan",
+    "PacePlanner",
     "PipelineShape",
     "Plan",
     "ProgressCallback",

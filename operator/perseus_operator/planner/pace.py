@@ -1,0 +1,210 @@
+"""A straggler's plan, solved at its pace instead of looked up in the frontier.
+
+While a straggler sets the pace at T', every other pipeline waits for it anyway: over the
+straggler's iteration a plan with time t <= T' costs ``E(t) + P_b*S*(T' - t)``, which is
+``sum(c_i) + P_b*S*T'`` with the effective costs of `model`. That is the least-energy problem at
+deadline T' with idle time charged at blocking power, and its LP relaxation bounds every plan.
+The frontier only holds plans at the deadlines it searched, further apart past T*, so looking T'
+up there leaves up to about 0.8% of the bound on the table; solving at T' itself (the LP at T',
+rounded with its prices, jittered, filled, as `frontier` does at T0) closes most of that.
+
+`PacePlanner` keeps the DAG, the option table and one HiGHS model per frontier, so that each new
+pace re-solves the LP from the last basis (a pace moves one right-hand side). It compares its
+plan with the frontier lookup by exact cost and returns the cheaper: never worse than the lookup.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from perseus_operator.planner.draws import NormalStream
+from perseus_operator.planner.fill import BatchFill
+from perseus_operator.planner.frontier import (
+    _FILL_STEPS_LP,
+    RANDOM_SEED,
+    Frontier,
+    Plan,
+    _fill_prices,
+    _Search,
+)
+from perseus_operator.planner.lookup import plan_for_straggler
+from perseus_operator.planner.lp import LpRelaxation, hull_prices
+from perseus_operator.planner.model import build_options
+from perseus_operator.planner.pipeline import build_dag
+from perseus_profiles import StageProfile
+
+__all__ = ["PacePlan", "PacePlanner"]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+PACE_LANES = 32  # jittered roundings of the relaxed plan at the pace ...
+PACE_LANE_ELEMENTS = 24_000  # ... fewer on long pipelines (lanes x instructions), for time
+FRONTIER_LANES = 4  # the frontier plans cheapest at the pace, filled to it too
+REFINE_ROUNDS = 2  # rounds of roundings jittered around the best one so far ...
+REFINE_MAX_INSTRUCTIONS = 800  # ... on pipelines up to this size (longer ones: time)
+REFINE_SPREADS = (0.05, 0.03)  # their jitter (log, per class and per instruction)
+_TIME_TOLERANCE = 1e-12  # relative: a plan "meets" the pace within floating-point noise
+
+
+@dataclass(frozen=True)
+class PacePlan:
+    """The plan chosen for a straggler's pace and what it costs over the straggler's iteration."""
+
+    plan: Plan
+    pace_s: float
+    cost_j: float
+    """Energy per pipeline over the straggler's iteration: the plan's energy plus blocking power
+    on every GPU while it waits from the plan's end to the pace."""
+    bound_j: float | None
+    """The LP relaxation's cost at the pace, a lower bound on `cost_j` of any plan (None when
+    the pace is faster than any plan, or the LP failed)."""
+    source: Literal["solved", "frontier"]
+    """Which gave the plan: the solve at the pace, or the frontier lookup (kept when the solve
+    found nothing cheaper)."""
+
+    @property
+    def gap(self) -> float | None:
+        """`cost_j` over the bound, minus one (0.001 = 0.1% above the bound)."""
+        return None if self.bound_j is None else self.cost_j / self.bound_j - 1.0
+
+
+class PacePlanner:
+    """Solves straggler plans for one profile and frontier; safe to share between threads (one
+    solve at a time: the HiGHS model keeps the last basis)."""
+
+    def __init__(self, profile: StageProfile, frontier: Frontier) -> None:
+        pipeline = frontier.pipeline
+        self.frontier = frontier
+        self.dag = build_dag(pipeline)
+        self.table = build_options(profile, self.dag, frontier.blocking_power_w)
+        self.search = _Search(self.dag, self.table)
+        self.batch: BatchFill = self.search.batch
+        self.idle_power_w = pipeline.stages * frontier.blocking_power_w
+        self.prices = _fill_prices(self.table.hull_slopes(), _FILL_STEPS_LP)
+        cheapest = self.table.count[self.search.cls] - 1
+        self._cheapest = cheapest.astype(np.int64)
+        self.slowest_s = float(self.batch.makespans(self._cheapest[:, None])[0])
+        self._lp: LpRelaxation | None = None
+        self._lock = threading.Lock()
+
+    def plan(self, pace_s: float) -> PacePlan:
+        """The cheapest plan found for a straggler at `pace_s`: solved at the pace, or the
+        frontier's choice where that is cheaper (the fastest plan when none keeps up)."""
+        if not math.isfinite(pace_s) or pace_s <= 0:
+            raise ValueError(f"pace must be a finite positive number of seconds, got {pace_s}")
+        lookup = self._priced(plan_for_straggler(self.frontier, pace_s), pace_s, "frontier")
+        if pace_s >= self.slowest_s:
+            # Every instruction at its cheapest option fits: no plan has a lower sum(c), and
+            # that plan is the bound.
+            t, e, idx = self.search.evaluated(self._cheapest[:, None])[0]
+            best = min(self._priced(self.search.to_plan(idx, t, e), pace_s, "solved"), lookup,
+                       key=lambda p: p.cost_j)  # fmt: skip
+            return replace(best, bound_j=best.cost_j)
+        with self._lock:
+            if self._lp is None:
+                self._lp = LpRelaxation(self.dag, self.table)
+            solution = self._lp.solve(pace_s)
+        if solution is None:  # faster than any relaxed plan: the frontier's fastest plan
+            return lookup
+        bound_j = solution.cost_j + self.idle_power_w * pace_s
+        found = self._solve(solution.duration_s, pace_s)
+        if found is None or found[1] >= lookup.cost_j:
+            return replace(lookup, bound_j=bound_j)
+        (t, e, idx), _ = found
+        solved = self._priced(self.search.to_plan(idx, t, e), pace_s, "solved")
+        return replace(solved, bound_j=bound_j)
+
+    def _solve(
+        self, relaxed_s: FloatArray, pace_s: float
+    ) -> tuple[tuple[float, float, IntArray], float] | None:
+        """The cheapest of the relaxed plan's roundings (plain and jittered) and of the frontier
+        plans cheapest at the pace, each filled to it; then rounds jittered around the best
+        rounding. None if none is on time."""
+        search = self.search
+        relaxed = relaxed_s[:, None]
+        deadline = np.asarray([pace_s])
+        price = hull_prices(self.table, search.cls, relaxed)
+        lanes_n = max(4, min(PACE_LANES, PACE_LANE_ELEMENTS // self.dag.num_nodes))
+        rng = NormalStream(RANDOM_SEED)
+        jitter = search.jitter(rng, lanes_n)
+        bases = [
+            self.batch.round_priced(relaxed, price, deadline),
+            search.jittered(relaxed, deadline, jitter, lanes_n),
+        ]
+        for plan in self._cheapest_on_frontier(pace_s):
+            idx = self._option_indices(plan)
+            if idx is not None:
+                bases.append(idx[:, None])
+        best, best_lane = self._fill_and_pick(np.concatenate(bases, axis=1), pace_s)
+        if self.dag.num_nodes > REFINE_MAX_INSTRUCTIONS:
+            return best
+        center = (jitter[0][:, 0], jitter[1][:, 0])
+        if best is not None and 1 <= best_lane <= lanes_n:
+            center = (jitter[0][:, best_lane - 1], jitter[1][:, best_lane - 1])
+        for _ in range(REFINE_ROUNDS):
+            shape = (len(center[0]), lanes_n)
+            around = (
+                center[0][:, None] + REFINE_SPREADS[0] * rng.standard_normal(shape),
+                center[1][:, None]
+                + REFINE_SPREADS[1] * rng.standard_normal((len(center[1]), lanes_n)),
+            )
+            found, lane = self._fill_and_pick(
+                search.jittered(relaxed, deadline, around, lanes_n), pace_s
+            )
+            if found is not None and (best is None or found[1] < best[1]):
+                best = found
+                center = (around[0][:, lane], around[1][:, lane])
+        return best
+
+    def _fill_and_pick(
+        self, bases: IntArray, pace_s: float
+    ) -> tuple[tuple[tuple[float, float, IntArray], float] | None, int]:
+        """Every lane filled to the pace (forwards, then backwards); the cheapest on time, its
+        cost over the pace, and its lane (-1 if none is on time)."""
+        _, both = self.search.fill_lanes(bases, np.full(bases.shape[1], pace_s), self.prices)
+        best: tuple[tuple[float, float, IntArray], float] | None = None
+        lane = -1
+        for k, (t, e, idx) in enumerate(self.search.evaluated(both)):
+            if t > pace_s * (1 + _TIME_TOLERANCE):
+                continue
+            cost = e + self.idle_power_w * (pace_s - t)
+            if best is None or cost < best[1]:
+                best, lane = ((t, e, idx), cost), k
+        return best, lane
+
+    def _cheapest_on_frontier(self, pace_s: float) -> list[Plan]:
+        """The frontier's `FRONTIER_LANES` plans that cost least at the pace (filling them to
+        the pace can only make them cheaper)."""
+        fitting = [p for p in self.frontier.plans if p.iteration_time_s <= pace_s]
+        fitting.sort(key=lambda p: p.energy_j - self.idle_power_w * p.iteration_time_s)
+        return fitting[:FRONTIER_LANES]
+
+    def _option_indices(self, plan: Plan) -> IntArray | None:
+        """A plan's clocks as option indices into the table (None if one is not an efficient
+        option, e.g. a frontier from another planner)."""
+        table, cls = self.table, self.search.cls
+        flat = [f for row in plan.frequencies_mhz for f in row]
+        out = np.empty(self.dag.num_nodes, dtype=np.int64)
+        where = [
+            {int(f): k for k, f in enumerate(table.frequency_mhz[c, : table.count[c]])}
+            for c in range(table.num_classes)
+        ]
+        for i, f in enumerate(flat):
+            k = where[int(cls[i])].get(f)
+            if k is None:
+                return None
+            out[i] = k
+        return out
+
+    def _priced(self, plan: Plan, pace_s: float, source: Literal["solved", "frontier"]) -> PacePlan:
+        """`plan` with its cost over the pace (waiting at blocking power; none if it is late,
+        which only the fastest plan can be, when nothing keeps up)."""
+        wait_s = max(0.0, pace_s - plan.iteration_time_s)
+        return PacePlan(plan, pace_s, plan.energy_j + self.idle_power_w * wait_s, None, source)
