@@ -1,9 +1,11 @@
 """The simulated pipeline trainer: P data-parallel pipelines x S stages, one thread per rank,
-playing synchronous 1F1B on simulated GPUs and calling the real training hooks.
+playing synchronous 1F1B on simulated GPUs and calling the real training hooks; interleaved 1F1B
+(Megatron-LM's) when the ground-truth profile has v > 1 model chunks per stage.
 
-Each rank follows its stage's 1F1B order, waits for the upstream activation (forward) or the
+Each rank follows its stage's order, waits for the upstream activation (forward) or the
 downstream gradient (backward), reads the clock its simulated GPU is locked to, and "runs" the
-instruction for the ground-truth profile's time at that clock, recording its energy on the GPU.
+instruction for the ground-truth profile's time at that clock (of its stage's chunk), recording
+its energy on the GPU.
 All ranks meet at an all-reduce barrier at the end of each iteration.
 
 Timeline. The GPUs' work follows a simulated timeline paced to the wall clock: an instruction
@@ -33,7 +35,7 @@ from pathlib import Path
 from perseus_profiles import INSTRUCTIONS, StageProfile
 from perseus_sidecar import hooks as hooks_mod
 from perseus_sidecar.gpu.simulated import NodeSettings, SimulatedGpu, open_node
-from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
+from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, pipeline_order, upstream
 
 __all__ = [
     "Crash",
@@ -183,7 +185,7 @@ class IterationResult:
     timeline_s: float
     """On the simulated GPUs' timeline."""
     expected_s: float
-    """All GPUs at maximum clock: the longest path of the 1F1B DAG (slowest pipeline)."""
+    """All GPUs at maximum clock: the longest path of the pipeline's DAG (slowest pipeline)."""
     energy_j: float
     """All the job's GPUs, from their exact energy curves."""
     late_starts: int
@@ -199,6 +201,7 @@ class _Node:
     offset_s: float = 0.0
     """Node simulated time = trainer timeline + offset."""
     table: dict[tuple[int, bool, int], tuple[float, float]] = field(default_factory=dict)
+    """(unit = stage * chunks + chunk, forward, clock) -> (time, energy) of the ground truth."""
 
 
 class _Barrier:
@@ -258,12 +261,22 @@ class SimTrainer:
                     f"every node's profile needs the same stages: {node.spec.state_dir} has "
                     f"{node.truth.num_stages}, {first.spec.state_dir} has {self.stages}"
                 )
+        self.chunks = first.truth.chunks
+        for node in self.nodes[1:]:
+            if node.truth.chunks != self.chunks:
+                raise SimulationError(
+                    f"every node's profile needs the same chunks per stage: {node.spec.state_dir}"
+                    f" has {node.truth.chunks}, {first.spec.state_dir} has {self.chunks}"
+                )
         for node in self.nodes:
-            for s in range(self.stages):
-                for i, name in enumerate(INSTRUCTIONS):
-                    for m in node.truth.instruction_options(s, name):
-                        node.table[(s, i == 0, m.frequency_mhz)] = (m.time_s, m.energy_j)
-        self.orders = one_f_one_b_order(self.stages, config.microbatches)
+            for u, per_kind in enumerate(node.truth.options):
+                for i, _ in enumerate(INSTRUCTIONS):
+                    for m in per_kind[i]:
+                        node.table[(u, i == 0, m.frequency_mhz)] = (m.time_s, m.energy_j)
+        try:
+            self.orders = pipeline_order(self.stages, config.microbatches, self.chunks)
+        except ValueError as exc:
+            raise SimulationError(str(exc)) from None
         self.placements = self._place()
         self.expected_per_pipeline_s = [self._all_max_time_s(p) for p in range(config.pipelines)]
         self._stop = threading.Event()
@@ -313,7 +326,8 @@ class SimTrainer:
 
         def duration(stage: int, instruction: Instruction) -> float:
             node = nodes[stage]
-            return node.table[(stage, instruction[0], node.truth.max_frequency_mhz)][0]
+            unit = stage * self.chunks + instruction[2]
+            return node.table[(unit, instruction[0], node.truth.max_frequency_mhz)][0]
 
         return iteration_time_s(self.orders, duration)
 
@@ -414,9 +428,10 @@ class SimTrainer:
                 "ranks %s have no event stream to their sidecar yet; training starts anyway",
                 missing,
             )
-        shape = range(self.config.pipelines), range(self.stages)
-        self._acts = [[queue.SimpleQueue() for _ in shape[1]] for _ in shape[0]]
-        self._grads = [[queue.SimpleQueue() for _ in shape[1]] for _ in shape[0]]
+        # One queue per (pipeline, stage, chunk): the input of that model piece.
+        pieces = range(self.stages * self.chunks)
+        self._acts = [[queue.SimpleQueue() for _ in pieces] for _ in range(self.config.pipelines)]
+        self._grads = [[queue.SimpleQueue() for _ in pieces] for _ in range(self.config.pipelines)]
         self._epoch_wall_ns = time.time_ns()
         self._epoch_wall_s = self._epoch_wall_ns / 1e9
         for node in self.nodes:
@@ -469,7 +484,7 @@ class SimTrainer:
     def _run_rank(self, p: RankPlacement, hooks: hooks_mod.Hooks, start: float) -> None:
         node = self.nodes[p.node]
         gpu = node.gpus[p.gpu_index]
-        s, stages = p.stage, self.stages
+        s, stages, chunks = p.stage, self.stages, self.chunks
         acts, grads = self._acts[p.data_rank], self._grads[p.data_rank]
         max_lag = self.config.max_lag_s / self.time_scale
         crashes = {c.at_iteration: c for c in self.config.crashes if c.rank == p.rank}
@@ -478,7 +493,8 @@ class SimTrainer:
                 crash = crashes.get(iteration)
                 factor = self.config.straggle_factor(p.data_rank, iteration)
                 prev_end = start
-                for index, (forward, m) in enumerate(self.orders[s]):
+                for index, instruction in enumerate(self.orders[s]):
+                    forward, m, chunk = instruction
                     if crash is not None and index == len(self.orders[s]) // 2:
                         log.warning("rank %d crashes in iteration %d", p.rank, iteration)
                         hooks.close(0.0)
@@ -486,10 +502,11 @@ class SimTrainer:
                         hooks = self._hooks(p)
                         hooks.wait_connected(self.config.connect_timeout_s)
                         prev_end = max(prev_end, self._now())
-                    if forward:
-                        dep = self._get(acts[s], m) if s > 0 else -math.inf
+                    unit = s * chunks + chunk
+                    if upstream(stages, chunks, s, instruction)[0] < 0:
+                        dep = -math.inf
                     else:
-                        dep = self._get(grads[s], m) if s < stages - 1 else -math.inf
+                        dep = self._get((acts if forward else grads)[unit], m)
                     ready = max(prev_end, dep)
                     begin = max(ready, self._now() - max_lag)
                     if begin > ready:
@@ -497,15 +514,16 @@ class SimTrainer:
                             self._late += 1
                     self._sleep_until(begin)
                     kind: hooks_mod.InstructionKind = "forward" if forward else "backward"
-                    hooks.instruction_begin(kind, m, self._wall_ns(begin))
+                    hooks.instruction_begin(kind, m, self._wall_ns(begin), chunk=chunk)
                     end = self._play(
-                        node, gpu, (s, forward), factor=factor, begin=begin, sent_wall_s=time.time()
-                    )
-                    hooks.instruction_end(kind, m, self._wall_ns(end))
-                    if forward and s < stages - 1:
-                        acts[s + 1].put((m, end))
-                    elif not forward and s > 0:
-                        grads[s - 1].put((m, end))
+                        node, gpu, (unit, forward), factor=factor, begin=begin,
+                        sent_wall_s=time.time(),
+                    )  # fmt: skip
+                    hooks.instruction_end(kind, m, self._wall_ns(end), chunk=chunk)
+                    # The next model piece (forward) or the previous one (backward) gets it.
+                    to_stage, to_chunk = upstream(stages, chunks, s, (not forward, m, chunk))
+                    if to_stage >= 0:
+                        (acts if forward else grads)[to_stage * chunks + to_chunk].put((m, end))
                     prev_end = end
                 start = self._barrier.arrive(prev_end, self._stop)
                 hooks.iteration_end(self._wall_ns(start))
@@ -522,14 +540,15 @@ class SimTrainer:
         begin: float,
         sent_wall_s: float,
     ) -> float:
-        """Run one instruction from `begin` on the timeline at the clock the GPU is locked to,
+        """Run one instruction (`what`: its stage's chunk as a profile unit, and its kind) from
+        `begin` on the timeline at the clock the GPU is locked to,
         recording its energy; returns its end. A clock the sidecar applies meanwhile (seen by
         polling, soon after the begin event and at the end) takes over the rest of the work. It
         counts from `begin` plus the sidecar's wall-clock reaction time, unscaled: the time
         scale compresses GPU work, not the sidecar's latency, which must not be magnified."""
-        stage, forward = what
+        unit, forward = what
         clock = gpu.effective_clock_mhz()
-        time_s, energy_j = node.table[(stage, forward, clock)]
+        time_s, energy_j = node.table[(unit, forward, clock)]
         segment, left = begin, 1.0  # the fraction of the work left at `segment`
         end = begin + time_s * factor
         gpu.record_work(begin + node.offset_s, time_s * factor, energy_j * factor)
@@ -543,7 +562,7 @@ class SimTrainer:
                 at = min(max(begin + (time.time() - sent_wall_s), segment), end)
                 left -= (at - segment) / (time_s * factor)
                 clock, segment = now_clock, at
-                time_s, energy_j = node.table[(stage, forward, clock)]
+                time_s, energy_j = node.table[(unit, forward, clock)]
                 end = at + left * time_s * factor
                 gpu.record_work(
                     at + node.offset_s, left * time_s * factor, left * energy_j * factor
