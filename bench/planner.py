@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from perseus_operator.planner.evaluate import dag_cost, plan_durations
-from perseus_operator.planner.model import build_options
+from perseus_operator.planner.model import build_options, option_classes
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
 from perseus_profiles import EXAMPLES, Measurement, StageProfile, load_example
 
@@ -165,13 +165,13 @@ def lp_bound(
     profile: StageProfile, dag: PipelineDag, blocking_w: float, deadline_s: float
 ) -> float:
     """Least energy of the LP relaxation at `deadline_s` (HiGHS): durations continuous on the
-    lower convex hull of each instruction's (t, e - P_b*t) options, 1F1B precedence kept."""
+    lower convex hull of each instruction's (t, e - P_b*t) options, the DAG's precedence kept."""
     from scipy.optimize import linprog
     from scipy.sparse import coo_matrix
 
     table = build_options(profile, dag, blocking_w)
     n = dag.num_nodes
-    cls = 2 * dag.stage + dag.kind
+    cls = option_classes(dag)  # per (stage, chunk, kind)
     rows: list[int] = []
     cols: list[int] = []
     vals: list[float] = []

@@ -354,11 +354,14 @@ class Controller:
     ) -> None:
         model, clocks = next(iter(sorted(s.gpu_model for s in snaps.values())))
         source = spec.profile
+        # A per-chunk profile (interleaved 1F1B) is stored apart from the model's 1F1B one.
+        chunks = spec.pipeline.virtual_stages
+        store_key = spec.profile_key if chunks == 1 else f"{spec.profile_key}@v{chunks}"
         sig = (
             model,
             spec.pipeline.stages,
             spec.pipeline.tensor_parallel,
-            spec.profile_key,
+            store_key,
             spec.profile_scope,
             source.import_.config_map if source.import_ else None,
             source.import_.key if source.import_ else None,
@@ -406,7 +409,7 @@ class Controller:
             gpu_model=model,
             stages=spec.pipeline.stages,
             tensor_parallel=spec.pipeline.tensor_parallel,
-            key=spec.profile_key,
+            key=store_key,
             csv_text=profile.to_csv(),
             source=source_note,
             blocking_power_w=rt.blocking_w,
@@ -490,7 +493,8 @@ class Controller:
         self, rt: PolicyRuntime, spec: EnergyPolicySpec, generation: int
     ) -> None:
         assert rt.profile is not None
-        shape = PipelineShape(spec.pipeline.stages, spec.pipeline.microbatches)
+        pipe = spec.pipeline
+        shape = PipelineShape(pipe.stages, pipe.microbatches, pipe.schedule, pipe.virtual_stages)
         blocking_w = effective_blocking_w(rt, spec)
         sig = (rt.profile_cm, id(rt.profile), shape, blocking_w, spec.max_slowdown)
         if rt.frontier_sig == sig:

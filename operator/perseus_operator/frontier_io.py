@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from perseus_operator.planner import (
+    SCHEDULES,
     Frontier,
     PipelineShape,
     Plan,
@@ -49,6 +50,8 @@ def frontier_to_dict(frontier: Frontier) -> dict[str, Any]:
             "schedule": shape.schedule,
             "stages": shape.stages,
             "microbatches": shape.microbatches,
+            # Only interleaved pipelines carry it: 1F1B documents stay as they always were.
+            **({"virtual_stages": shape.virtual_stages} if shape.virtual_stages > 1 else {}),
         },
         "blocking_power_w": frontier.blocking_power_w,
         "order": frontier.order,
@@ -106,15 +109,24 @@ def load_frontier(text: str, profile: StageProfile) -> Frontier:
     pipe = doc.get("pipeline")
     if not isinstance(pipe, dict):
         raise FrontierFormatError("pipeline must be an object")
-    if pipe.get("schedule") != "1f1b":
-        raise FrontierFormatError(f"pipeline.schedule must be '1f1b', got {pipe.get('schedule')!r}")
-    shape = PipelineShape(
-        stages=_positive_int(pipe.get("stages"), "pipeline.stages"),
-        microbatches=_positive_int(pipe.get("microbatches"), "pipeline.microbatches"),
-    )
-    if shape.stages != profile.num_stages:
+    schedule = pipe.get("schedule")
+    if schedule not in SCHEDULES:
         raise FrontierFormatError(
-            f"frontier has {shape.stages} stages but the profile has {profile.num_stages}"
+            f"pipeline.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}"
+        )
+    try:
+        shape = PipelineShape(
+            stages=_positive_int(pipe.get("stages"), "pipeline.stages"),
+            microbatches=_positive_int(pipe.get("microbatches"), "pipeline.microbatches"),
+            schedule=schedule,
+            virtual_stages=_positive_int(pipe.get("virtual_stages", 1), "pipeline.virtual_stages"),
+        )
+    except ValueError as exc:
+        raise FrontierFormatError(f"pipeline: {exc}") from None
+    if shape.stages != profile.num_stages or shape.virtual_stages != profile.chunks:
+        raise FrontierFormatError(
+            f"frontier has {shape.stages} stages x {shape.virtual_stages} chunk(s) but the "
+            f"profile has {profile.num_stages} x {profile.chunks}"
         )
     blocking_w = _number(doc.get("blocking_power_w"), "blocking_power_w", positive=False)
     order = instruction_order(shape)
@@ -122,7 +134,7 @@ def load_frontier(text: str, profile: StageProfile) -> Frontier:
     if not isinstance(raw_order, list) or [
         tuple(seq) for seq in raw_order if isinstance(seq, list)
     ] != list(order):
-        raise FrontierFormatError("order is not the canonical synchronous 1F1B order")
+        raise FrontierFormatError(f"order is not the canonical {shape.schedule} order")
     raw_plans = doc.get("plans")
     if not isinstance(raw_plans, list) or not raw_plans:
         raise FrontierFormatError("plans must be a non-empty list")
@@ -182,7 +194,10 @@ def plot_frontier(frontier: Frontier, path: str | Path) -> None:
             label="all GPUs at max clock (T0)")  # fmt: skip
     ax.plot([star.iteration_time_s], [star.energy_j], "g*", ms=12, label="least energy (T*)")
     shape = frontier.pipeline
-    ax.set_title(f"{shape.schedule}: {shape.stages} stages x {shape.microbatches} microbatches")
+    chunks = f" x {shape.virtual_stages} chunks" if shape.virtual_stages > 1 else ""
+    ax.set_title(
+        f"{shape.schedule}: {shape.stages} stages{chunks} x {shape.microbatches} microbatches"
+    )
     ax.set_xlabel("iteration time (s)")
     ax.set_ylabel("energy per pipeline iteration (J)")
     ax.grid(True, alpha=0.3)

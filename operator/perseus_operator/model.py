@@ -81,11 +81,19 @@ class LabelSelector(_Model):
 
 
 class Pipeline(_Model):
-    """The job's shape: stages x dataParallel pipelines, each stage on tensorParallel GPUs."""
+    """The job's shape: stages x dataParallel pipelines, each stage on tensorParallel GPUs.
+    `interleaved-1f1b` is Megatron-LM's interleaved schedule: each stage holds `virtualStages`
+    model chunks (microbatches a multiple of the stages, as Megatron-LM requires)."""
 
     stages: int = Field(ge=1, le=256)
     microbatches: int = Field(ge=1, le=4096)
-    schedule: Literal["1f1b"] = "1f1b"
+    schedule: Literal["1f1b", "interleaved-1f1b"] = "1f1b"
+    virtual_stages: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="model chunks per stage: 1 for 1f1b, 2 or more for interleaved-1f1b",
+    )
     data_parallel: int = Field(default=1, ge=1, le=4096)
     tensor_parallel: int = Field(default=1, ge=1, le=64)
 
@@ -207,6 +215,12 @@ def cross_field_errors(spec: EnergyPolicySpec) -> list[str]:
         errors.append(
             "spec.blockingPowerW: required with an imported profile (profiling measures it)"
         )
+    errors += _pipeline_errors(spec.pipeline)
+    if source.measure is not None and spec.pipeline.virtual_stages > 1:
+        errors.append(
+            "spec.profile.measure: profiling measures one row per stage; an interleaved-1f1b"
+            " policy needs per-chunk rows: import them (a CSV with a chunk column)"
+        )
     if source.measure is not None and source.measure.frequencies is not None:
         rng = source.measure.frequencies
         if rng.min_mhz > rng.max_mhz:
@@ -214,6 +228,29 @@ def cross_field_errors(spec: EnergyPolicySpec) -> list[str]:
                 f"spec.profile.measure.frequencies: minMHz ({rng.min_mhz}) exceeds"
                 f" maxMHz ({rng.max_mhz})"
             )
+    return errors
+
+
+def _pipeline_errors(pipeline: Pipeline) -> list[str]:
+    """The schedule's rules (those of the planner's `PipelineShape`, named by spec field)."""
+    v, stages, mbs = pipeline.virtual_stages, pipeline.stages, pipeline.microbatches
+    if pipeline.schedule == "1f1b":
+        if v != 1:
+            return [
+                f"spec.pipeline.virtualStages: {v} model chunks per stage need schedule"
+                " interleaved-1f1b"
+            ]
+        return []
+    errors = []
+    if v < 2:
+        errors.append("spec.pipeline.virtualStages: interleaved-1f1b needs 2 or more")
+    if stages < 2:
+        errors.append("spec.pipeline.stages: interleaved-1f1b needs 2 or more")
+    elif mbs % stages:
+        errors.append(
+            f"spec.pipeline.microbatches: interleaved-1f1b needs a multiple of the stages"
+            f" ({stages}), as Megatron-LM does; got {mbs}"
+        )
     return errors
 
 

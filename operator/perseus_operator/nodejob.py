@@ -5,10 +5,10 @@ Service, and one Job per rank running `perseus sim-train rank` with the training
 Each rank pod reaches its node's sidecar at ``status.hostIP`` on the sidecar's host port, reads
 the job token from the Secret the operator creates for the policy, plays its stage on the
 simulated GPU the kubelet gave it (`nvidia.com/gpu: 1` from the simulated device plugin, which
-sets PERSEUS_GPU_UUID) and whose "driver" state the sidecar keeps under a hostPath, and exchanges activations
-and gradients with its pipeline neighbours over the pod network. One Job per rank (Kubernetes
-1.20 has no indexed Jobs) gives every rank a stable number and a replacement pod when its pod is
-deleted; the pods carry the policy's selector label, the coordinator does not.
+sets PERSEUS_GPU_UUID) and whose "driver" state the sidecar keeps under a hostPath, and
+exchanges activations and gradients with its pipeline neighbours over the pod network. One Job
+per rank (Kubernetes 1.20 has no indexed Jobs) gives every rank a stable number and a replacement
+pod when its pod is deleted; the pods carry the policy's selector label, the coordinator does not.
 """
 
 from __future__ import annotations

@@ -127,6 +127,16 @@ def check_profile(
             f"profile has {profile.num_stages} stages but spec.pipeline.stages is"
             f" {spec.pipeline.stages}"
         )
+    if profile.chunks != spec.pipeline.virtual_stages:
+        raise ProfileError(
+            f"profile has {profile.chunks} model chunk(s) per stage but"
+            f" spec.pipeline.virtualStages is {spec.pipeline.virtual_stages}"
+            + (
+                " (interleaved-1f1b needs per-chunk rows: a chunk column)"
+                if profile.chunks == 1
+                else ""
+            )
+        )
     unsupported = sorted(set(profile.frequencies_mhz) - clocks)
     if clocks and unsupported:
         shown = ", ".join(str(f) for f in unsupported[:5])

@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    model_validator,
+)
 
 __all__ = [
     "ClockResetResponse",
@@ -40,6 +47,7 @@ __all__ = [
     "ScheduleOut",
     "StageTimings",
     "TimingsOut",
+    "instruction_parts",
     "parse_instruction",
 ]
 
@@ -55,7 +63,9 @@ Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 GpuUuid = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 FrequencyMhz = Annotated[int, Field(gt=0, le=100_000)]
 RankIndex = Annotated[int, Field(ge=0, le=1_000_000)]
-_INSTRUCTION = re.compile(r"^([FB])(0|[1-9][0-9]{0,5})$")
+_INSTRUCTION = re.compile(r"^([FB])(0|[1-9][0-9]{0,5})(?:c(0|[1-9][0-9]?))?$")
+MAX_CHUNKS = 64
+"""Model chunks per stage an interleaved schedule may have (events carry chunks 0-63)."""
 
 
 class _Model(BaseModel):
@@ -70,12 +80,25 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+def instruction_parts(text: str) -> tuple[bool, int, int | None]:
+    """`"F3"` -> (True, 3, None), `"B0c1"` -> (False, 0, 1) (chunk 1 of an interleaved
+    pipeline's stage); ValueError for anything else."""
+    match = _INSTRUCTION.match(text)
+    chunk = None if match is None or match.group(3) is None else int(match.group(3))
+    if match is None or (chunk is not None and chunk >= MAX_CHUNKS):
+        raise ValueError(
+            f"instruction {text!r} is not F<m> or B<m> (or F<m>c<chunk>, B<m>c<chunk> with"
+            f" chunk < {MAX_CHUNKS}) with m >= 0"
+        )
+    return match.group(1) == "F", int(match.group(2)), chunk
+
+
 def parse_instruction(text: str) -> tuple[bool, int]:
     """`"F3"` -> (True, 3), `"B0"` -> (False, 0); ValueError for anything else."""
-    match = _INSTRUCTION.match(text)
-    if match is None:
+    forward, m, chunk = instruction_parts(text)
+    if chunk is not None:
         raise ValueError(f"instruction {text!r} is not F<m> or B<m> with m >= 0")
-    return match.group(1) == "F", int(match.group(2))
+    return forward, m
 
 
 class ErrorOut(_Out):
@@ -171,11 +194,15 @@ class EventIn(_Model):
     kind: EventKind
     microbatch: Annotated[int, Field(ge=-1, le=1_000_000)]
     t_ns: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    chunk: Annotated[int, Field(ge=0, lt=MAX_CHUNKS)] = 0
+    """The model chunk of the stage (interleaved pipelines; 0 otherwise)."""
 
     @model_validator(mode="after")
     def _microbatch_matches_kind(self) -> EventIn:
         if (self.kind == "IE") != (self.microbatch == -1):
             raise ValueError("microbatch is -1 exactly for IE (iteration end)")
+        if self.kind == "IE" and self.chunk:
+            raise ValueError("chunk is 0 for IE (iteration end)")
         return self
 
 
@@ -193,12 +220,14 @@ class EventsAccepted(_Out):
 
 class ScheduleEntry(_Model):
     """Stage `pipeline_rank` of pipeline `data_rank`: its instruction order and the SM clock to
-    lock as each instruction begins (all tensor ranks of the stage follow it)."""
+    lock as each instruction begins (all tensor ranks of the stage follow it). An interleaved
+    pipeline's stage names every instruction with its model chunk (`F<m>c<chunk>`)."""
 
     data_rank: RankIndex
     pipeline_rank: RankIndex
     order: Annotated[list[str], Field(min_length=2, max_length=20_000)]
     frequencies_mhz: Annotated[list[FrequencyMhz], Field(min_length=2, max_length=20_000)]
+    _chunks: int = PrivateAttr(default=1)
 
     @model_validator(mode="after")
     def _valid_order(self) -> ScheduleEntry:
@@ -208,29 +237,42 @@ class ScheduleEntry(_Model):
                 f"{where}: order has {len(self.order)} instructions but frequencies_mhz has "
                 f"{len(self.frequencies_mhz)}"
             )
-        if len(self.order) % 2:
-            raise ValueError(f"{where}: order must hold one F<m> and one B<m> per microbatch")
-        microbatches = len(self.order) // 2
-        forward_seen: set[int] = set()
-        backward_seen: set[int] = set()
+        parsed = []
         for text in self.order:
             try:
-                is_forward, m = parse_instruction(text)
+                parsed.append(instruction_parts(text))
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
+        named = {c is not None for _, _, c in parsed}
+        if len(named) > 1:
+            raise ValueError(f"{where}: order mixes F<m> and F<m>c<chunk> names")
+        chunks = self._chunks = max((c for _, _, c in parsed if c is not None), default=0) + 1
+        if len(self.order) % (2 * chunks):
+            per = "microbatch" if chunks == 1 else f"microbatch and each of {chunks} chunks"
+            raise ValueError(f"{where}: order must hold one F<m> and one B<m> per {per}")
+        microbatches = len(self.order) // (2 * chunks)
+        forward_seen: set[tuple[int, int]] = set()
+        backward_seen: set[tuple[int, int]] = set()
+        for text, (is_forward, m, c) in zip(self.order, parsed, strict=True):
             if m >= microbatches:
                 raise ValueError(f"{where}: {text} is out of range for {microbatches} microbatches")
             seen = forward_seen if is_forward else backward_seen
-            if m in seen:
+            key = (m, c or 0)
+            if key in seen:
                 raise ValueError(f"{where}: {text} appears twice")
-            if not is_forward and m not in forward_seen:
-                raise ValueError(f"{where}: B{m} comes before F{m}")
-            seen.add(m)
+            if not is_forward and key not in forward_seen:
+                raise ValueError(f"{where}: {text} comes before {'F' + text[1:]}")
+            seen.add(key)
         return self
 
     @property
+    def chunks(self) -> int:
+        """Model chunks of the stage: 1 unless the order names chunks."""
+        return self._chunks
+
+    @property
     def microbatches(self) -> int:
-        return len(self.order) // 2
+        return len(self.order) // (2 * self.chunks)
 
 
 class ScheduleIn(_Model):
@@ -243,6 +285,8 @@ class ScheduleIn(_Model):
             raise ValueError("entries must be distinct (data_rank, pipeline_rank) pairs")
         if len({e.microbatches for e in self.entries}) != 1:
             raise ValueError("every entry must have the same number of microbatches")
+        if len({e.chunks for e in self.entries}) != 1:
+            raise ValueError("every entry must have the same number of model chunks")
         return self
 
 

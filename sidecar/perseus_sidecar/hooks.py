@@ -22,6 +22,9 @@ Typical use::
                 run(kind, microbatch)
         perseus.iteration_end()
 
+An interleaved pipeline (Megatron-LM's virtual stages: the stage runs v model chunks) names the
+chunk of every instruction: ``perseus.instruction(kind, microbatch, chunk=c)``.
+
 The sidecar address, pod identity and job token come from the environment a Kubernetes pod is
 given (``PERSEUS_SIDECAR_HOST`` from the downward API's ``status.hostIP``,
 ``PERSEUS_SIDECAR_PORT``, ``PERSEUS_POD_NAMESPACE``, ``PERSEUS_POD_NAME``,
@@ -73,7 +76,8 @@ SyncArg = Callable[[], object] | Literal["auto"] | None
 
 _BEGIN = {"forward": "FB", "backward": "BB"}
 _END = {"forward": "FE", "backward": "BE"}
-_STOP = ("", 0, 0)
+_STOP = ("", 0, 0, 0)
+MAX_CHUNKS = 64
 _BATCH = 256
 _POLL_S = 0.05
 """How often an idle sender checks the socket for schedule notices."""
@@ -163,15 +167,16 @@ class _RefusedError(Exception):
 class _Instruction:
     """``with hooks.instruction("forward", m):`` without a generator's overhead."""
 
-    __slots__ = ("_hooks", "_kind", "_microbatch")
+    __slots__ = ("_chunk", "_hooks", "_kind", "_microbatch")
 
-    def __init__(self, hooks: Hooks, kind: InstructionKind, microbatch: int) -> None:
+    def __init__(self, hooks: Hooks, kind: InstructionKind, microbatch: int, chunk: int) -> None:
         self._hooks = hooks
         self._kind = kind
         self._microbatch = microbatch
+        self._chunk = chunk
 
     def __enter__(self) -> None:
-        self._hooks.instruction_begin(self._kind, self._microbatch)
+        self._hooks.instruction_begin(self._kind, self._microbatch, chunk=self._chunk)
 
     def __exit__(
         self,
@@ -179,7 +184,7 @@ class _Instruction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._hooks.instruction_end(self._kind, self._microbatch)
+        self._hooks.instruction_end(self._kind, self._microbatch, chunk=self._chunk)
 
 
 def _auto_sync() -> Callable[[], object] | None:
@@ -215,7 +220,7 @@ class Hooks:
         self._sync_now: Callable[[], object] | None = (
             self._sync if sync_policy == "always" else None
         )
-        self._queue: queue.SimpleQueue[tuple[str, int, int]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, int, int, int]] = queue.SimpleQueue()
         self._enqueued = 0
         self._done = 0
         self._dropped = 0
@@ -244,45 +249,50 @@ class Hooks:
         return self._schedule_active
 
     def instruction_begin(
-        self, kind: InstructionKind, microbatch: int, t_ns: int | None = None
+        self, kind: InstructionKind, microbatch: int, t_ns: int | None = None, *, chunk: int = 0
     ) -> None:
-        """The forward/backward of `microbatch` begins (after `sync` while a schedule is on).
-        `t_ns` (``time.time_ns()`` scale, default now) is for simulators and replays, whose
-        timeline is not the calling thread's wake-up time."""
+        """The forward/backward of `microbatch` (on model chunk `chunk` of this stage, in an
+        interleaved pipeline) begins (after `sync` while a schedule is on). `t_ns`
+        (``time.time_ns()`` scale, default now) is for simulators and replays, whose timeline
+        is not the calling thread's wake-up time."""
         code = _BEGIN.get(kind)
         if code is None:
             raise ValueError(f"instruction kind must be 'forward' or 'backward', got {kind!r}")
         if microbatch < 0:
             raise ValueError(f"microbatch must be >= 0, got {microbatch}")
+        if not 0 <= chunk < MAX_CHUNKS:
+            raise ValueError(f"chunk must be 0-{MAX_CHUNKS - 1}, got {chunk}")
         sync = self._sync_now
         if sync is not None:
             sync()
         if self.config is not None:
             self._enqueued += 1
-            self._queue.put((code, microbatch, time.time_ns() if t_ns is None else t_ns))
+            self._queue.put((code, microbatch, time.time_ns() if t_ns is None else t_ns, chunk))
 
     def instruction_end(
-        self, kind: InstructionKind, microbatch: int, t_ns: int | None = None
+        self, kind: InstructionKind, microbatch: int, t_ns: int | None = None, *, chunk: int = 0
     ) -> None:
-        """The forward/backward of `microbatch` ended (as enqueued: no sync here)."""
+        """The forward/backward of `microbatch` (on `chunk`) ended (as enqueued: no sync here)."""
         code = _END.get(kind)
         if code is None:
             raise ValueError(f"instruction kind must be 'forward' or 'backward', got {kind!r}")
         if microbatch < 0:
             raise ValueError(f"microbatch must be >= 0, got {microbatch}")
+        if not 0 <= chunk < MAX_CHUNKS:
+            raise ValueError(f"chunk must be 0-{MAX_CHUNKS - 1}, got {chunk}")
         if self.config is not None:
             self._enqueued += 1
-            self._queue.put((code, microbatch, time.time_ns() if t_ns is None else t_ns))
+            self._queue.put((code, microbatch, time.time_ns() if t_ns is None else t_ns, chunk))
 
     def iteration_end(self, t_ns: int | None = None) -> None:
         """The iteration's pipeline work is over: the sidecar returns the GPU to maximum clock."""
         if self.config is not None:
             self._enqueued += 1
-            self._queue.put(("IE", -1, time.time_ns() if t_ns is None else t_ns))
+            self._queue.put(("IE", -1, time.time_ns() if t_ns is None else t_ns, 0))
 
-    def instruction(self, kind: InstructionKind, microbatch: int) -> _Instruction:
+    def instruction(self, kind: InstructionKind, microbatch: int, chunk: int = 0) -> _Instruction:
         """Context manager: begin on entry, end on exit."""
-        return _Instruction(self, kind, microbatch)
+        return _Instruction(self, kind, microbatch, chunk)
 
     # Control ------------------------------------------------------------------------------------
 
@@ -350,7 +360,7 @@ class _Sender:
     def __init__(self, hooks: Hooks, config: HooksConfig) -> None:
         self.hooks = hooks
         self.config = config
-        self.pending: deque[tuple[str, int, int]] = deque()
+        self.pending: deque[tuple[str, int, int, int]] = deque()
         self.sock: socket.socket | None = None
         self.inbox = b""
         self.backoff_s = config.min_backoff_s
@@ -507,7 +517,9 @@ class _Sender:
         while self.pending:
             # Bounded batches keep each stretch holding the GIL short for the training thread.
             batch = [self.pending.popleft() for _ in range(min(len(self.pending), _BATCH))]
-            data = "".join(f"{k} {m} {t}\n" for k, m, t in batch).encode()
+            data = "".join(
+                f"{k} {m} {t} {c}\n" if c else f"{k} {m} {t}\n" for k, m, t, c in batch
+            ).encode()
             try:
                 sock.sendall(data)
             except OSError as exc:
@@ -641,14 +653,14 @@ def register(
     return hooks
 
 
-def instruction_begin(kind: InstructionKind, microbatch: int) -> None:
+def instruction_begin(kind: InstructionKind, microbatch: int, chunk: int = 0) -> None:
     """:meth:`Hooks.instruction_begin` on the default hooks."""
-    _default.instruction_begin(kind, microbatch)
+    _default.instruction_begin(kind, microbatch, chunk=chunk)
 
 
-def instruction_end(kind: InstructionKind, microbatch: int) -> None:
+def instruction_end(kind: InstructionKind, microbatch: int, chunk: int = 0) -> None:
     """:meth:`Hooks.instruction_end` on the default hooks."""
-    _default.instruction_end(kind, microbatch)
+    _default.instruction_end(kind, microbatch, chunk=chunk)
 
 
 def iteration_end() -> None:
@@ -656,6 +668,6 @@ def iteration_end() -> None:
     _default.iteration_end()
 
 
-def instruction(kind: InstructionKind, microbatch: int) -> _Instruction:
+def instruction(kind: InstructionKind, microbatch: int, chunk: int = 0) -> _Instruction:
     """:meth:`Hooks.instruction` on the default hooks."""
-    return _default.instruction(kind, microbatch)
+    return _default.instruction(kind, microbatch, chunk)

@@ -25,7 +25,7 @@ from perseus_sidecar.api import (
     ScheduleEntry,
     ScheduleIn,
     TimingsOut,
-    parse_instruction,
+    instruction_parts,
 )
 from perseus_sidecar.clocks import ClockController
 from perseus_sidecar.gpu.base import GpuBackend, GpuError, GpuInfo
@@ -369,12 +369,13 @@ class Node:
             if was_controlled and rank.profiling is None:
                 self._reset_gpu(rank.gpu_uuid, "schedule-deleted")
             return
-        forward = [0] * entry.microbatches
-        backward = [0] * entry.microbatches
+        chunks = entry.chunks
+        forward = [0] * (entry.microbatches * chunks)
+        backward = [0] * (entry.microbatches * chunks)
         for text, mhz in zip(entry.order, entry.frequencies_mhz, strict=True):
-            is_forward, m = parse_instruction(text)
-            (forward if is_forward else backward)[m] = mhz
-        rank.set_schedule(tuple(forward), tuple(backward))
+            is_forward, m, chunk = instruction_parts(text)
+            (forward if is_forward else backward)[m * chunks + (chunk or 0)] = mhz
+        rank.set_schedule(tuple(forward), tuple(backward), chunks)
 
     # ---- profiling --------------------------------------------------------------------------
 

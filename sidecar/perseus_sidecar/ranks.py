@@ -42,6 +42,8 @@ EVENT_CODES = {
     "IE": ITERATION_END,
 }
 EVENT_CODES_BYTES = {k.encode(): v for k, v in EVENT_CODES.items()}
+MAX_CHUNKS = 64
+"""Model chunks per stage an event may name (0-63), as the API allows."""
 
 
 class Listener(Protocol):
@@ -71,6 +73,7 @@ class Rank:
         "_error_logged",
         "_metrics",
         "backward_mhz",
+        "chunks",
         "cur_backward",
         "cur_forward",
         "data_rank",
@@ -131,6 +134,8 @@ class Rank:
         self.seconds_per_ns = 1e-9 / time_scale
         self.forward_mhz: tuple[int, ...] | None = None
         self.backward_mhz: tuple[int, ...] | None = None
+        self.chunks = 1
+        """Model chunks per stage of the schedule: its tables hold microbatch * chunks + chunk."""
         self.profiling: RankProfiling | None = None
         self.listeners: set[Listener] = set()
         self.last_event_mono = time.monotonic()
@@ -156,11 +161,15 @@ class Rank:
         return self.forward_mhz is not None or self.profiling is not None
 
     def set_schedule(
-        self, forward_mhz: tuple[int, ...] | None, backward_mhz: tuple[int, ...] | None
+        self,
+        forward_mhz: tuple[int, ...] | None,
+        backward_mhz: tuple[int, ...] | None,
+        chunks: int = 1,
     ) -> None:
         before = self.controlled
         self.forward_mhz = forward_mhz
         self.backward_mhz = backward_mhz
+        self.chunks = chunks
         self._notify_if_changed(before)
 
     def set_profiling(self, profiling: RankProfiling | None) -> None:
@@ -176,24 +185,29 @@ class Rank:
 
     # ---- hot path ---------------------------------------------------------------------------
 
-    def on_event(self, code: int, microbatch: int, t_ns: int) -> None:
-        """Apply one event. Raises nothing: GPU errors are counted and logged once."""
+    def on_event(self, code: int, microbatch: int, t_ns: int, chunk: int = 0) -> None:
+        """Apply one event (`chunk`: the model chunk, in an interleaved pipeline). Raises
+        nothing: GPU errors are counted and logged once."""
         self.last_event_mono = time.monotonic()
         if self.stale:
             self.stale = False
             log.info("rank events resumed", extra={"rank_id": self.rank_id})
+        # Open instructions are keyed per (microbatch, chunk); the schedule's tables hold
+        # microbatch * chunks + chunk, and a chunk beyond the schedule's has no clock.
+        key = microbatch * MAX_CHUNKS + chunk
+        slot = microbatch * self.chunks + chunk if chunk < self.chunks else -1
         if code == FORWARD_BEGIN:
-            self.open_forward[microbatch] = t_ns
+            self.open_forward[key] = t_ns
             if self.first_begin_ns is None:
                 self.first_begin_ns = t_ns
             table = self.forward_mhz
         elif code == BACKWARD_BEGIN:
-            self.open_backward[microbatch] = t_ns
+            self.open_backward[key] = t_ns
             if self.first_begin_ns is None:
                 self.first_begin_ns = t_ns
             table = self.backward_mhz
         elif code in (FORWARD_END, BACKWARD_END):
-            self._end_instruction(code == FORWARD_END, microbatch, t_ns)
+            self._end_instruction(code == FORWARD_END, key, t_ns)
             return
         else:
             self._end_iteration(t_ns)
@@ -201,8 +215,8 @@ class Rank:
         profiling = self.profiling
         if profiling is not None:
             self._apply(profiling.clock_mhz, t_ns)
-        elif table is not None and microbatch < len(table):
-            self._apply(table[microbatch], t_ns)
+        elif table is not None and 0 <= slot < len(table):
+            self._apply(table[slot], t_ns)
 
     def _apply(self, clock_mhz: int, t_ns: int) -> None:
         try:
@@ -224,8 +238,8 @@ class Rank:
             self._metrics.gpu_errors.labels(error=type(exc).__name__).inc()
             log.error("cannot reset clock", extra={"gpu": self.gpu_uuid, "error": str(exc)})
 
-    def _end_instruction(self, forward: bool, microbatch: int, t_ns: int) -> None:
-        begin = (self.open_forward if forward else self.open_backward).pop(microbatch, None)
+    def _end_instruction(self, forward: bool, key: int, t_ns: int) -> None:
+        begin = (self.open_forward if forward else self.open_backward).pop(key, None)
         if begin is None or t_ns < begin:
             return
         (self.cur_forward if forward else self.cur_backward).append(

@@ -5,7 +5,7 @@
     server: S 1\\n / S 0\\n when the rank's clock control starts / stops
 
 A malformed line gets `ERR <message>` and the connection closes. Parsing is a byte split and
-two int() calls per event: no per-event allocation beyond that, no pydantic."""
+two int() calls per event (three with a chunk): no per-event allocation beyond that, no pydantic."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import logging
 import time
 
 from perseus_sidecar.node import AuthError, Node
-from perseus_sidecar.ranks import EVENT_CODES_BYTES, ITERATION_END, Rank
+from perseus_sidecar.ranks import EVENT_CODES_BYTES, ITERATION_END, MAX_CHUNKS, Rank
 
 __all__ = ["MAX_LINE_BYTES", "EventProtocol", "start_event_server"]
 
@@ -98,15 +98,16 @@ class EventProtocol(asyncio.Protocol):
                     rank.received_ns = time.time_ns()
                 continue
             parts = line.split()
-            code = EVENT_CODES_BYTES.get(parts[0]) if len(parts) == 3 else None
+            code = EVENT_CODES_BYTES.get(parts[0]) if 3 <= len(parts) <= 4 else None
             if code is None:
-                self.close("expected '<FB|FE|BB|BE|IE> <microbatch> <t_ns>'")
+                self.close("expected '<FB|FE|BB|BE|IE> <microbatch> <t_ns> [<chunk>]'")
                 return
             try:
                 microbatch = int(parts[1])
                 t_ns = int(parts[2])
+                chunk = int(parts[3]) if len(parts) == 4 else 0
             except ValueError:
-                self.close("microbatch and t_ns must be integers")
+                self.close("microbatch, t_ns and chunk must be integers")
                 return
             if not (0 <= t_ns <= MAX_T_NS) or microbatch > MAX_MICROBATCH:
                 self.close("t_ns or microbatch out of range")
@@ -114,7 +115,10 @@ class EventProtocol(asyncio.Protocol):
             if (code == ITERATION_END) != (microbatch == -1) or microbatch < -1:
                 self.close("microbatch must be -1 exactly for IE and >= 0 otherwise")
                 return
-            rank.on_event(code, microbatch, t_ns)
+            if not 0 <= chunk < MAX_CHUNKS or (chunk and code == ITERATION_END):
+                self.close(f"chunk must be 0-{MAX_CHUNKS - 1}, and 0 for IE")
+                return
+            rank.on_event(code, microbatch, t_ns, chunk)
             accepted += 1
         if accepted:
             counter.inc(accepted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -66,3 +67,24 @@ def test_label_selector_matching() -> None:
     s = parse_spec(spec(selector={"matchLabels": {"job": "gpt", "team": "a"}}))
     assert s.selector.matches({"job": "gpt", "team": "a", "x": "y"})
     assert not s.selector.matches({"job": "gpt"})
+
+
+def test_interleaved_pipeline_and_its_rules() -> None:
+    interleaved = {"stages": 4, "microbatches": 8, "schedule": "interleaved-1f1b"}
+    s = parse_spec(spec(pipeline={**interleaved, "virtualStages": 2}))
+    assert (s.pipeline.schedule, s.pipeline.virtual_stages) == ("interleaved-1f1b", 2)
+    assert parse_spec(spec()).pipeline.virtual_stages == 1
+    bad = [
+        ({**interleaved}, "spec.pipeline.virtualStages: interleaved-1f1b needs 2 or more"),
+        ({**interleaved, "virtualStages": 2, "microbatches": 6},
+         "spec.pipeline.microbatches: interleaved-1f1b needs a multiple of the stages (4)"),
+        ({**interleaved, "virtualStages": 2, "stages": 1}, "spec.pipeline.stages: interleaved"),
+        ({"stages": 4, "microbatches": 8, "virtualStages": 2}, "need schedule interleaved-1f1b"),
+        ({**interleaved, "virtualStages": 65}, "less than or equal to 64"),
+        ({**interleaved, "schedule": "gpipe"}, "spec.pipeline.schedule"),
+    ]  # fmt: skip
+    for pipeline, fragment in bad:
+        with pytest.raises(SpecError, match=re.escape(fragment)):
+            parse_spec(spec(pipeline=pipeline))
+    with pytest.raises(SpecError, match="per-chunk rows: import them"):
+        parse_spec(spec(pipeline={**interleaved, "virtualStages": 2}, profile={"measure": {}}))

@@ -253,3 +253,59 @@ def test_run_as_a_user_a_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("perseus plan: error: ")
     assert not (tmp_path / "f.json").exists()
+
+
+def test_interleaved_run_writes_a_valid_frontier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--schedule interleaved-1f1b --virtual-stages 2` on a per-chunk profile, and on a
+    one-chunk one split with `--split-chunks`: the same frontier, which loads back checked."""
+    one = load_example("gpt3-175b-a40").select_stages((0, 3, 7))
+    split_csv = tmp_path / "chunks.csv"
+    split_csv.write_text(one.split_chunks(2).to_csv())
+    one_csv = tmp_path / "one.csv"
+    one_csv.write_text(one.to_csv())
+    common = ("--microbatches", "6", "--blocking-power-w", "70.38")
+    assert main(plan(tmp_path, "--profile", str(split_csv), "--schedule", "interleaved-1f1b",
+                     *common)) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "3 stages x 6 microbatches (interleaved 1F1B, 2 chunks per stage)" in out
+    text = (tmp_path / "out" / "frontier.json").read_text()
+    doc = json.loads(text)
+    assert doc["pipeline"] == {
+        "schedule": "interleaved-1f1b", "stages": 3, "microbatches": 6, "virtual_stages": 2
+    }  # fmt: skip
+    assert doc["order"][2][:3] == ["F0c0", "F1c0", "F2c0"]
+    frontier = load_frontier(text, one.split_chunks(2))
+    assert frontier.pipeline.virtual_stages == 2
+    with pytest.raises(FrontierFormatError, match=r"3 stages x 2 chunk\(s\) but the profile"):
+        load_frontier(text, one)
+    assert main(plan(tmp_path, "--profile", str(one_csv), "--schedule", "interleaved-1f1b",
+                     "--virtual-stages", "2", "--split-chunks", *common)) == 0  # fmt: skip
+    assert (tmp_path / "out" / "frontier.json").read_text() == text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--microbatches", "4"), "4 is not a multiple of 3"),
+        (("--microbatches", "6", "--virtual-stages", "2"), "need schedule interleaved-1f1b"),
+        (("--microbatches", "6", "--schedule", "interleaved-1f1b"), "split each stage evenly"),
+        (
+            ("--microbatches", "6", "--schedule", "interleaved-1f1b", "--virtual-stages", "1"),
+            "needs 2-64 virtual stages",
+        ),
+        (("--microbatches", "6", "--split-chunks"), "--split-chunks is for interleaved-1f1b"),
+    ],
+)
+def test_interleaved_bad_input_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], message: str
+) -> None:
+    one = tmp_path / "one.csv"
+    one.write_text(load_example("gpt3-175b-a40").select_stages((0, 3, 7)).to_csv())
+    args = ["--profile", str(one), "--blocking-power-w", "70", *extra]
+    if "--microbatches" in extra and extra[1] == "4":
+        args += ["--schedule", "interleaved-1f1b", "--split-chunks"]
+    assert main(plan(tmp_path, *args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -31,7 +31,7 @@ def cost_j(plan: Plan, pace_s: float) -> float:
 
 def controller() -> Controller:
     return Controller(
-        Store(PROFILE.to_csv()),  # type: ignore[arg-type]
+        Store(PROFILE.to_csv()),
         Gateway(),  # type: ignore[arg-type]
         profile_namespace="perseus",
         baseline_iterations=3,
@@ -98,7 +98,7 @@ class SlowPipelineGateway(Gateway):
 async def test_a_straggler_in_the_timings_gets_the_plan_solved_at_its_pace() -> None:
     gateway = SlowPipelineGateway()
     ctl = Controller(
-        Store(PROFILE.to_csv()),  # type: ignore[arg-type]
+        Store(PROFILE.to_csv()),
         gateway,  # type: ignore[arg-type]
         profile_namespace="perseus",
         baseline_iterations=3,

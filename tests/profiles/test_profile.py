@@ -139,3 +139,36 @@ def test_structure_is_validated_when_built_directly() -> None:
 def test_unknown_example_lists_choices() -> None:
     with pytest.raises(ProfileError, match="choose one of gpt3-175b-a100"):
         example("llama")
+
+
+def test_per_chunk_rows_round_trip_and_name_the_chunk() -> None:
+    """A `chunk` column gives per-chunk rows (an interleaved pipeline's profile); without it the
+    profile is the one-chunk case and writes the five-column layout as before."""
+    one = parse_profile_csv(_csv(_two_stage_rows()))
+    assert one.chunks == 1 and one.to_csv().startswith(HEADER)
+    assert parse_profile_csv(one.to_csv()) == one
+    split = one.split_chunks(2)
+    assert (split.num_stages, split.chunks, len(split.options)) == (2, 2, 4)
+    for c in range(2):
+        m = split.measurement(1, "backward", 800, chunk=c)
+        assert (m.time_s, m.energy_j) == pytest.approx((0.35 / 2, 22 / 2))
+    text = split.to_csv()
+    assert text.startswith("stage,chunk,instruction,frequency,time,energy\n")
+    assert parse_profile_csv(text) == split
+    assert split.select_stages((1,)) == parse_profile_csv(text).select_stages((1,))
+    assert split.select_stages((1,)).options == split.options[2:]
+    with pytest.raises(ProfileError, match="only a one-chunk profile splits"):
+        split.split_chunks(2)
+    with pytest.raises(ProfileError, match="chunks per stage must be an integer 1-64"):
+        one.split_chunks(0)
+    # A chunk missing from one stage, and a bad chunk number, are one line each.
+    rows = [line for line in text.splitlines()[1:] if not line.startswith("1,1,")]
+    with pytest.raises(ProfileError, match=r"stage 1 chunk 1 has no forward rows"):
+        parse_profile_csv("stage,chunk,instruction,frequency,time,energy\n" + "\n".join(rows))
+    with pytest.raises(ProfileError, match="row 2: chunk must be 0-63, got -1"):
+        parse_profile_csv(
+            "stage,chunk,instruction,frequency,time,energy\n0,-1,forward,1000,0.1,1\n"
+        )
+    with pytest.raises(ProfileError, match="stage 0 chunk 1 forward at 800 MHz"):
+        bad = text.replace("0,1,forward,800,", "0,1,forward,800,-")
+        parse_profile_csv(bad)

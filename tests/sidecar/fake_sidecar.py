@@ -30,6 +30,8 @@ class FakeSidecar:
     """Answer this many registrations with 403 before accepting."""
     registrations: list[Registration] = field(default_factory=list)
     events: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    chunks: dict[str, list[int]] = field(default_factory=dict)
+    """Each event's model chunk (the optional fourth field; 0 when absent)."""
     event_clients: dict[str, str] = field(default_factory=dict)
     known_ranks: set[str] = field(default_factory=set)
     read_events: bool = True
@@ -101,9 +103,10 @@ class FakeSidecar:
                 while not sidecar.read_events:
                     time.sleep(0.01)
                 for raw in self.rfile:
-                    kind, mb, t_ns = raw.decode().split()
+                    kind, mb, t_ns, *chunk = raw.decode().split()
                     with sidecar._lock:
                         sidecar.events[rank_id].append((kind, int(mb), int(t_ns)))
+                        sidecar.chunks.setdefault(rank_id, []).append(int(chunk[0]) if chunk else 0)
                 with sidecar._lock:
                     if sidecar._conns.get(rank_id) is self.connection:
                         del sidecar._conns[rank_id]

@@ -317,3 +317,37 @@ def test_importing_the_hooks_pulls_in_no_heavy_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_chunks_travel_with_events_and_plain_lines_stay_three_fields(
+    sidecar: FakeSidecar,
+) -> None:
+    """An interleaved pipeline names each instruction's model chunk; chunk 0 (every plain 1F1B
+    event) keeps the three-field line an older sidecar reads."""
+    with _register(sidecar) as h:
+        assert h.wait_connected(5)
+        h.instruction_begin("forward", 4, chunk=1)
+        h.instruction_end("forward", 4, chunk=1)
+        with h.instruction("backward", 4, chunk=3):
+            pass
+        with h.instruction("forward", 5):
+            pass
+        h.iteration_end()
+        assert h.flush(5)
+        rank_id = h.rank_id
+        assert rank_id is not None
+        wait_until(lambda: len(sidecar.events_of(rank_id)) == 7)
+        with pytest.raises(ValueError, match="chunk must be 0-63"):
+            h.instruction_begin("forward", 0, chunk=64)
+        with pytest.raises(ValueError, match="chunk must be 0-63"):
+            h.instruction_end("forward", 0, chunk=-1)
+    assert [k for k, _, _ in sidecar.events_of(rank_id)] == [
+        "FB",
+        "FE",
+        "BB",
+        "BE",
+        "FB",
+        "FE",
+        "IE",
+    ]
+    assert sidecar.chunks[rank_id] == [1, 1, 3, 3, 0, 0, 0]

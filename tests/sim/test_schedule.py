@@ -1,4 +1,5 @@
-"""1F1B orders and the iteration time they imply, on hand-computable cases."""
+"""1F1B and interleaved 1F1B orders and the iteration time they imply, on hand-computable
+cases."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import pytest
 from perseus_sidecar.sim.schedule import (
     Instruction,
     format_instruction,
+    interleaved_order,
     iteration_time_s,
     one_f_one_b_order,
+    pipeline_order,
 )
 
 
@@ -70,6 +73,40 @@ def test_slowest_stage_dominates() -> None:
 
 
 def test_a_deadlocking_order_is_rejected() -> None:
-    orders = ((((False, 0), (True, 0))), ((True, 0), (False, 0)))
+    orders = (((False, 0, 0), (True, 0, 0)), ((True, 0, 0), (False, 0, 0)))
     with pytest.raises(ValueError, match="deadlock"):
         iteration_time_s(orders, lambda s, i: 1.0)
+
+
+def test_interleaved_order_is_megatrons() -> None:
+    """The simulator's own copy of the interleaved order agrees with the planner's and with the
+    reference written from Megatron-LM's loop."""
+    from perseus_operator.planner import PipelineShape, instruction_order
+    from tests.planner.reference import order_interleaved
+
+    for stages, microbatches, chunks in ((2, 4, 2), (3, 6, 3), (4, 8, 2), (4, 4, 4)):
+        ours = [
+            [format_instruction(i, chunked=True) for i in o]
+            for o in interleaved_order(stages, microbatches, chunks)
+        ]
+        shape = PipelineShape(stages, microbatches, "interleaved-1f1b", chunks)
+        assert ours == [list(o) for o in instruction_order(shape)]
+        want = order_interleaved(stages, microbatches, chunks)
+        assert ours == [[f"{k}{m}c{c}" for k, m, c in seq] for seq in want]
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        interleaved_order(4, 6, 2)
+    with pytest.raises(ValueError, match="2\\+ chunks"):
+        interleaved_order(4, 8, 1)
+    assert pipeline_order(3, 4) == one_f_one_b_order(3, 4)
+
+
+def test_interleaved_iteration_time_by_hand() -> None:
+    """2 stages x 2 microbatches x 2 chunks, per (stage, chunk) times F/B: s0c0 1/2, s0c1 1/1,
+    s1c0 2/3, s1c1 3/4: 27 s (the planner's hand case, tests/planner/test_interleaved.py)."""
+    times = {(0, 0): (1.0, 2.0), (0, 1): (1.0, 1.0), (1, 0): (2.0, 3.0), (1, 1): (3.0, 4.0)}
+
+    def duration(stage: int, instruction: Instruction) -> float:
+        forward, _, chunk = instruction
+        return times[(stage, chunk)][0 if forward else 1]
+
+    assert iteration_time_s(interleaved_order(2, 2, 2), duration) == pytest.approx(27.0)

@@ -9,6 +9,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,13 @@ import pytest
 from perseus_operator.cli import main as perseus
 from perseus_profiles import EXAMPLES, INSTRUCTIONS, StageProfile, load_example
 from perseus_profiles import Instruction as Instr
-from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
+from perseus_sidecar.sim.schedule import (
+    Instruction,
+    format_instruction,
+    interleaved_order,
+    iteration_time_s,
+    one_f_one_b_order,
+)
 from perseus_sidecar.sim.trainer import (
     Crash,
     IterationResult,
@@ -145,7 +152,7 @@ def test_locked_clocks_slow_the_pipeline_as_profiled(tmp_path: Path) -> None:
                 {
                     "data_rank": 0,
                     "pipeline_rank": s,
-                    "order": [("F" if f else "B") + str(m) for f, m in orders[s]],
+                    "order": [("F" if f else "B") + str(m) for f, m, _ in orders[s]],
                     "frequencies_mhz": [low] * len(orders[s]),
                 }
                 for s in range(4)
@@ -164,6 +171,59 @@ def test_locked_clocks_slow_the_pipeline_as_profiled(tmp_path: Path) -> None:
         assert forward["mean_s"] == pytest.approx(
             profile.measurement(r["pipeline_rank"], "forward", low).time_s, rel=0.03
         )
+
+
+def test_interleaved_pipeline_plays_each_chunk_at_its_clock(tmp_path: Path) -> None:
+    """A per-chunk ground truth (stages 0 and 7, each split in two chunks): the trainer runs
+    Megatron's interleaved order, the events name the chunk, and a schedule that locks chunk 1
+    low and chunk 0 at the maximum clock gives the interleaved DAG's longest path at those
+    clocks."""
+    profile = load_example("gpt3-175b-a100").select_stages((0, 7)).split_chunks(2)
+    profile_path = tmp_path / "chunks.csv"
+    profile_path.write_text(profile.to_csv())
+    top, low = profile.max_frequency_mhz, profile.frequencies_mhz[-1]
+    orders = interleaved_order(2, 4, 2)
+
+    def duration(stage: int, instruction: Instruction) -> float:
+        forward, _, chunk = instruction
+        name: Instr = "forward" if forward else "backward"
+        return profile.measurement(stage, name, low if chunk else top, chunk=chunk).time_s
+
+    expected_s = iteration_time_s(orders, duration)
+    with sidecar_process(tmp_path, profile=profile_path, gpus=2) as sidecar:
+        config = SimConfig(
+            nodes=(NodeSpec(sidecar.host, sidecar.port, sidecar.state_dir),),
+            pipelines=1,
+            microbatches=4,
+            iterations=4,
+            job_token=JOB_TOKEN,
+            job="chunks",
+        )
+        trainer = SimTrainer(config)
+        assert trainer.chunks == 2 and trainer.orders == orders
+        with pytest.raises(SimulationError, match="not a multiple of 2"):
+            SimTrainer(replace(config, microbatches=3))
+        sidecar.announce("default", "chunks", trainer.pods_by_node()[0])
+        body = {
+            "entries": [
+                {
+                    "data_rank": 0,
+                    "pipeline_rank": s,
+                    "order": [format_instruction(i, chunked=True) for i in orders[s]],
+                    "frequencies_mhz": [low if c else top for _, _, c in orders[s]],
+                }
+                for s in range(2)
+            ]
+        }
+        response = sidecar.request("PUT", "/v1/jobs/default/chunks/schedule", json=body)
+        assert response.status_code == 200, response.text
+        results = trainer.run()
+        timings = sidecar.timings("default", "chunks")
+    assert expected_s > 1.03 * trainer.expected_s(0)
+    assert statistics.median(r.time_s for r in results[1:]) == pytest.approx(expected_s, rel=0.02)
+    for r in timings["ranks"]:
+        forward = next(i for i in r["instructions"] if i["instruction"] == "forward")
+        assert forward["count"] == 4 * 2 * 4  # iterations x microbatches x chunks
 
 
 def test_straggler_shows_in_the_sidecar_timings(tmp_path: Path) -> None:
@@ -235,7 +295,7 @@ def test_crash_shows_in_the_sidecar_and_the_rank_comes_back(
             {
                 "data_rank": 0,
                 "pipeline_rank": s,
-                "order": [("F" if f else "B") + str(m) for f, m in orders[s]],
+                "order": [("F" if f else "B") + str(m) for f, m, _ in orders[s]],
                 "frequencies_mhz": [low] * len(orders[s]),
             }
             for s in range(4)

@@ -2,6 +2,8 @@
 
     perseus plan --profile FILE.csv --stages S --microbatches M --blocking-power-w W --out F.json
     perseus plan --example gpt3-175b-a100 --microbatches 12 --out F.json [--plot F.png]
+    perseus plan --example gpt3-175b-a100 --microbatches 16 --schedule interleaved-1f1b \
+        --virtual-stages 2 --split-chunks --out F.json
 
 Prints a short summary on stdout and progress on stderr when the search takes a while.
 """
@@ -27,13 +29,33 @@ def add_parser(subparsers: Any) -> None:
         "plan",
         help="compute the iteration-time vs. energy frontier of frequency plans",
         description="Compute the iteration-time vs. energy frontier of per-instruction GPU "
-        "frequency plans for a synchronous 1F1B pipeline and write it as perseus-frontier/v1 JSON.",
+        "frequency plans for a synchronous 1F1B (or interleaved 1F1B) pipeline and write it as "
+        "perseus-frontier/v1 JSON.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", type=Path, help="stage profile CSV")
     source.add_argument("--example", help="an embedded real profile, e.g. gpt3-175b-a100")
     parser.add_argument("--stages", type=int, help="pipeline stages (default: the profile's)")
     parser.add_argument("--microbatches", type=int, required=True, help="microbatches/iteration")
+    parser.add_argument(
+        "--schedule",
+        choices=("1f1b", "interleaved-1f1b"),
+        default="1f1b",
+        help="pipeline schedule; interleaved-1f1b is Megatron-LM's, with --virtual-stages model "
+        "chunks per stage and microbatches a multiple of the stages (default: 1f1b)",
+    )
+    parser.add_argument(
+        "--virtual-stages",
+        type=int,
+        help="model chunks per stage (v) of interleaved-1f1b (default: the profile's chunks, 2 "
+        "for a one-chunk profile)",
+    )
+    parser.add_argument(
+        "--split-chunks",
+        action="store_true",
+        help="derive the per-chunk profile from a one-chunk one: each stage's time and energy "
+        "split evenly across its chunks",
+    )
     parser.add_argument(
         "--blocking-power-w",
         type=float,
@@ -70,7 +92,16 @@ def run(args: argparse.Namespace) -> int:
         raise ProfileError(
             f"--stages {stages} does not match the profile's {profile.num_stages} stages"
         )
-    shape = PipelineShape(stages=stages, microbatches=args.microbatches)
+    chunks = args.virtual_stages
+    if chunks is None:
+        chunks = 1 if args.schedule == "1f1b" else max(profile.chunks, 2)
+    if args.split_chunks:
+        if profile.chunks != 1:
+            raise CliError(f"--split-chunks needs a one-chunk profile; it has {profile.chunks}")
+        if chunks < 2:
+            raise CliError("--split-chunks is for interleaved-1f1b with --virtual-stages >= 2")
+        profile = profile.split_chunks(chunks)
+    shape = PipelineShape(stages, args.microbatches, args.schedule, chunks)
     frontier = compute_frontier(profile, shape, blocking_w, progress=_Progress(started))
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     t0, e0 = frontier.t0_s, frontier.baseline_energy_j
     fastest, star = frontier.fastest, frontier.t_star
-    print(f"pipeline: {stages} stages x {args.microbatches} microbatches (1F1B), "
+    schedule = "1F1B" if chunks == 1 else f"interleaved 1F1B, {chunks} chunks per stage"
+    print(f"pipeline: {stages} stages x {args.microbatches} microbatches ({schedule}), "
           f"blocking power {blocking_w:g} W")  # fmt: skip
     print(f"baseline (all GPUs at max clock): {t0:.4f} s, {e0:.1f} J")
     print(f"fastest plan: {fastest.iteration_time_s:.4f} s ({_pct(fastest.iteration_time_s, t0)} "

@@ -10,7 +10,8 @@ no operator) and withdraws it at the end; otherwise the operator announces it an
 needs the job token (``--job-token-file``, the policy's Secret). Rank r runs in pod
 ``<job>-<r>``, data-parallel pipeline r // S, stage r % S, on the nodes' GPUs in order.
 Prints one line per iteration: wall-clock time in simulated seconds against the all-max-clock
-time of the profile's 1F1B DAG, and the GPUs' energy.
+time of the profile's 1F1B DAG, and the GPUs' energy. A ground-truth profile with per-chunk rows
+(v model chunks per stage) plays Megatron-LM's interleaved 1F1B instead.
 
 ``perseus sim-train coordinator`` and ``perseus sim-train rank`` run the same job as one process
 per rank (a pod each) and a coordinator: see `perseus_operator.commands.sim_distributed`.
@@ -47,8 +48,9 @@ def add_parser(subparsers: Any) -> None:
         "sim-train",
         allow_abbrev=False,
         help="run the simulated 1F1B pipeline trainer against simulated sidecars",
-        description="Play P data-parallel 1F1B pipelines on simulated GPUs, calling the real "
-        "training hooks against running `perseus-sidecar --gpu-backend simulated` processes.",
+        description="Play P data-parallel 1F1B pipelines on simulated GPUs (interleaved 1F1B "
+        "when the nodes' profile has per-chunk rows), calling the real training hooks against "
+        "running `perseus-sidecar --gpu-backend simulated` processes.",
     )
     parser.add_argument(
         "--node",
@@ -240,8 +242,9 @@ def run(args: argparse.Namespace) -> int:
                 operator_token=operator_token,
             )
         print(
-            f"sim-train: {args.pipelines} pipeline(s) x {trainer.stages} stages, "
-            f"{args.microbatches} microbatches, time scale {trainer.time_scale}; "
+            f"sim-train: {args.pipelines} pipeline(s) x {trainer.stages} stages"
+            + (f" x {trainer.chunks} chunks (interleaved 1F1B)" if trainer.chunks > 1 else "")
+            + f", {args.microbatches} microbatches, time scale {trainer.time_scale}; "
             f"all-max-clock iteration {trainer.expected_s(0):.4f} s",
             flush=True,
         )

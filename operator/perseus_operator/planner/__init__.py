@@ -4,7 +4,8 @@ numpy and the standard library, plus highspy (HiGHS, for the LP relaxation; impo
 planning); frozen dataclasses in and out, no I/O. The API the operator and the
 CLI rely on:
 
-- ``PipelineShape(stages, microbatches, schedule="1f1b")`` and ``instruction_order(shape)``;
+- ``PipelineShape(stages, microbatches, schedule="1f1b", virtual_stages=1)`` (or
+  ``"interleaved-1f1b"`` with v >= 2 model chunks per stage) and ``instruction_order(shape)``;
 - ``compute_frontier(profile, pipeline, blocking_power_w, progress=None) -> Frontier``;
 - ``plan_for_no_straggler(frontier, max_slowdown)`` / ``plan_for_straggler(frontier, pace_s)``;
 - ``PacePlanner(profile, frontier).plan(pace_s) -> PacePlan``, the straggler's plan solved at its
@@ -17,9 +18,10 @@ from perseus_operator.planner.evaluate import evaluate_plan, stage_spans
 from perseus_operator.planner.frontier import Frontier, Plan, ProgressCallback, compute_frontier
 from perseus_operator.planner.lookup import plan_for_no_straggler, plan_for_straggler
 from perseus_operator.planner.pace import PacePlan, PacePlanner
-from perseus_operator.planner.pipeline import PipelineShape, instruction_order
+from perseus_operator.planner.pipeline import SCHEDULES, PipelineShape, instruction_order
 
 __all__ = [
+    "SCHEDULES",
     "Frontier",
     "PacePlan",
     "PacePlanner",

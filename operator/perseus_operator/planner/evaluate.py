@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from perseus_operator.planner.model import check_profile_shape
 from perseus_operator.planner.pipeline import PipelineDag, PipelineShape, build_dag
 from perseus_profiles import INSTRUCTIONS, ProfileError, StageProfile
 
@@ -60,16 +61,14 @@ def plan_durations(
 ) -> tuple[FloatArray, FloatArray]:
     """Per-node profiled (time, energy) of a plan given as `frequencies_mhz[stage][position]`."""
     shape = dag.shape
-    if profile.num_stages != shape.stages:
-        raise ProfileError(
-            f"pipeline has {shape.stages} stages but the profile has {profile.num_stages}"
-        )
+    check_profile_shape(profile, shape)
     if len(frequencies_mhz) != shape.stages:
         raise ValueError(f"plan has {len(frequencies_mhz)} stages, pipeline has {shape.stages}")
     lookup = [
-        [{m.frequency_mhz: m for m in profile.options[s][k]} for k in range(len(INSTRUCTIONS))]
-        for s in range(shape.stages)
+        [{m.frequency_mhz: m for m in per_kind[k]} for k in range(len(INSTRUCTIONS))]
+        for per_kind in profile.options
     ]
+    unit = dag.unit
     time_s = np.empty(dag.num_nodes)
     energy_j = np.empty(dag.num_nodes)
     for s, row in enumerate(frequencies_mhz):
@@ -81,7 +80,7 @@ def plan_durations(
         for pos, freq in enumerate(row):
             i = base + pos
             kind = int(dag.kind[i])
-            m = lookup[s][kind].get(freq) if isinstance(freq, int) else None
+            m = lookup[int(unit[i])][kind].get(freq) if isinstance(freq, int) else None
             if m is None:
                 raise ProfileError(
                     f"plan stage {s} {dag.order[s][pos]}: {freq!r} MHz is not a profiled "

@@ -6,9 +6,10 @@ power whenever it is not computing. So an instruction's option is worth its *eff
 ``c = e - P_b*t``; `E - P_b*S*T` is the sum of effective costs, which no plan can push below every
 instruction at its cheapest option.
 
-Options are grouped in classes (one per stage and instruction kind: all forwards of a stage share
-a profile). Only *efficient* options are kept: sorted by time, each strictly cheaper than every
-faster one. Anything else is both slower and costlier than some option, in every plan.
+Options are grouped in classes (one per stage, model chunk and instruction kind: all forwards of
+a stage's chunk share a profile). Only *efficient* options are kept: sorted by time, each strictly
+cheaper than every faster one. Anything else is both slower and costlier than some option, in
+every plan.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from functools import cached_property
 import numpy as np
 import numpy.typing as npt
 
-from perseus_operator.planner.pipeline import PipelineDag
-from perseus_profiles import INSTRUCTIONS, StageProfile
+from perseus_operator.planner.pipeline import PipelineDag, PipelineShape
+from perseus_profiles import INSTRUCTIONS, ProfileError, StageProfile
 
-__all__ = ["OptionTable", "build_options", "option_classes", "sorted_unique"]
+__all__ = [
+    "OptionTable",
+    "build_options",
+    "check_profile_shape",
+    "option_classes",
+    "sorted_unique",
+]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -31,8 +38,9 @@ IntArray = npt.NDArray[np.int64]
 
 @dataclass(frozen=True, eq=False)
 class OptionTable:
-    """Efficient options per class `2*stage + kind`, padded to a common width with `inf` time and
-    cost (never chosen). Column 0 is the fastest option, `count[c]-1` the cheapest."""
+    """Efficient options per class `2*unit + kind` (unit: stage * chunks + chunk), padded to a
+    common width with `inf` time and cost (never chosen). Column 0 is the fastest option,
+    `count[c]-1` the cheapest."""
 
     time_s: FloatArray  # (classes, K)
     energy_j: FloatArray
@@ -95,6 +103,25 @@ class OptionTable:
         return sorted_unique(np.asarray(slopes, dtype=np.float64))
 
 
+def check_profile_shape(profile: StageProfile, shape: PipelineShape) -> None:
+    """A ProfileError (a ValueError) unless the profile has the pipeline's stages and chunks."""
+    if shape.stages != profile.num_stages:
+        raise ProfileError(
+            f"pipeline has {shape.stages} stages but the profile has {profile.num_stages}"
+        )
+    if shape.virtual_stages != profile.chunks:
+        hint = (
+            "; split each stage evenly across its chunks (perseus plan --split-chunks) or "
+            "profile every chunk"
+            if profile.chunks == 1
+            else ""
+        )
+        raise ProfileError(
+            f"pipeline has {shape.virtual_stages} model chunk(s) per stage but the profile has "
+            f"{profile.chunks}{hint}"
+        )
+
+
 def sorted_unique(values: FloatArray) -> FloatArray:
     """The distinct values, sorted. (`np.unique` imports `numpy.ma` on first use, 8 ms.)"""
     out = np.sort(values)
@@ -105,18 +132,18 @@ def sorted_unique(values: FloatArray) -> FloatArray:
 
 
 def option_classes(dag: PipelineDag) -> IntArray:
-    """Each node's class, the row of its options in an `OptionTable`: ``2*stage + kind``."""
-    out: IntArray = 2 * dag.stage + dag.kind
+    """Each node's class, the row of its options in an `OptionTable`: ``2*unit + kind``, the
+    unit being the node's stage and chunk (``2*stage + kind`` with one chunk per stage)."""
+    out: IntArray = 2 * dag.unit + dag.kind
     return out
 
 
 def build_options(profile: StageProfile, dag: PipelineDag, blocking_power_w: float) -> OptionTable:
-    """The option table of the stages the pipeline uses (its stage count must match the profile)."""
-    stages = dag.shape.stages
-    if stages != profile.num_stages:
-        raise ValueError(f"pipeline has {stages} stages but the profile has {profile.num_stages}")
+    """The option table of the stages the pipeline uses (its stage count must match the profile,
+    and its model chunks per stage the profile's)."""
+    check_profile_shape(profile, dag.shape)
     per_class: list[list[tuple[float, float, int]]] = []
-    for s in range(stages):
+    for s in range(len(profile.options)):
         for kind in range(len(INSTRUCTIONS)):
             opts = sorted(
                 ((m.time_s, m.energy_j, m.frequency_mhz) for m in profile.options[s][kind]),

@@ -1,9 +1,11 @@
 """Pipeline shapes and their instruction DAGs.
 
-A schedule turns a shape (stages S, microbatches M) into each stage's instruction order; the DAG
-adds the cross-stage data dependencies. Only synchronous 1F1B exists today; another schedule
-(GPipe, interleaved 1F1B) is a new order function plus its cross-stage edges in `build_dag`, and
-everything downstream (evaluation, frontier) works on the generic `PipelineDag`.
+A schedule turns a shape (stages S, microbatches M, model chunks per stage v) into each stage's
+instruction order; the DAG adds the cross-stage data dependencies. Two schedules exist:
+synchronous 1F1B (v = 1) and Megatron-LM's interleaved 1F1B (v >= 2: stage s holds chunks
+s, S+s, 2S+s, ... of a model cut into S*v chunks, so a microbatch passes every stage v times).
+Everything downstream (evaluation, frontier) works on the generic `PipelineDag`, whose nodes
+carry their chunk; a profile gives each (stage, chunk) its own options.
 
 The DAG is stored as flat numpy arrays so that the longest-path passes the planner runs hundreds
 of times are level-by-level vector operations: `levels[k]` holds the nodes whose longest chain of
@@ -19,10 +21,19 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["SCHEDULES", "PipelineDag", "PipelineShape", "build_dag", "instruction_order"]
+__all__ = [
+    "SCHEDULES",
+    "PipelineDag",
+    "PipelineShape",
+    "build_dag",
+    "instruction_name",
+    "instruction_order",
+    "stage_sequence",
+]
 
-Schedule = Literal["1f1b"]
-SCHEDULES: tuple[Schedule, ...] = ("1f1b",)
+Schedule = Literal["1f1b", "interleaved-1f1b"]
+SCHEDULES: tuple[Schedule, ...] = ("1f1b", "interleaved-1f1b")
+MAX_VIRTUAL_STAGES = 64
 
 IntArray = npt.NDArray[np.int64]
 FORWARD = 0
@@ -32,46 +43,112 @@ BACKWARD = 1
 @dataclass(frozen=True)
 class PipelineShape:
     """A synchronous pipeline: `stages` GPUs in a chain (one per stage, as profiled), `microbatches`
-    per iteration. Fewer microbatches than stages is a valid (bubble-heavy) 1F1B pipeline."""
+    per iteration. Fewer microbatches than stages is a valid (bubble-heavy) 1F1B pipeline.
+
+    ``schedule="interleaved-1f1b"`` with `virtual_stages` v >= 2 model chunks per stage is
+    Megatron-LM's interleaved schedule, with its rules: at least 2 stages and microbatches a
+    multiple of the stages (microbatches go through the chunks in groups of S)."""
 
     stages: int
     microbatches: int
     schedule: Schedule = "1f1b"
+    virtual_stages: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"unknown schedule {self.schedule!r}; supported: {', '.join(SCHEDULES)}"
             )
-        for name, value in (("stages", self.stages), ("microbatches", self.microbatches)):
+        for name, value in (
+            ("stages", self.stages),
+            ("microbatches", self.microbatches),
+            ("virtual stages", self.virtual_stages),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"pipeline {name} must be a positive integer, got {value!r}")
+        if self.schedule == "1f1b" and self.virtual_stages != 1:
+            raise ValueError(
+                f"1f1b has one model chunk per stage; {self.virtual_stages} virtual stages "
+                "need schedule interleaved-1f1b"
+            )
+        if self.schedule == "interleaved-1f1b":
+            if not 2 <= self.virtual_stages <= MAX_VIRTUAL_STAGES:
+                raise ValueError(
+                    f"interleaved-1f1b needs 2-{MAX_VIRTUAL_STAGES} virtual stages (model chunks"
+                    f" per stage), got {self.virtual_stages}"
+                )
+            if self.stages < 2:
+                raise ValueError("interleaved-1f1b needs at least 2 stages")
+            if self.microbatches % self.stages:
+                raise ValueError(
+                    f"interleaved-1f1b needs microbatches a multiple of the stages (as "
+                    f"Megatron-LM): {self.microbatches} is not a multiple of {self.stages}"
+                )
 
     @property
     def num_instructions(self) -> int:
-        return 2 * self.stages * self.microbatches
+        return 2 * self.stages * self.microbatches * self.virtual_stages
+
+
+def instruction_name(forward: bool, microbatch: int, chunk: int | None = None) -> str:
+    """`F<m>` / `B<m>`, or `F<m>c<chunk>` / `B<m>c<chunk>` in an interleaved pipeline."""
+    return f"{'F' if forward else 'B'}{microbatch}" + ("" if chunk is None else f"c{chunk}")
+
+
+def stage_sequence(shape: PipelineShape, stage: int) -> list[tuple[bool, int, int]]:
+    """Stage `stage`'s instructions in execution order as (forward, microbatch, chunk).
+
+    1F1B: stage s runs min(S-s-1, M) warm-up forwards, then alternates one forward and one
+    backward until every forward ran, then the remaining backwards.
+
+    Interleaved 1F1B (Megatron-LM's `forward_backward_pipelining_with_interleaving`): the stage
+    runs M*v forwards and M*v backwards; its k-th forward is chunk (k mod S*v) // S of microbatch
+    (k // (S*v))*S + k mod S, and its k-th backward the same microbatch on chunk v-1 minus that
+    (the last chunk first). Warm-up: min(2*(S-s-1) + (v-1)*S, M*v) forwards (all of them when
+    M = S), then one forward and one backward alternate, then the remaining backwards.
+    """
+    stages, mbs, v = shape.stages, shape.microbatches, shape.virtual_stages
+    if shape.schedule == "1f1b":
+        warm_up = min(stages - stage - 1, mbs)
+        seq = [(True, m, 0) for m in range(warm_up)]
+        backward = 0
+        for m in range(warm_up, mbs):
+            seq += [(True, m, 0), (False, backward, 0)]
+            backward += 1
+        return seq + [(False, m, 0) for m in range(backward, mbs)]
+    total = mbs * v
+    group = stages * v
+
+    def nth(k: int, forward: bool) -> tuple[bool, int, int]:
+        chunk = (k % group) // stages
+        return forward, (k // group) * stages + k % stages, chunk if forward else v - 1 - chunk
+
+    all_warm_up = mbs == stages  # Megatron-LM then runs every forward first
+    warm_up = total if all_warm_up else min(2 * (stages - stage - 1) + (v - 1) * stages, total)
+    seq = [nth(k, True) for k in range(warm_up)]
+    for k in range(total - warm_up):
+        seq += [nth(warm_up + k, True), nth(k, False)]
+    return seq + [nth(k, False) for k in range(total - warm_up, total)]
 
 
 def instruction_order(shape: PipelineShape) -> tuple[tuple[str, ...], ...]:
-    """Each stage's instructions in execution order, as `F<m>` / `B<m>` strings.
-
-    Synchronous 1F1B: stage s runs min(S-s-1, M) warm-up forwards, then alternates one forward and
-    one backward until every forward ran, then the remaining backwards.
+    """Each stage's instructions in execution order (see `stage_sequence`), as `F<m>` / `B<m>`
+    strings, `F<m>c<chunk>` / `B<m>c<chunk>` in an interleaved pipeline.
 
     >>> instruction_order(PipelineShape(stages=2, microbatches=3))
     (('F0', 'F1', 'B0', 'F2', 'B1', 'B2'), ('F0', 'B0', 'F1', 'B1', 'F2', 'B2'))
+    >>> interleaved = PipelineShape(2, 4, "interleaved-1f1b", virtual_stages=2)
+    >>> instruction_order(interleaved)[1]  # doctest: +NORMALIZE_WHITESPACE
+    ('F0c0', 'F1c0', 'F0c1', 'B0c1', 'F1c1', 'B1c1', 'F2c0', 'B0c0', 'F3c0', 'B1c0',
+     'F2c1', 'B2c1', 'F3c1', 'B3c1', 'B2c0', 'B3c0')
     """
-    order = []
-    for s in range(shape.stages):
-        warm_up = min(shape.stages - s - 1, shape.microbatches)
-        seq = [f"F{m}" for m in range(warm_up)]
-        backward = 0
-        for m in range(warm_up, shape.microbatches):
-            seq += [f"F{m}", f"B{backward}"]
-            backward += 1
-        seq += [f"B{m}" for m in range(backward, shape.microbatches)]
-        order.append(tuple(seq))
-    return tuple(order)
+    chunked = shape.schedule != "1f1b"
+    return tuple(
+        tuple(
+            instruction_name(f, m, c if chunked else None) for f, m, c in stage_sequence(shape, s)
+        )
+        for s in range(shape.stages)
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,10 +166,17 @@ class PipelineDag:
     preds: IntArray  # (num_nodes, 2)
     succs: IntArray  # (num_nodes, 2)
     levels: tuple[IntArray, ...]
+    chunk: IntArray  # the model chunk of the stage (0 unless interleaved)
 
     @property
     def num_nodes(self) -> int:
         return len(self.stage)
+
+    @cached_property
+    def unit(self) -> IntArray:
+        """Each node's (stage, chunk) as one index, ``stage * v + chunk``: its profile row."""
+        out: IntArray = self.stage * self.shape.virtual_stages + self.chunk
+        return out
 
     @cached_property
     def level_preds(self) -> tuple[tuple[IntArray, IntArray], ...]:
@@ -108,33 +192,41 @@ class PipelineDag:
 
 
 def build_dag(shape: PipelineShape) -> PipelineDag:
-    """The dependency DAG: within a stage its order; F(s,m) -> F(s+1,m); B(s+1,m) -> B(s,m).
-    (F(s,m) before B(s,m) is implied by every stage's order.)"""
-    order = instruction_order(shape)
-    stages, mbs = shape.stages, shape.microbatches
+    """The dependency DAG: within a stage its order; across stages each model chunk's forward
+    needs the previous chunk's (F(s,m) -> F(s+1,m), and from the last stage's chunk c to the
+    first stage's chunk c+1 when interleaved) and each backward the next chunk's, in reverse.
+    (F before B of the same microbatch and chunk is implied by every stage's order, which is
+    checked.)"""
+    stages, mbs, v = shape.stages, shape.microbatches, shape.virtual_stages
     n = shape.num_instructions
-    stage = np.repeat(np.arange(stages, dtype=np.int64), 2 * mbs)
+    per_stage = 2 * mbs * v
+    stage = np.repeat(np.arange(stages, dtype=np.int64), per_stage)
     kind = np.empty(n, dtype=np.int64)
     microbatch = np.empty(n, dtype=np.int64)
-    index: dict[tuple[int, int, int], int] = {}
+    chunk = np.empty(n, dtype=np.int64)
+    index: dict[tuple[int, int, int, int], int] = {}
     node = 0
-    for s, seq in enumerate(order):
-        for token in seq:
-            k = FORWARD if token[0] == "F" else BACKWARD
-            m = int(token[1:])
-            kind[node], microbatch[node] = k, m
-            index[(s, k, m)] = node
+    for s in range(stages):
+        for forward, m, c in stage_sequence(shape, s):
+            k = FORWARD if forward else BACKWARD
+            kind[node], microbatch[node], chunk[node] = k, m, c
+            index[(s, c, k, m)] = node
             node += 1
-    offsets = np.arange(0, n + 1, 2 * mbs, dtype=np.int64)
+    for (s, c, k, m), i in index.items():
+        if k == BACKWARD and index[(s, c, FORWARD, m)] > i:
+            raise ValueError(f"pipeline schedule runs B{m} before F{m} of chunk {c} on stage {s}")
+    offsets = np.arange(0, n + 1, per_stage, dtype=np.int64)
     preds = np.full((n, 2), n, dtype=np.int64)
     succs = np.full((n, 2), n, dtype=np.int64)
     for i in range(n):
-        s, k, m = int(stage[i]), int(kind[i]), int(microbatch[i])
+        s, k, m, c = int(stage[i]), int(kind[i]), int(microbatch[i]), int(chunk[i])
         if i > offsets[s]:
             preds[i, 0] = i - 1
             succs[i - 1, 0] = i
-        cross = (s - 1, k, m) if k == FORWARD else (s + 1, k, m)
-        j = index.get(cross)
+        # The model position of this stage's chunk c is c*S + s; its neighbour in the model
+        # feeds it the activation (forward) or the gradient (backward).
+        other = c * stages + s + (-1 if k == FORWARD else 1)
+        j = index.get((other % stages, other // stages, k, m)) if 0 <= other < stages * v else None
         if j is not None:
             preds[i, 1] = j
             succs[j, 1] = i
@@ -146,8 +238,8 @@ def build_dag(shape: PipelineShape) -> PipelineDag:
     bounds = np.searchsorted(depth[sort], np.arange(int(depth.max()) + 2))
     levels = tuple(sort[bounds[k] : bounds[k + 1]] for k in range(len(bounds) - 1))
     return PipelineDag(
-        shape, order, stage, kind, microbatch, offsets, preds, succs,
-        tuple(lv for lv in levels if len(lv)),
+        shape, instruction_order(shape), stage, kind, microbatch, offsets, preds, succs,
+        tuple(lv for lv in levels if len(lv)), chunk,
     )  # fmt: skip
 
 

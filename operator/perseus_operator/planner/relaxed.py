@@ -21,7 +21,7 @@ interpolated cost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -142,9 +142,15 @@ def short_copy(
 def short_pipeline(shape: PipelineShape) -> PipelineShape | None:
     """The short copy a long pipeline stretches, or None if the pipeline is not long."""
     short = max(SHORT_MICROBATCHES, SHORT_MIN_STAGE_MULTIPLE * shape.stages)
+    short = -(-short // _period(shape)) * _period(shape)
     if shape.microbatches <= short:
         return None
-    return PipelineShape(stages=shape.stages, microbatches=short, schedule=shape.schedule)
+    return replace(shape, microbatches=short)
+
+
+def _period(shape: PipelineShape) -> int:
+    """Microbatches per repeat of the steady state: interleaved 1F1B takes them in groups of S."""
+    return 1 if shape.schedule == "1f1b" else shape.stages
 
 
 def _sweep(
@@ -203,23 +209,26 @@ def _stretched(
 
 def _stretch_index(long: PipelineDag, short: PipelineDag) -> IntArray:
     """For each node of the long pipeline, the node of the short one whose duration it takes:
-    the same stage and kind, the same microbatch in the fill (the first half of the short
-    pipeline's microbatches) and the drain (its second half, counted from the end), the short
-    pipeline's middle microbatch in between."""
+    the same class (stage, chunk and kind), the same microbatch in the fill (the first half of
+    the short pipeline's microbatches) and the drain (its second half, counted from the end), the
+    short pipeline's middle microbatch in between (in an interleaved pipeline, the one at the
+    same place in the middle group of S)."""
     position = {
-        (int(s), int(k), int(m)): i
-        for i, (s, k, m) in enumerate(zip(short.stage, short.kind, short.microbatch, strict=True))
+        (int(c), int(m)): i
+        for i, (c, m) in enumerate(zip(option_classes(short), short.microbatch, strict=True))
     }
     n_long, n_short = long.shape.microbatches, short.shape.microbatches
-    middle = n_short // 2
+    period = _period(long.shape)
+    middle = n_short // period // 2 * period
     m = long.microbatch
     mapped = np.where(
-        m < middle, m, np.where(m >= n_long - (n_short - middle), m - (n_long - n_short), middle)
+        m < middle,
+        m,
+        np.where(
+            m >= n_long - (n_short - middle - period), m - (n_long - n_short), middle + m % period
+        ),
     )
     return np.asarray(
-        [
-            position[(int(s), int(k), int(j))]
-            for s, k, j in zip(long.stage, long.kind, mapped, strict=True)
-        ],
+        [position[(int(c), int(j))] for c, j in zip(option_classes(long), mapped, strict=True)],
         dtype=np.int64,
     )

@@ -96,7 +96,7 @@ def perturbed_profile(profile: StageProfile, perturbation: float, seed: int) -> 
                 )
             )
         stages.append((instrs[0], instrs[1]))
-    return StageProfile(tuple(stages))
+    return StageProfile(tuple(stages), profile.chunks)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,6 @@ async def post_events(
     rank = node.authenticate_rank(rank_id, token, source_ip)
     rank.received_ns = time.time_ns()
     for event in body.events:
-        rank.on_event(EVENT_CODES[event.kind], event.microbatch, event.t_ns)
+        rank.on_event(EVENT_CODES[event.kind], event.microbatch, event.t_ns, event.chunk)
     node.metrics.events_http.inc(len(body.events))
     return EventsAccepted(accepted=len(body.events), schedule_active=rank.controlled)

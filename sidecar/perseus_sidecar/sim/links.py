@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from perseus_sidecar.sim.schedule import upstream
+
 __all__ = ["Barrier", "Links", "QueueLinks", "StoppedError"]
 
 _CHUNK_S = 0.1
@@ -26,13 +28,14 @@ class StoppedError(Exception):
 
 
 class Links(Protocol):
-    def receive(self, forward: bool, microbatch: int) -> float:
-        """The timeline end of the instruction this one depends on in the neighbouring stage
-        (the activation for a forward, the gradient for a backward); -inf when there is none
-        (first stage's forwards, last stage's backwards). Blocks until it arrives."""
+    def receive(self, forward: bool, microbatch: int, chunk: int = 0) -> float:
+        """The timeline end of the instruction this one depends on in the neighbouring model
+        piece (the activation for a forward, the gradient for a backward); -inf when there is
+        none (the first piece's forwards, the last piece's backwards). Blocks until it arrives.
+        `chunk` is the model chunk of this stage (interleaved 1F1B; 0 otherwise)."""
         ...
 
-    def send(self, forward: bool, microbatch: int, end: float) -> None:
+    def send(self, forward: bool, microbatch: int, end: float, chunk: int = 0) -> None:
         """This stage's instruction ended at `end`: pass the activation on (forward) or the
         gradient back (backward), where there is a neighbour to receive it."""
         ...
@@ -93,38 +96,46 @@ def get_in_order(
 
 
 class QueueLinks:
-    """Stage `stage` of one pipeline whose ranks are threads: `acts[s]` / `grads[s]` are the
-    queues stage s receives activations / gradients on."""
+    """Stage `stage` of one pipeline whose ranks are threads: `acts[u]` / `grads[u]` are the
+    queues model piece u (= stage * chunks + chunk) receives activations / gradients on. With
+    interleaved 1F1B the last stage's chunk c feeds the first stage's chunk c + 1."""
 
     def __init__(
         self,
         stage: int,
+        chunks: int,
+        *,
         acts: list[queue.SimpleQueue[tuple[int, float]]],
         grads: list[queue.SimpleQueue[tuple[int, float]]],
         barrier: Barrier,
         stop: threading.Event,
     ) -> None:
         self._stage = stage
-        self._last = len(acts) - 1
+        self._chunks = chunks
+        self._stages = len(acts) // chunks
         self._acts = acts
         self._grads = grads
         self._barrier = barrier
         self._stop = stop
 
-    def receive(self, forward: bool, microbatch: int) -> float:
-        if forward:
-            if self._stage == 0:
-                return -math.inf
-            return get_in_order(self._acts[self._stage], microbatch, self._stop)
-        if self._stage == self._last:
-            return -math.inf
-        return get_in_order(self._grads[self._stage], microbatch, self._stop)
+    def _unit(self, forward: bool, microbatch: int, chunk: int, *, sending: bool) -> int:
+        """The queue of the piece this instruction receives from (or, sending, sends to)."""
+        neighbour = (not forward) if sending else forward
+        stage, piece_chunk = upstream(
+            self._stages, self._chunks, self._stage, (neighbour, microbatch, chunk)
+        )
+        return -1 if stage < 0 else stage * self._chunks + piece_chunk
 
-    def send(self, forward: bool, microbatch: int, end: float) -> None:
-        if forward and self._stage < self._last:
-            self._acts[self._stage + 1].put((microbatch, end))
-        elif not forward and self._stage > 0:
-            self._grads[self._stage - 1].put((microbatch, end))
+    def receive(self, forward: bool, microbatch: int, chunk: int = 0) -> float:
+        if self._unit(forward, microbatch, chunk, sending=False) < 0:
+            return -math.inf
+        unit = self._stage * self._chunks + chunk
+        return get_in_order((self._acts if forward else self._grads)[unit], microbatch, self._stop)
+
+    def send(self, forward: bool, microbatch: int, end: float, chunk: int = 0) -> None:
+        unit = self._unit(forward, microbatch, chunk, sending=True)
+        if unit >= 0:
+            (self._acts if forward else self._grads)[unit].put((microbatch, end))
 
     def barrier(self, end: float) -> float:
         return self._barrier.arrive(end, self._stop)

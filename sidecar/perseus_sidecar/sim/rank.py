@@ -158,6 +158,12 @@ def _open_node(options: RankOptions) -> tuple[float, int, list[str]]:
             continue
         for gpu in gpus:
             gpu.close()
+        if truth.chunks != 1:
+            raise RankError(
+                f"the simulated node plays {truth.chunks} model chunks per stage (interleaved "
+                "1F1B); rank processes play plain 1F1B only: use the in-process trainer",
+                2,
+            )
         return settings.time_scale, truth.num_stages, [g.uuid for g in gpus]
 
 

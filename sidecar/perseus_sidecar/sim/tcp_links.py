@@ -200,7 +200,8 @@ class TcpLinks:
         except OSError:
             pass  # the peer went away: the coordinator sees it too and aborts the attempt
 
-    def receive(self, forward: bool, microbatch: int) -> float:
+    def receive(self, forward: bool, microbatch: int, chunk: int = 0) -> float:
+        _plain_1f1b(chunk)
         into = self._acts if forward else self._grads
         if (self._up if forward else self._down) is None:
             return -math.inf
@@ -210,7 +211,8 @@ class TcpLinks:
             self.fatal = f"rank {self.rank}: {exc}"
             raise StoppedError from None
 
-    def send(self, forward: bool, microbatch: int, end: float) -> None:
+    def send(self, forward: bool, microbatch: int, end: float, chunk: int = 0) -> None:
+        _plain_1f1b(chunk)
         sock, lock = (self._down, self._down_lock) if forward else (self._up, self._up_lock)
         if sock is None:
             return
@@ -232,3 +234,10 @@ class TcpLinks:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
+
+
+def _plain_1f1b(chunk: int) -> None:
+    """Links between rank processes join neighbouring stages only; interleaved 1F1B would also
+    need the last stage to feed the first (rank processes refuse per-chunk profiles up front)."""
+    if chunk != 0:
+        raise ValueError("rank processes play plain 1F1B only (one model chunk per stage)")

@@ -1,9 +1,11 @@
 """The simulated pipeline trainer: P data-parallel pipelines x S stages, one thread per rank,
-playing synchronous 1F1B on simulated GPUs and calling the real training hooks.
+playing synchronous 1F1B on simulated GPUs and calling the real training hooks; interleaved 1F1B
+(Megatron-LM's) when the ground-truth profile has v > 1 model chunks per stage.
 
-Each rank follows its stage's 1F1B order, waits for the upstream activation (forward) or the
+Each rank follows its stage's order, waits for the upstream activation (forward) or the
 downstream gradient (backward), reads the clock its simulated GPU is locked to, and "runs" the
-instruction for the ground-truth profile's time at that clock, recording its energy on the GPU.
+instruction for the ground-truth profile's time at that clock (of its stage's chunk), recording
+its energy on the GPU.
 All ranks meet at an all-reduce barrier at the end of each iteration.
 
 Timeline. The GPUs' work follows a simulated timeline paced to the wall clock: an instruction
@@ -35,7 +37,7 @@ from perseus_profiles import INSTRUCTIONS, StageProfile
 from perseus_sidecar import hooks as hooks_mod
 from perseus_sidecar.gpu.simulated import NodeSettings, SimulatedGpu, open_node
 from perseus_sidecar.sim.links import Barrier, Links, QueueLinks, StoppedError
-from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
+from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, pipeline_order
 
 __all__ = [
     "Crash",
@@ -181,7 +183,7 @@ class IterationResult:
     timeline_s: float
     """On the simulated GPUs' timeline."""
     expected_s: float
-    """All GPUs at maximum clock: the longest path of the 1F1B DAG (slowest pipeline)."""
+    """All GPUs at maximum clock: the longest path of the pipeline's DAG (slowest pipeline)."""
     energy_j: float
     """All the job's GPUs, from their exact energy curves."""
     late_starts: int
@@ -197,6 +199,7 @@ class _Node:
     offset_s: float = 0.0
     """Node simulated time = trainer timeline + offset."""
     table: dict[tuple[int, bool, int], tuple[float, float]] = field(default_factory=dict)
+    """(unit = stage * chunks + chunk, forward, clock) -> (time, energy) of the ground truth."""
 
 
 class SimTrainer:
@@ -225,12 +228,22 @@ class SimTrainer:
                     f"every node's profile needs the same stages: {node.spec.state_dir} has "
                     f"{node.truth.num_stages}, {first.spec.state_dir} has {self.stages}"
                 )
+        self.chunks = first.truth.chunks
+        for node in self.nodes[1:]:
+            if node.truth.chunks != self.chunks:
+                raise SimulationError(
+                    f"every node's profile needs the same chunks per stage: {node.spec.state_dir}"
+                    f" has {node.truth.chunks}, {first.spec.state_dir} has {self.chunks}"
+                )
         for node in self.nodes:
-            for s in range(self.stages):
-                for i, name in enumerate(INSTRUCTIONS):
-                    for m in node.truth.instruction_options(s, name):
-                        node.table[(s, i == 0, m.frequency_mhz)] = (m.time_s, m.energy_j)
-        self.orders = one_f_one_b_order(self.stages, config.microbatches)
+            for u, per_kind in enumerate(node.truth.options):
+                for i, _ in enumerate(INSTRUCTIONS):
+                    for m in per_kind[i]:
+                        node.table[(u, i == 0, m.frequency_mhz)] = (m.time_s, m.energy_j)
+        try:
+            self.orders = pipeline_order(self.stages, config.microbatches, self.chunks)
+        except ValueError as exc:
+            raise SimulationError(str(exc)) from None
         self.placements = self._place()
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
@@ -285,7 +298,8 @@ class SimTrainer:
 
         def duration(stage: int, instruction: Instruction) -> float:
             node = nodes[stage]
-            return node.table[(stage, instruction[0], node.truth.max_frequency_mhz)][0]
+            unit = stage * self.chunks + instruction[2]
+            return node.table[(unit, instruction[0], node.truth.max_frequency_mhz)][0]
 
         return iteration_time_s(self.orders, duration)
 
@@ -375,9 +389,10 @@ class SimTrainer:
                 "ranks %s have no event stream to their sidecar yet; training starts anyway",
                 missing,
             )
-        shape = range(self.config.pipelines), range(self.stages)
-        self._acts = [[queue.SimpleQueue() for _ in shape[1]] for _ in shape[0]]
-        self._grads = [[queue.SimpleQueue() for _ in shape[1]] for _ in shape[0]]
+        # One queue per (pipeline, stage, chunk): the input of that model piece.
+        pieces = range(self.stages * self.chunks)
+        self._acts = [[queue.SimpleQueue() for _ in pieces] for _ in range(self.config.pipelines)]
+        self._grads = [[queue.SimpleQueue() for _ in pieces] for _ in range(self.config.pipelines)]
         self._epoch_wall_ns = time.time_ns()
         self._epoch_wall_s = self._epoch_wall_ns / 1e9
         for node in self.nodes:
@@ -429,7 +444,12 @@ class SimTrainer:
 
     def _run_rank(self, p: RankPlacement, hooks: hooks_mod.Hooks, start: float) -> None:
         links = QueueLinks(
-            p.stage, self._acts[p.data_rank], self._grads[p.data_rank], self._barrier, self._stop
+            p.stage,
+            self.chunks,
+            acts=self._acts[p.data_rank],
+            grads=self._grads[p.data_rank],
+            barrier=self._barrier,
+            stop=self._stop,
         )
         crashes = {c.at_iteration: c for c in self.config.crashes if c.rank == p.rank}
         try:
@@ -474,10 +494,10 @@ class SimTrainer:
         order = self.orders[p.stage]
         max_lag = self.config.max_lag_s / self.time_scale
         prev_end = start
-        for index, (forward, m) in enumerate(order):
+        for index, (forward, m, chunk) in enumerate(order):
             if pause is not None and index == len(order) // 2:
                 prev_end = pause(prev_end)
-            ready = max(prev_end, links.receive(forward, m))
+            ready = max(prev_end, links.receive(forward, m, chunk))
             begin = max(ready, self._now() - max_lag)
             if begin > ready:
                 with self._late_lock:
@@ -485,12 +505,13 @@ class SimTrainer:
             self._sleep_until(begin)
             hooks = self._rank_hooks[p.rank]
             kind: hooks_mod.InstructionKind = "forward" if forward else "backward"
-            hooks.instruction_begin(kind, m, self._wall_ns(begin))
+            hooks.instruction_begin(kind, m, self._wall_ns(begin), chunk=chunk)
+            unit = p.stage * self.chunks + chunk
             end = self._play(
-                node, gpu, (p.stage, forward), factor=factor, begin=begin, sent_wall_s=time.time()
+                node, gpu, (unit, forward), factor=factor, begin=begin, sent_wall_s=time.time()
             )
-            hooks.instruction_end(kind, m, self._wall_ns(end))
-            links.send(forward, m, end)
+            hooks.instruction_end(kind, m, self._wall_ns(end), chunk=chunk)
+            links.send(forward, m, end, chunk)
             prev_end = end
         return prev_end
 
@@ -504,14 +525,15 @@ class SimTrainer:
         begin: float,
         sent_wall_s: float,
     ) -> float:
-        """Run one instruction from `begin` on the timeline at the clock the GPU is locked to,
+        """Run one instruction (`what`: its stage's chunk as a profile unit, and its kind) from
+        `begin` on the timeline at the clock the GPU is locked to,
         recording its energy; returns its end. A clock the sidecar applies meanwhile (seen by
         polling, soon after the begin event and at the end) takes over the rest of the work. It
         counts from `begin` plus the sidecar's wall-clock reaction time, unscaled: the time
         scale compresses GPU work, not the sidecar's latency, which must not be magnified."""
-        stage, forward = what
+        unit, forward = what
         clock = gpu.effective_clock_mhz()
-        time_s, energy_j = node.table[(stage, forward, clock)]
+        time_s, energy_j = node.table[(unit, forward, clock)]
         segment, left = begin, 1.0  # the fraction of the work left at `segment`
         end = begin + time_s * factor
         gpu.record_work(begin + node.offset_s, time_s * factor, energy_j * factor)
@@ -526,7 +548,7 @@ class SimTrainer:
                 # a clock seen at the very end leaves nothing, not a rounding error below zero
                 left = max(left - (at - segment) / (time_s * factor), 0.0)
                 clock, segment = now_clock, at
-                time_s, energy_j = node.table[(stage, forward, clock)]
+                time_s, energy_j = node.table[(unit, forward, clock)]
                 end = at + left * time_s * factor
                 gpu.record_work(
                     at + node.offset_s, left * time_s * factor, left * energy_j * factor
