@@ -528,7 +528,12 @@ class Controller:
             try:
                 if isinstance(action, rc.Announce):
                     await self.gateway.announce(
-                        snap.address, rt.namespace, rt.name, token_hash, action.pods
+                        snap.address,
+                        rt.namespace,
+                        rt.name,
+                        token_hash,
+                        action.pods,
+                        microbatches=spec.pipeline.microbatches if spec is not None else None,
                     )
                 elif isinstance(action, rc.ApplySchedule):
                     await self.gateway.apply(snap.address, rt.namespace, rt.name, action.entries)

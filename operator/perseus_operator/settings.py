@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     """Iterations under a schedule before the measured saving is reported."""
     max_window_s: float = Field(default=60.0, gt=0)
     """Longest timing window asked from the sidecars."""
+    simulated_gpu_assignment: bool = False
+    """Simulated clusters only: announce each pod's GPUs from the simulated kubelet's pod status
+    condition (`state.SIMULATED_GPUS_CONDITION`). Real nodes need none: there the sidecar asks
+    the kubelet's pod-resources API which pod holds which GPU."""
     cleanup_attempts: int = Field(default=5, ge=1)
     """Finalizer: tries per sidecar to remove schedules before giving up (its own rank timeout
     resets the clocks of a dead sidecar's GPUs on restart)."""

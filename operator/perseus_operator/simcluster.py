@@ -3,7 +3,9 @@
 Pods never run on the local control plane, so this plays the kubelet's part: it creates Node
 objects (the pod garbage collector deletes pods bound to missing nodes), sidecar and job Pod
 objects bound to them (`automountServiceAccountToken: false`: no token Secret race) and patches
-their status to Running with a distinct loopback address each. The real processes run locally:
+their status to Running with a distinct loopback address each and, for job pods, the GPU it
+gave the pod (a status condition, `state.SIMULATED_GPUS_CONDITION`: what the operator announces
+to the sidecar, which has no kubelet socket to ask). The real processes run locally:
 one `perseus-sidecar --gpu-backend simulated` per fake node, listening on that node's 127.0.x.y,
 and `perseus sim-train` playing the training job, whose hooks bind to each pod's own address.
 """
@@ -31,6 +33,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from perseus_operator.crd import build_crd
 from perseus_operator.kube import job_secret_name
 from perseus_operator.model import GROUP, PLURAL, VERSION
+from perseus_operator.state import SIMULATED_GPUS_CONDITION
+from perseus_sidecar.gpu.simulated import simulated_uuid
 
 __all__ = ["SimCluster", "SimJob", "wait_for"]
 
@@ -88,6 +92,10 @@ class SimJob:
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
+
+    def gpu_of(self, rank: int) -> str:
+        """The simulated GPU the rank's pod is given (the trainer places ranks the same way)."""
+        return simulated_uuid(self.node_name(self.node_of(rank)), rank % self.gpus_per_node)
 
 
 @dataclass
@@ -178,7 +186,12 @@ class SimCluster:
                     raise
 
     async def _running_pod(
-        self, name: str, node: int, pod_ip: str, labels: Mapping[str, str]
+        self,
+        name: str,
+        node: int,
+        pod_ip: str,
+        labels: Mapping[str, str],
+        gpus: Sequence[str] | None = None,
     ) -> None:
         body = client.V1Pod(
             metadata=client.V1ObjectMeta(name=name, labels=dict(labels)),
@@ -189,16 +202,33 @@ class SimCluster:
             ),
         )
         await self.core.create_namespaced_pod(self.job.namespace, body)
-        await self.set_pod_phase(name, "Running", pod_ip=pod_ip, host_ip=self.job.node_ip(node))
+        await self.set_pod_phase(
+            name, "Running", pod_ip=pod_ip, host_ip=self.job.node_ip(node), gpus=gpus
+        )
 
     async def set_pod_phase(
-        self, name: str, phase: str, *, pod_ip: str | None = None, host_ip: str | None = None
+        self,
+        name: str,
+        phase: str,
+        *,
+        pod_ip: str | None = None,
+        host_ip: str | None = None,
+        gpus: Sequence[str] | None = None,
     ) -> None:
         status: dict[str, Any] = {"phase": phase}
         if pod_ip is not None:
             status.update(podIP=pod_ip, podIPs=[{"ip": pod_ip}])
         if host_ip is not None:
             status["hostIP"] = host_ip
+        if gpus is not None:
+            status["conditions"] = [
+                {
+                    "type": SIMULATED_GPUS_CONDITION,
+                    "status": "True",
+                    "reason": "Allocated",
+                    "message": ",".join(gpus),
+                }
+            ]
         await self.core.patch_namespaced_pod_status(name, self.job.namespace, {"status": status})
 
     async def create_sidecar_pods(self) -> None:
@@ -210,7 +240,13 @@ class SimCluster:
         labels = {"app": "sim-train", "job": self.job.policy}
         for rank in range(self.job.ranks):
             name = self.job.pod_name(rank)
-            await self._running_pod(name, self.job.node_of(rank), self.job.pod_ip(rank), labels)
+            await self._running_pod(
+                name,
+                self.job.node_of(rank),
+                self.job.pod_ip(rank),
+                labels,
+                [self.job.gpu_of(rank)],
+            )
 
     async def finish_job_pods(self) -> None:
         for rank in range(self.job.ranks):
@@ -306,6 +342,7 @@ class SimCluster:
             "PERSEUS_OPERATOR_POD_NAMESPACE": self.job.namespace,
             "PERSEUS_OPERATOR_TICK_S": "0.5",
             "PERSEUS_OPERATOR_LIVENESS_URL": "",
+            "PERSEUS_OPERATOR_SIMULATED_GPU_ASSIGNMENT": "true",
             **(extra_env or {}),
         }
         log = (self.workdir / "operator.log").open("ab")

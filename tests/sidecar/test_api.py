@@ -173,8 +173,8 @@ def test_registration_refusals(client: TestClient) -> None:
         json={
             "token_sha256": JOB_SHA,
             "pods": [
-                {"namespace": NS, "name": n, "uid": n, "ip": "testclient"}
-                for n in ("trainer-0", "trainer-2")
+                {"namespace": NS, "name": n, "uid": n, "ip": "testclient", "gpu_uuids": g}
+                for n, g in (("trainer-0", None), ("trainer-2", [GPU0]))
             ],
         },
         headers=OP,
@@ -364,9 +364,22 @@ def test_metrics_exposes_clock_energy_and_schedule_state(client: TestClient) -> 
     text = client.get("/metrics").text
     assert 'perseus_sidecar_gpu_sm_clock_mhz{gpu="GPU-sim-n1-0"}' in text
     assert 'perseus_sidecar_gpu_energy_joules{gpu="GPU-sim-n1-0"}' in text
-    assert 'perseus_sidecar_schedule_active{job="gpt3",namespace="team-a",rank="0"} 0.0' in text
+    assert 'perseus_sidecar_gpu_schedule_active{gpu="GPU-sim-n1-0"} 0.0' in text
     assert 'perseus_sidecar_events_total{transport="http"} 1.0' in text
     assert "perseus_sidecar_iteration_seconds_bucket" in text
+
+
+def test_metrics_name_tenants_only_when_enabled(make_client: Callable[..., TestClient]) -> None:
+    """GET /metrics has no auth: namespaces and job names appear only with the setting on;
+    per-GPU series are there either way."""
+    for enabled in (False, True):
+        client = make_client(metrics_tenant_labels=enabled)
+        announce(client)
+        register(client)
+        text = client.get("/metrics").text
+        assert 'perseus_sidecar_gpu_schedule_active{gpu="GPU-sim-n1-0"} 0.0' in text
+        assert ('namespace="team-a"' in text) is enabled
+        assert ('job="gpt3"' in text) is enabled
 
 
 def test_openapi_stays_at_its_path(client: TestClient) -> None:
