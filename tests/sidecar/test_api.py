@@ -438,3 +438,19 @@ def test_per_stage_and_per_pipeline_timings(client: TestClient) -> None:
     assert fwd1["mean_s"] == pytest.approx(0.2)
     spans = {p["data_rank"]: p["stage0_span_mean_s"] for p in t["pipelines"]}
     assert spans == {0: pytest.approx(0.3), 1: pytest.approx(0.48)}
+
+
+def test_quoted_numbers_and_booleans_are_not_coerced(client: TestClient) -> None:
+    """Strict request models: a client that sends "1410" or "0" has a bug; it gets a 422."""
+    announce(client)
+    body = schedule_body([(0, 0)], (1410,))
+    body["entries"][0]["frequencies_mhz"] = ["1410"] * len(body["entries"][0]["order"])
+    r = client.put(f"/v1/jobs/{NS}/{NAME}/schedule", json=body, headers=OP)
+    assert r.status_code == 422
+    assert "valid integer" in r.json()["message"]
+    reg = {"namespace": NS, "pod": "trainer-0", "rank": "0", "pipeline_rank": 0,
+           "data_rank": 0, "tensor_rank": 0, "gpu_uuid": GPU0}  # fmt: skip
+    assert client.post("/v1/ranks", json=reg, headers=JOB).status_code == 422
+    profiling = {"frequencies_mhz": [1410], "iterations_per_frequency": 1.0}
+    r = client.post(f"/v1/jobs/{NS}/{NAME}/profiling", json=profiling, headers=OP)
+    assert r.status_code == 422
