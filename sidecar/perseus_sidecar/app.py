@@ -26,6 +26,7 @@ from perseus_sidecar.gpu.base import (
     GpuPermissionError,
 )
 from perseus_sidecar.guard import GuardMiddleware
+from perseus_sidecar.httpguard import accept_backlog
 from perseus_sidecar.lockstate import LockState, LockStateError
 from perseus_sidecar.node import (
     AuthError,
@@ -145,7 +146,9 @@ def create_app(settings: Settings, backend: GpuBackend | None = None) -> FastAPI
         handshake_timeout_s=settings.http_header_timeout_s,
         idle_timeout_s=settings.event_idle_timeout_s,
         max_connections=settings.event_max_connections,
+        max_per_ip=settings.event_max_connections_per_ip,
         max_per_rank=settings.event_max_connections_per_rank,
+        backlog=accept_backlog(settings),
     )
 
     @asynccontextmanager

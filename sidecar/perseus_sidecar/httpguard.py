@@ -3,6 +3,13 @@ exists. uvicorn closes idle keep-alive connections but waits forever for a reque
 a few thousand half-sent requests (no token needed) would hold every file descriptor and starve
 the kubelet's probes and the ranks' registrations.
 
+Caps applied when a connection is made come after the kernel handed it over: asyncio accepts up
+to `backlog` connections in one go, and if that runs out of file descriptors it logs a traceback
+for every failed accept (megabytes a second) and stops listening for a second. So the process
+raises its descriptor limit to the hard limit at start (`raise_fd_limit`), and the listen
+backlogs are sized so that the caps plus one full accept burst on both listeners fit in it
+(`accept_backlog`).
+
 `guarded_h11()` makes a subclass of uvicorn's h11 protocol that
 - refuses (closes at once) a connection beyond a total cap or a per-address cap, and
 - closes a connection whose request (headers and body) has not fully arrived within a timeout
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,7 +35,32 @@ if TYPE_CHECKING:
     from perseus_sidecar.metrics import Metrics
     from perseus_sidecar.settings import Settings
 
-__all__ = ["guarded_h11", "uvicorn_options"]
+__all__ = ["accept_backlog", "guarded_h11", "raise_fd_limit", "uvicorn_options"]
+
+RESERVED_FDS = 64
+"""Descriptors kept for everything else: the state file, NVML, the kubelet socket, logs."""
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit", extra={"error": str(exc)})
+    return soft
+
+
+def accept_backlog(settings: Settings) -> int:
+    """Listen backlog for each of the two listeners: the caps plus two full accept bursts fit
+    in the open-files limit (2048 at most, 16 at least)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 2048
+    spare = soft - settings.http_max_connections - settings.event_max_connections - RESERVED_FDS
+    return max(16, min(2048, spare // 2))
 
 log = logging.getLogger(__name__)
 
@@ -108,4 +141,5 @@ def uvicorn_options(settings: Settings, metrics: Metrics) -> dict[str, Any]:
             on_timeout=metrics.connections_timed_out.inc,
         ),
         "timeout_keep_alive": settings.http_keep_alive_s,
+        "backlog": accept_backlog(settings),
     }

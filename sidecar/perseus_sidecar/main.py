@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-max-connections-per-ip", type=int, help="per client address")
     p.add_argument("--event-idle-timeout-s", type=float, help="close a silent event connection")
     p.add_argument("--event-max-connections", type=int, help="open event connections at most")
+    p.add_argument("--event-max-connections-per-ip", type=int, help="per client address")
     p.add_argument("--event-max-connections-per-rank", type=int, help="per registered rank")
     return p
 
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from perseus_sidecar.app import SetupError, create_app
     from perseus_sidecar.gpu.base import GpuError
-    from perseus_sidecar.httpguard import uvicorn_options
+    from perseus_sidecar.httpguard import raise_fd_limit, uvicorn_options
 
     try:
         settings = settings_from_args(argv)
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"perseus-sidecar: {where}: {first['msg']}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
+    raise_fd_limit()
     try:
         app = create_app(settings)
     except (SetupError, GpuError, ValueError) as exc:

@@ -65,8 +65,10 @@ class Settings(BaseSettings):
     event_idle_timeout_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     """Close an authenticated event connection that sent nothing for this long (the hooks
     reconnect on their next event)."""
-    event_max_connections: int = Field(default=512, ge=1)
+    event_max_connections: int = Field(default=256, ge=1)
     """Open event (TCP) connections at most, handshaking or authenticated."""
+    event_max_connections_per_ip: int = Field(default=64, ge=1)
+    """Open event connections from one address at most (a pod's ranks share its address)."""
     event_max_connections_per_rank: int = Field(default=4, ge=1)
     """Authenticated event connections of one rank at most; a new one closes the oldest."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from perseus_sidecar.node import AuthError, Node
@@ -27,10 +28,11 @@ log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 512
 HANDSHAKE_TIMEOUT_S = 10.0
-BATCH_LINES = 256
+BATCH_LINES = 64
 """Lines handled per loop callback; with more pending, reading pauses and the rest is handled
 in later callbacks, so a flooding client cannot starve HTTP or other ranks (and feels TCP
-backpressure instead)."""
+backpressure instead). 64 keeps a callback near 0.2 ms: a probe waits behind a flood for a few
+of them (256 doubled /healthz p99 under bench/sidecar_abuse.py's floods)."""
 MAX_T_NS = 2**63 - 1
 MAX_MICROBATCH = 1_000_000
 
@@ -42,8 +44,11 @@ class EventLimits:
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     idle_timeout_s: float = 600.0
     max_connections: int = 512
+    max_per_ip: int = 64
     max_per_rank: int = 4
+    backlog: int = 100
     open: set[EventProtocol] = field(default_factory=set)
+    per_ip: Counter[str] = field(default_factory=Counter)
 
 
 class EventProtocol(asyncio.Protocol):
@@ -57,17 +62,22 @@ class EventProtocol(asyncio.Protocol):
         self._closed = False
         self._paused = False
         self._opened_mono = self._last_data_mono = time.monotonic()
+        self._counted_ip: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self._peer_ip = peer[0] if isinstance(peer, tuple) else None
-        if len(self._limits.open) >= self._limits.max_connections:
+        limits = self._limits
+        ip = self._peer_ip or ""
+        if len(limits.open) >= limits.max_connections or limits.per_ip[ip] >= limits.max_per_ip:
             self._node.metrics.connections_refused.labels(transport="tcp").inc()
             self.close("too many connections")
             return
-        self._limits.open.add(self)
+        limits.open.add(self)
+        limits.per_ip[ip] += 1
+        self._counted_ip = ip
         loop = asyncio.get_running_loop()
         loop.call_later(self._limits.handshake_timeout_s, self._handshake_deadline)
 
@@ -86,9 +96,18 @@ class EventProtocol(asyncio.Protocol):
             self._limits.idle_timeout_s - idle_s, self._idle_check
         )
 
+    def _uncount(self) -> None:
+        self._limits.open.discard(self)
+        ip = self._counted_ip
+        if ip is not None:
+            self._counted_ip = None
+            self._limits.per_ip[ip] -= 1
+            if self._limits.per_ip[ip] <= 0:
+                del self._limits.per_ip[ip]
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._limits.open.discard(self)
+        self._uncount()
         if self._rank is not None:
             self._rank.listeners.discard(self)
 
@@ -190,7 +209,7 @@ class EventProtocol(asyncio.Protocol):
             return
         self._write(b"ERR " + reason.replace("\n", " ").encode("utf-8", "replace") + b"\n")
         self._closed = True
-        self._limits.open.discard(self)
+        self._uncount()
         if self._rank is not None:
             self._rank.listeners.discard(self)
         if self._transport is not None:
@@ -203,7 +222,11 @@ async def start_event_server(
     loop = asyncio.get_running_loop()
     shared = limits if limits is not None else EventLimits()
     server = await loop.create_server(
-        lambda: EventProtocol(node, shared), host, port, reuse_address=True
+        lambda: EventProtocol(node, shared),
+        host,
+        port,
+        reuse_address=True,
+        backlog=shared.backlog,
     )
     sockets = server.sockets
     if sockets:
