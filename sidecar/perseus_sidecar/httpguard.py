@@ -62,6 +62,7 @@ def accept_backlog(settings: Settings) -> int:
     spare = soft - settings.http_max_connections - settings.event_max_connections - RESERVED_FDS
     return max(16, min(2048, spare // 2))
 
+
 log = logging.getLogger(__name__)
 
 _RECEIVING = (h11.IDLE, h11.SEND_BODY)
