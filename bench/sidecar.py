@@ -140,7 +140,17 @@ def setup_job(sc: Sidecar) -> list[str]:
     with httpx.Client(base_url=sc.base, timeout=10) as http:
         announcement = {
             "token_sha256": hashlib.sha256(JOB_TOKEN.encode()).hexdigest(),
-            "pods": [{"namespace": NS, "name": "p0", "uid": "u", "ip": "x", "host_network": True}],
+            "pods": [
+                {
+                    "namespace": NS,
+                    "name": "p0",
+                    "uid": "u",
+                    "ip": "x",
+                    "host_network": True,
+                    "gpu_uuids": [f"GPU-sim-bench-{r}" for r in range(RANKS)],
+                }
+            ],
+            "microbatches": MICROBATCHES,
         }
         http.put(f"/v1/jobs/{NS}/{JOB}", json=announcement, headers=op).raise_for_status()
         rank_ids = []

@@ -29,4 +29,4 @@ trap finish EXIT
 scripts/node.sh up "$RUN" | tail -n 2
 export KUBECONFIG=$RUN/cfg/admin.kubeconfig
 .venv/bin/python -m perseus_operator.nodedemo --bin-dir "$(scripts/cluster.sh bin)" \
-  --gpu-state-dir "$RUN/hostpath/gpus" "${args[@]}"
+  --gpu-state-dir "$RUN/hostpath/gpus" --pod-resources-dir "$RUN/state/kubelet/pod-resources" "${args[@]}"

@@ -637,7 +637,18 @@ class Controller:
             try:
                 if isinstance(action, rc.Announce):
                     await self.gateway.announce(
-                        snap.address, rt.namespace, rt.name, token_hash, action.pods
+                        snap.address,
+                        rt.namespace,
+                        rt.name,
+                        token_hash,
+                        action.pods,
+                        # instructions of each kind per rank and iteration: one per microbatch
+                        # and model chunk (interleaved 1F1B)
+                        microbatches=(
+                            spec.pipeline.microbatches * spec.pipeline.virtual_stages
+                            if spec is not None
+                            else None
+                        ),
                     )
                 elif isinstance(action, rc.ApplySchedule):
                     await self.gateway.apply(snap.address, rt.namespace, rt.name, action.entries)

@@ -25,7 +25,7 @@ from perseus_operator.reconcile import EventSpec
 from perseus_operator.settings import Settings
 from perseus_operator.sidecar_index import SidecarPod, choose_sidecars, sidecar_candidate
 from perseus_operator.sidecars import SidecarGateway
-from perseus_operator.state import PodRecord, PolicyRecord
+from perseus_operator.state import PodRecord, PolicyRecord, simulated_gpus
 
 __all__ = ["STATE", "State"]
 
@@ -123,6 +123,7 @@ def job_pods(
         host_ip=status.get("hostIP"),
         node_name=spec.get("nodeName"),
         host_network=bool(spec.get("hostNetwork")),
+        gpu_uuids=simulated_gpus(status) if STATE.settings.simulated_gpu_assignment else None,
     )
     return {(namespace or "", k, v): record for k, v in labels.items()}
 

@@ -88,6 +88,9 @@ class Cluster:
 
     bin_dir: Path
     gpu_state_dir: Path
+    pod_resources_dir: Path
+    """The kubelet's pod-resources directory (under its --root-dir), which the sidecar asks
+    which pod holds which GPU."""
 
     def run(
         self, tool: str, *args: str, check: bool = True, timeout_s: float = 300, stdin: str = ""
@@ -156,6 +159,7 @@ class Cluster:
             "install", RELEASE, str(CHART), "-n", SYSTEM_NS, "-f", str(VALUES),
             "--set", f"sidecar.stateHostPath={self.gpu_state_dir}",
             "--set", "sidecar.simulated.profileConfigMap=sim-profile",
+            "--set", f"sidecar.podResourcesHostPath={self.pod_resources_dir}",
             "--set", "sidecar.extraArgs={--rank-timeout-s=5}",
             *extra, "--wait", "--timeout", "5m",
         )  # fmt: skip
@@ -231,10 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perseus_operator.nodedemo")
     parser.add_argument("--bin-dir", type=Path, required=True, help="where kubectl and helm are")
     parser.add_argument("--gpu-state-dir", type=Path, required=True)
+    parser.add_argument("--pod-resources-dir", type=Path, required=True)
     parser.add_argument("--measure-s", type=float, default=15.0)
     args = parser.parse_args(argv)
     try:
-        return run_demo(Cluster(args.bin_dir, args.gpu_state_dir), args.measure_s)
+        cluster = Cluster(args.bin_dir, args.gpu_state_dir, args.pod_resources_dir)
+        return run_demo(cluster, args.measure_s)
     except (TimeoutError, RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"node demo: error: {exc}", file=sys.stderr)
         return 1

@@ -53,6 +53,8 @@ class PodView:
     host_ip: str | None
     node_name: str | None
     host_network: bool = False
+    gpu_uuids: tuple[str, ...] | None = None
+    """The GPUs the pod was given, where a trusted source tells (see state.simulated_gpus)."""
 
     @property
     def identity(self) -> str:

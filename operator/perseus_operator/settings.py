@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     """Address-space limit of the planner's child process, MiB (above its resident size)."""
     planner_timeout_s: float = Field(default=300.0, gt=0)
     """The planner's child process is killed past this and the policy fails (PlanningFailed)."""
+    simulated_gpu_assignment: bool = False
+    """Simulated clusters only: announce each pod's GPUs from the simulated kubelet's pod status
+    condition (`state.SIMULATED_GPUS_CONDITION`). Real nodes need none: there the sidecar asks
+    the kubelet's pod-resources API which pod holds which GPU."""
     cleanup_attempts: int = Field(default=5, ge=1)
     """Finalizer: tries per sidecar to remove schedules before giving up (its own rank timeout
     resets the clocks of a dead sidecar's GPUs on restart)."""

@@ -149,6 +149,8 @@ class SidecarGateway:
         name: str,
         token_sha256: str,
         pods: Iterable[rc.PodView],
+        *,
+        microbatches: int | None = None,
     ) -> None:
         body = JobAnnouncement(
             token_sha256=token_sha256,
@@ -159,9 +161,11 @@ class SidecarGateway:
                     uid=p.uid,
                     ip=p.pod_ip or "",
                     host_network=p.host_network,
+                    gpu_uuids=list(p.gpu_uuids) if p.gpu_uuids is not None else None,
                 )
                 for p in pods
             ],
+            microbatches=microbatches,
         )
         async with self._errors(address):
             await self._client(address).announce_job(namespace, name, body)

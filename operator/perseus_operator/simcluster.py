@@ -3,9 +3,11 @@
 Pods never run on the local control plane, so this plays the kubelet's part: it creates Node
 objects (the pod garbage collector deletes pods bound to missing nodes), sidecar and job Pod
 objects bound to them (`automountServiceAccountToken: false`: no token Secret race) and patches
-their status to Running with a distinct loopback address each. The sidecar pods look like the
-chart's: in the operator's namespace, owned by a DaemonSet (a real object, so the garbage collector
-keeps them; it selects no node and its selector matches none of them, so the DaemonSet controller
+their status to Running with a distinct loopback address each and, for job pods, the GPU it
+gave the pod (a status condition, `state.SIMULATED_GPUS_CONDITION`: what the operator announces
+to the sidecar, which has no kubelet socket to ask). The sidecar pods look like the chart's: in
+the operator's namespace, owned by a DaemonSet (a real object, so the garbage collector keeps
+them; it selects no node and its selector matches none of them, so the DaemonSet controller
 neither adds nor claims pods; the owner reference is not a controller reference, which real
 DaemonSet pods carry, since that controller would release it). The real processes run locally:
 one `perseus-sidecar --gpu-backend simulated` per fake node, listening on that node's 127.0.x.y,
@@ -35,6 +37,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from perseus_operator.crd import build_crd
 from perseus_operator.kube import job_secret_name
 from perseus_operator.model import GROUP, PLURAL, VERSION
+from perseus_operator.state import SIMULATED_GPUS_CONDITION
+from perseus_sidecar.gpu.simulated import simulated_uuid
 
 __all__ = ["SimCluster", "SimJob", "wait_for"]
 
@@ -94,6 +98,10 @@ class SimJob:
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
+
+    def gpu_of(self, rank: int) -> str:
+        """The simulated GPU the rank's pod is given (the trainer places ranks the same way)."""
+        return simulated_uuid(self.node_name(self.node_of(rank)), rank % self.gpus_per_node)
 
 
 @dataclass
@@ -227,6 +235,7 @@ class SimCluster:
         *,
         owner: client.V1OwnerReference | None = None,
         namespace: str | None = None,
+        gpus: Sequence[str] | None = None,
     ) -> None:
         namespace = namespace or self.job.namespace
         body = client.V1Pod(
@@ -247,6 +256,7 @@ class SimCluster:
             host_ip=self.job.node_ip(node),
             ready=True,
             namespace=namespace,
+            gpus=gpus,
         )
 
     async def set_pod_phase(
@@ -258,14 +268,27 @@ class SimCluster:
         host_ip: str | None = None,
         ready: bool | None = None,
         namespace: str | None = None,
+        gpus: Sequence[str] | None = None,
     ) -> None:
         status: dict[str, Any] = {"phase": phase}
         if pod_ip is not None:
             status.update(podIP=pod_ip, podIPs=[{"ip": pod_ip}])
         if host_ip is not None:
             status["hostIP"] = host_ip
+        conditions: list[dict[str, str]] = []
         if ready is not None:
-            status["conditions"] = [{"type": "Ready", "status": str(ready)}]
+            conditions.append({"type": "Ready", "status": str(ready)})
+        if gpus is not None:
+            conditions.append(
+                {
+                    "type": SIMULATED_GPUS_CONDITION,
+                    "status": "True",
+                    "reason": "Allocated",
+                    "message": ",".join(gpus),
+                }
+            )
+        if conditions:
+            status["conditions"] = conditions
         await self.core.patch_namespaced_pod_status(
             name, namespace or self.job.namespace, {"status": status}
         )
@@ -300,7 +323,13 @@ class SimCluster:
         labels = {"app": "sim-train", "job": self.job.policy}
         for rank in range(self.job.ranks):
             name = self.job.pod_name(rank)
-            await self._running_pod(name, self.job.node_of(rank), self.job.pod_ip(rank), labels)
+            await self._running_pod(
+                name,
+                self.job.node_of(rank),
+                self.job.pod_ip(rank),
+                labels,
+                gpus=[self.job.gpu_of(rank)],
+            )
 
     async def finish_job_pods(self) -> None:
         for rank in range(self.job.ranks):
@@ -398,6 +427,7 @@ class SimCluster:
             "PERSEUS_OPERATOR_SIDECAR_PORT": str(SIDECAR_PORT),
             "PERSEUS_OPERATOR_TICK_S": "0.5",
             "PERSEUS_OPERATOR_LIVENESS_URL": "",
+            "PERSEUS_OPERATOR_SIMULATED_GPU_ASSIGNMENT": "true",
             **(extra_env or {}),
         }
         log = (self.workdir / "operator.log").open("ab")

@@ -16,6 +16,7 @@ from perseus_operator.straggler import StragglerState
 from perseus_profiles import StageProfile
 
 __all__ = [
+    "SIMULATED_GPUS_CONDITION",
     "EventSink",
     "PlanFailureRecord",
     "PodRecord",
@@ -23,7 +24,23 @@ __all__ = [
     "PolicyRuntime",
     "Regime",
     "Store",
+    "simulated_gpus",
 ]
+
+SIMULATED_GPUS_CONDITION = "perseus.dev/SimulatedGPUs"
+"""Pod status condition in which the simulated cluster's kubelet records the GPUs it gave a pod
+(message: comma-separated UUIDs). Pod status is written through the pods/status subresource,
+which tenants' roles (edit, admin) do not grant and pod creation ignores: unlike a label or an
+annotation, a tenant cannot set it. Read only with the operator's `simulated_gpu_assignment`
+setting; on real nodes the sidecar asks the kubelet itself."""
+
+
+def simulated_gpus(status: Mapping[str, Any]) -> tuple[str, ...] | None:
+    for condition in status.get("conditions") or ():
+        if condition.get("type") == SIMULATED_GPUS_CONDITION and condition.get("status") == "True":
+            text = str(condition.get("message") or "")
+            return tuple(u for u in (p.strip() for p in text.split(",")) if u)
+    return None
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,7 @@ class PodRecord:
     host_ip: str | None
     node_name: str | None
     host_network: bool
+    gpu_uuids: tuple[str, ...] | None = None
 
     def view(self) -> rc.PodView:
         return rc.PodView(
@@ -48,6 +66,7 @@ class PodRecord:
             self.host_ip,
             self.node_name,
             self.host_network,
+            self.gpu_uuids,
         )
 
 

@@ -1,7 +1,8 @@
 """Request and response models of the sidecar's HTTP API (`/v1`), shared with the operator (which
 sends announcements, schedules and profiling requests and reads timings) and documented in the
-OpenAPI schema. Every model forbids unknown fields and non-finite floats, so a malformed body is
-a 422 with a message, never a half-applied change.
+OpenAPI schema. Every request model forbids unknown fields and non-finite floats and is strict
+(`"1410"` is not an integer, `true` is not a number), so a malformed body is a 422 with a message,
+never a half-applied change.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ MAX_CHUNKS = 64
 
 
 class _Model(BaseModel):
-    """Requests: unknown fields are an error (a typo never passes silently)."""
+    """Requests: unknown fields are an error (a typo never passes silently), and no type is
+    coerced (a quoted number is a client bug, not a number)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
 
 
 class _Out(BaseModel):
@@ -146,6 +148,10 @@ class PodAnnouncement(_Model):
     uid: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     ip: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     host_network: bool = False
+    gpu_uuids: Annotated[list[GpuUuid], Field(max_length=64)] | None = None
+    """The GPUs the pod was given, where the operator knows them from a trusted source (the
+    simulated cluster's kubelet). Used only where the node has no kubelet pod-resources socket,
+    which is the source of truth on real nodes; None: unknown (its ranks cannot register there)."""
 
 
 class JobAnnouncement(_Model):
@@ -153,12 +159,19 @@ class JobAnnouncement(_Model):
 
     token_sha256: Sha256Hex
     pods: Annotated[list[PodAnnouncement], Field(max_length=4096)]
+    microbatches: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """Forwards (and backwards) per rank and iteration: the microbatches, times the model chunks
+    of an interleaved pipeline. Bounds what the sidecar keeps per rank and iteration. None: the
+    sidecar's own limit applies."""
 
     @model_validator(mode="after")
     def _distinct_pods(self) -> JobAnnouncement:
         names = [(p.namespace, p.name) for p in self.pods]
         if len(set(names)) != len(names):
             raise ValueError("pods must be distinct (namespace, name) pairs")
+        gpus = [g for p in self.pods for g in p.gpu_uuids or ()]
+        if len(set(gpus)) != len(gpus):
+            raise ValueError("a GPU can be given to only one pod")
         return self
 
 
@@ -369,6 +382,9 @@ class RankTimings(_Out):
     seconds_since_last_event: float | None
     schedule_active: bool
     stale: bool
+    events_dropped: int = 0
+    """Events refused because they exceeded the announced pipeline shape (see the sidecar's
+    `perseus_sidecar_events_dropped` metric)."""
 
 
 class StageTimings(_Out):

@@ -26,6 +26,7 @@ from perseus_sidecar.gpu.base import (
     GpuPermissionError,
 )
 from perseus_sidecar.guard import GuardMiddleware
+from perseus_sidecar.httpguard import accept_backlog
 from perseus_sidecar.lockstate import LockState, LockStateError
 from perseus_sidecar.node import (
     AuthError,
@@ -35,10 +36,11 @@ from perseus_sidecar.node import (
     Node,
     NodeError,
     NotFoundError,
+    UnavailableError,
 )
 from perseus_sidecar.routers import clocks, gpus, health, jobs, profiling, ranks, schedules, timings
 from perseus_sidecar.settings import Settings
-from perseus_sidecar.transport import start_event_server
+from perseus_sidecar.transport import EventLimits, start_event_server
 
 __all__ = ["SetupError", "build_backend", "create_app", "read_operator_token"]
 
@@ -136,13 +138,24 @@ def create_app(settings: Settings, backend: GpuBackend | None = None) -> FastAPI
         energy_poll_s=settings.energy_poll_s,
         timings_history=settings.timings_history,
         event_port=settings.event_port,
+        pod_resources_socket=settings.pod_resources_socket,
+        max_microbatches=settings.max_microbatches,
+        metrics_tenant_labels=settings.metrics_tenant_labels,
+    )
+    event_limits = EventLimits(
+        handshake_timeout_s=settings.http_header_timeout_s,
+        idle_timeout_s=settings.event_idle_timeout_s,
+        max_connections=settings.event_max_connections,
+        max_per_ip=settings.event_max_connections_per_ip,
+        max_per_rank=settings.event_max_connections_per_rank,
+        backlog=accept_backlog(settings),
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         node.discover()
         node.recover()
-        server = await start_event_server(node, settings.host, settings.event_port)
+        server = await start_event_server(node, settings.host, settings.event_port, event_limits)
         node.start_background()
         watcher = asyncio.create_task(_watch_token_file(node, settings), name="perseus-token")
         log.info("sidecar ready", extra={"node": node.node_name, "gpus": len(node.gpus)})
@@ -172,7 +185,7 @@ def create_app(settings: Settings, backend: GpuBackend | None = None) -> FastAPI
             (404, "No such job, rank, schedule or session"),
             (409, "Conflicts with the current state"),
             (413, "Request body too large"),
-            (503, "GPU backend or state file failure"),
+            (503, "GPU backend, state file or kubelet failure"),
         )
     }
     for module in (health, gpus, jobs, ranks, schedules, profiling, timings, clocks):
@@ -194,6 +207,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (NotFoundError, 404),
     (ConflictError, 409),
     (InvalidError, 422),
+    (UnavailableError, 503),
     (GpuNotFoundError, 404),
     (GpuPermissionError, 503),
     (GpuNotSupportedError, 422),

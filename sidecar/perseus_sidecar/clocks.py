@@ -74,6 +74,23 @@ class ClockController:
                 log.error("cannot reset GPU clocks", extra={"gpu": uuid, "error": str(exc)})
         return done
 
+    def reset_any_locked(self, uuids: list[str], reason: str) -> list[str]:
+        """Reset every GPU of `uuids` whose clock is locked, whoever locked it: the recovery when
+        the lock-state record is lost. A GPU that fails is logged and skipped."""
+        done: list[str] = []
+        for uuid in uuids:
+            try:
+                if self.backend.locked_sm_clock_mhz(uuid) is None:
+                    continue
+                self.backend.reset_locked_clocks(uuid)
+            except Exception as exc:
+                log.error("cannot reset GPU clocks", extra={"gpu": uuid, "error": str(exc)})
+                continue
+            self._applied.pop(uuid, None)
+            self.metrics.clock_resets.labels(reason=reason).inc()
+            done.append(uuid)
+        return done
+
     def forget_foreign(self) -> None:
         """Look again at GPUs skipped as administrator-locked (they may have been released)."""
         self._foreign.clear()

@@ -7,6 +7,11 @@ interval, its energy times the fraction of it that falls inside (power taken as 
 an instruction), plus idle power times the idle time inside. Over a few hundred intervals the
 least-squares solution gives the forward energy, the backward energy and the idle (blocking)
 power, and the residuals give their standard errors.
+
+The design matrix is built without a windows x instructions matrix: how much of the instructions
+lies before time t is a piecewise-linear function of t, evaluated at every counter update from
+cumulative sums over the sorted begins and ends, so memory and time grow with windows +
+instructions (times log instructions), not with their product.
 """
 
 from __future__ import annotations
@@ -42,22 +47,20 @@ def estimate_energy(
     data cannot determine the unknowns (too few updates, or only one kind of instruction)."""
     if len(samples) < 5 or not instructions:
         return None
-    t = np.array([s[0] for s in samples], dtype=np.float64)
+    origin = samples[0][0]  # times relative to the first update keep the sums exact
+    t = np.array([s[0] - origin for s in samples], dtype=np.float64)
     energy_j = np.array([s[1] for s in samples], dtype=np.float64) / 1000.0
     starts, stops = t[:-1], t[1:]
     delta_j = np.diff(energy_j)
-    begin = np.array([i[1] for i in instructions], dtype=np.float64)
-    end = np.array([i[2] for i in instructions], dtype=np.float64)
+    begin = np.array([i[1] - origin for i in instructions], dtype=np.float64)
+    end = np.array([i[2] - origin for i in instructions], dtype=np.float64)
     forward = np.array([i[0] for i in instructions], dtype=bool)
     duration = np.maximum(end - begin, 1.0)
-    overlap = np.clip(
-        np.minimum(end[None, :], stops[:, None]) - np.maximum(begin[None, :], starts[:, None]),
-        0.0,
-        None,
-    )
-    fraction = overlap / duration[None, :]
-    idle_s = np.clip((stops - starts) - overlap.sum(axis=1), 0.0, None) * seconds_per_ns
-    columns = [fraction[:, forward].sum(axis=1), fraction[:, ~forward].sum(axis=1), idle_s]
+    done_f = _done_before(t, begin[forward], end[forward], 1.0 / duration[forward])
+    done_b = _done_before(t, begin[~forward], end[~forward], 1.0 / duration[~forward])
+    busy_ns = _done_before(t, begin, end, np.ones_like(begin))
+    idle_s = np.clip((stops - starts) - np.diff(busy_ns), 0.0, None) * seconds_per_ns
+    columns = [np.diff(done_f), np.diff(done_b), idle_s]
     if columns[0].sum() <= 0 or columns[1].sum() <= 0:
         return None
     has_idle = columns[2].sum() > 1e-3 * float((stops - starts).sum() * seconds_per_ns)
@@ -81,3 +84,21 @@ def estimate_energy(
         idle_stderr_w=float(stderr[2]) if has_idle else None,
         windows=len(delta_j),
     )
+
+
+def _done_before(
+    t: np.ndarray, begin: np.ndarray, end: np.ndarray, weight: np.ndarray
+) -> np.ndarray:
+    """At each time of `t`: the sum over instructions of weight x (time of it that lies before
+    t), i.e. sum of w (t - b) over begins <= t minus sum of w (t - e) over ends <= t."""
+    out = np.zeros_like(t)
+    for edge, sign in ((begin, 1.0), (end, -1.0)):
+        if not len(edge):
+            continue
+        order = np.argsort(edge, kind="stable")
+        edges, w = edge[order], weight[order]
+        cum_w = np.concatenate(([0.0], np.cumsum(w)))
+        cum_we = np.concatenate(([0.0], np.cumsum(w * edges)))
+        k = np.searchsorted(edges, t, side="right")
+        out += sign * (t * cum_w[k] - cum_we[k])
+    return out

@@ -1,9 +1,14 @@
 """The on-disk record of which GPUs this sidecar locked. Written before a first lock and after a
 reset, atomically (write + fsync + rename), so that after a SIGKILL the next start resets exactly
-those GPUs and leaves clocks an administrator locked by hand alone."""
+those GPUs and leaves clocks an administrator locked by hand alone.
+
+A file that cannot be read or parsed does not stop the sidecar: it is moved aside (`.corrupt`),
+`unknown` says why, and the node then resets every locked GPU, as it cannot tell whose lock is
+whose (a GPU left locked is worse than an administrator's lock undone)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -21,11 +26,18 @@ class LockState:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / FILENAME
         self._locked: set[str] = set()
+        self.unknown: str | None = None
+        """Why the previous run's record could not be read (None: it could, or there was none)."""
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LockStateError(f"cannot create state dir {state_dir}: {exc.strerror}") from None
-        self._locked = self._read()
+        try:
+            self._locked = self._read()
+        except LockStateError as exc:
+            self.unknown = str(exc)
+            with contextlib.suppress(OSError):
+                self.path.replace(self.path.with_name(FILENAME + ".corrupt"))
 
     @property
     def locked(self) -> frozenset[str]:

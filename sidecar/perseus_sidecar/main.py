@@ -70,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, help="HTTP request body cap")
     p.add_argument("--energy-poll-s", type=float, help="energy sampling period while profiling")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--pod-resources-socket",
+        help="kubelet pod-resources socket ('' for none: trust only the operator's announcement)",
+    )
+    p.add_argument("--max-microbatches", type=int, help="per-rank bound without announced shape")
+    p.add_argument(
+        "--metrics-tenant-labels",
+        action="store_true",
+        help="label per-rank metrics with job namespaces and names (/metrics has no auth)",
+    )
+    p.add_argument("--http-header-timeout-s", type=float, help="a request must arrive within")
+    p.add_argument("--http-keep-alive-s", type=float, help="idle keep-alive connection timeout")
+    p.add_argument("--http-max-connections", type=int, help="open HTTP connections at most")
+    p.add_argument("--http-max-connections-per-ip", type=int, help="per client address")
+    p.add_argument("--event-idle-timeout-s", type=float, help="close a silent event connection")
+    p.add_argument("--event-max-connections", type=int, help="open event connections at most")
+    p.add_argument("--event-max-connections-per-ip", type=int, help="per client address")
+    p.add_argument("--event-max-connections-per-rank", type=int, help="per registered rank")
     return p
 
 
@@ -99,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from perseus_sidecar.app import SetupError, create_app
     from perseus_sidecar.gpu.base import GpuError
+    from perseus_sidecar.httpguard import raise_fd_limit, uvicorn_options
 
     try:
         settings = settings_from_args(argv)
@@ -108,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"perseus-sidecar: {where}: {first['msg']}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
+    raise_fd_limit()
     try:
         app = create_app(settings)
     except (SetupError, GpuError, ValueError) as exc:
@@ -121,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        **uvicorn_options(settings, app.state.node.metrics),
     )
     server = uvicorn.Server(config)
     gc.freeze()  # startup objects never need collecting: shorter GC pauses on the hot path

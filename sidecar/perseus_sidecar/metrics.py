@@ -48,6 +48,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.events_dropped = Counter(
+            "perseus_sidecar_events_dropped",
+            "Events dropped because they exceed the announced pipeline shape or a buffer "
+            "bound, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            "perseus_sidecar_connections_refused",
+            "Connections closed at once because a connection cap was reached, by transport.",
+            ["transport"],
+            registry=self.registry,
+        )
+        self.connections_timed_out = Counter(
+            "perseus_sidecar_connections_timed_out",
+            "HTTP connections closed because request headers did not arrive in time.",
+            registry=self.registry,
+        )
         self.clock_changes = Counter(
             "perseus_sidecar_clock_changes",
             "SM clock lock calls made (only when the clock changes).",

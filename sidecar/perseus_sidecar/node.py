@@ -12,8 +12,9 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -31,9 +32,10 @@ from perseus_sidecar.clocks import ClockController
 from perseus_sidecar.gpu.base import GpuBackend, GpuError, GpuInfo
 from perseus_sidecar.lockstate import LockState
 from perseus_sidecar.metrics import Metrics
+from perseus_sidecar.podresources import PodResourcesError, list_pod_devices
 from perseus_sidecar.profiling import ProfilingSession
 from perseus_sidecar.ranks import Rank
-from perseus_sidecar.timings import job_timings
+from perseus_sidecar.timings import job_timings, snapshot
 
 __all__ = [
     "AuthError",
@@ -44,6 +46,7 @@ __all__ = [
     "Node",
     "NodeError",
     "NotFoundError",
+    "UnavailableError",
     "sha256_hex",
 ]
 
@@ -74,6 +77,10 @@ class InvalidError(NodeError):
     """Semantically invalid input that only the node can judge (HTTP 422)."""
 
 
+class UnavailableError(NodeError):
+    """A source the node depends on (the kubelet's pod-resources API) failed (HTTP 503)."""
+
+
 def sha256_hex(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -84,6 +91,8 @@ class Job:
     name: str
     token_sha256: str
     pods: dict[tuple[str, str], PodAnnouncement]
+    microbatches: int
+    """Per-rank buffers are bounded by this pipeline shape (announced, else the node's limit)."""
     ranks: dict[str, Rank] = field(default_factory=dict)
     schedule: dict[tuple[int, int], ScheduleEntry] = field(default_factory=dict)
     profiling: ProfilingSession | None = None
@@ -106,6 +115,9 @@ class Node:
         energy_poll_s: float = 0.002,
         timings_history: int = 2000,
         event_port: int = 8081,
+        pod_resources_socket: Path | None = None,
+        max_microbatches: int = 4096,
+        metrics_tenant_labels: bool = False,
     ) -> None:
         self.backend = backend
         self.metrics = Metrics()
@@ -116,6 +128,9 @@ class Node:
         self.energy_poll_s = energy_poll_s
         self.timings_history = timings_history
         self.event_port = event_port
+        self.pod_resources_socket = pod_resources_socket
+        self.max_microbatches = max_microbatches
+        self.metrics_tenant_labels = metrics_tenant_labels
         self._operator_token = operator_token.encode()
         self.gpus: dict[str, GpuInfo] = {}
         self.gpu_error: str | None = None
@@ -139,7 +154,17 @@ class Node:
             log.error("cannot list GPUs", extra={"error": str(exc)})
 
     def recover(self) -> list[str]:
-        """On start: reset the GPUs a previous (killed) process recorded as locked."""
+        """On start: reset the GPUs a previous (killed) process recorded as locked; with no
+        readable record, every locked GPU of the node."""
+        unknown = self.clocks.lock_state.unknown
+        if unknown is not None:
+            done = self.clocks.reset_any_locked(sorted(self.gpus), "startup-unknown-owner")
+            log.error(
+                "lock-state record unreadable: cannot tell who locked which GPU, so every locked "
+                "GPU was reset",
+                extra={"error": unknown, "gpus": done},
+            )
+            return done
         done = self.clocks.reset_all("startup")
         if done:
             log.warning("reset clocks left locked by a previous run", extra={"gpus": done})
@@ -195,18 +220,25 @@ class Node:
         key = (namespace, name)
         job = self.jobs.get(key)
         created = job is None
+        microbatches = min(body.microbatches or self.max_microbatches, self.max_microbatches)
         if job is None:
-            job = Job(namespace, name, body.token_sha256, pods)
+            job = Job(namespace, name, body.token_sha256, pods, microbatches)
             self.jobs[key] = job
         else:
+            job.microbatches = microbatches
+            for rank in job.ranks.values():
+                rank.microbatches = microbatches
             self._job_hashes[job.token_sha256].discard(key)
             if not self._job_hashes[job.token_sha256]:
                 del self._job_hashes[job.token_sha256]
             job.token_sha256 = body.token_sha256
             job.pods = pods
             for rank in list(job.ranks.values()):
-                if (rank.namespace, rank.pod) not in pods:
+                now = pods.get((rank.namespace, rank.pod))
+                if now is None:
                     self._drop_rank(rank, "pod-gone")
+                elif now.gpu_uuids is not None and rank.gpu_uuid not in now.gpu_uuids:
+                    self._drop_rank(rank, "gpu-unassigned")
         self._job_hashes.setdefault(job.token_sha256, set()).add(key)
         return job, created
 
@@ -229,7 +261,9 @@ class Node:
 
     # ---- ranks ------------------------------------------------------------------------------
 
-    def register(self, body: RankRegistration, token: str | None, source_ip: str | None) -> Rank:
+    def _authorize_pod(
+        self, body: RankRegistration, token: str | None, source_ip: str | None
+    ) -> tuple[Job, PodAnnouncement]:
         job = self._job_of_pod(body.namespace, body.pod)
         if job is None or token is None or not self._job_token_ok(job, token):
             raise AuthError(
@@ -240,11 +274,90 @@ class Node:
             raise ForbiddenError(
                 f"requests for pod {body.namespace}/{body.pod} must come from {pod.ip}"
             )
+        return job, pod
+
+    @property
+    def uses_kubelet(self) -> bool:
+        """The kubelet's pod-resources socket is there: it, not the operator, says which pod
+        holds which GPU."""
+        path = self.pod_resources_socket
+        return path is not None and path.exists()
+
+    async def register_checked(
+        self, body: RankRegistration, token: str | None, source_ip: str | None
+    ) -> Rank:
+        """`register`, asking the kubelet (in a worker thread, after the token and IP checks)
+        which GPUs the pod holds when its socket is there."""
+        self._authorize_pod(body, token, source_ip)
+        kubelet: Mapping[tuple[str, str], frozenset[str]] | None = None
+        if self.uses_kubelet:
+            assert self.pod_resources_socket is not None
+            try:
+                kubelet = await asyncio.to_thread(list_pod_devices, self.pod_resources_socket)
+            except PodResourcesError as exc:
+                raise UnavailableError(str(exc)) from None
+        return self.register(body, token, source_ip, kubelet)
+
+    def _kubelet_uuids(self, device_ids: frozenset[str]) -> frozenset[str]:
+        """Device plugin IDs as GPU UUIDs: a time-slicing replica `<uuid>::<n>` is its GPU, and
+        with the plugin's index ID strategy an ID is the GPU's index."""
+        by_index = {str(g.index): g.uuid for g in self.gpus.values()}
+        out = set()
+        for raw in device_ids:
+            device = raw.split("::", 1)[0]
+            out.add(by_index.get(device, device))
+        return frozenset(out)
+
+    def _check_assignment(
+        self,
+        body: RankRegistration,
+        pod: PodAnnouncement,
+        kubelet: Mapping[tuple[str, str], frozenset[str]] | None,
+    ) -> None:
+        """The registered GPU must be one the pod was given: by the kubelet where it answers,
+        else by the operator's announcement; a GPU announced for another pod is refused."""
+        where = f"pod {body.namespace}/{body.pod}"
+        if kubelet is not None:
+            assigned = self._kubelet_uuids(kubelet.get((body.namespace, body.pod), frozenset()))
+            source = "the kubelet"
+        elif pod.gpu_uuids is not None:
+            assigned = frozenset(pod.gpu_uuids)
+            source = "the operator's announcement"
+        else:
+            raise ForbiddenError(
+                f"no record of the GPUs {where} was given: this node has no kubelet "
+                "pod-resources socket and the operator announced none"
+            )
+        if body.gpu_uuid not in assigned:
+            given = ", ".join(sorted(assigned)) or "none"
+            raise ForbiddenError(
+                f"GPU {body.gpu_uuid} is not assigned to {where} (per {source}: {given})"
+            )
+        for job in self.jobs.values():
+            for other in job.pods.values():
+                if (other.namespace, other.name) == (body.namespace, body.pod):
+                    continue
+                if other.gpu_uuids is not None and body.gpu_uuid in other.gpu_uuids:
+                    raise ConflictError(
+                        f"GPU {body.gpu_uuid} is announced for pod {other.namespace}/{other.name}"
+                    )
+
+    def register(
+        self,
+        body: RankRegistration,
+        token: str | None,
+        source_ip: str | None,
+        kubelet: Mapping[tuple[str, str], frozenset[str]] | None = None,
+    ) -> Rank:
+        """Register a rank; `kubelet` is the pod-resources answer (None: trust only the
+        operator's announcement of the pod's GPUs)."""
+        job, pod = self._authorize_pod(body, token, source_ip)
         gpu = self.gpus.get(body.gpu_uuid)
         if gpu is None:
             raise InvalidError(f"GPU {body.gpu_uuid} is not on node {self.node_name}")
         if not gpu.usable:
             raise InvalidError(f"GPU {body.gpu_uuid} cannot be managed: {gpu.reason}")
+        self._check_assignment(body, pod, kubelet)
         identity = (body.namespace, body.pod, body.rank)
         rank_id = self._rank_ids.get(identity)
         holder = next((r for r in self.ranks.values() if r.gpu_uuid == body.gpu_uuid), None)
@@ -276,6 +389,7 @@ class Node:
             metrics=self.metrics,
             time_scale=self.time_scale,
             history=self.timings_history,
+            microbatches=job.microbatches,
         )
         self.ranks[rank_id] = rank
         job.ranks[rank_id] = rank
@@ -482,8 +596,10 @@ class Node:
 
     # ---- timings ----------------------------------------------------------------------------
 
-    def timings(self, namespace: str, name: str, window_s: float) -> TimingsOut:
-        return job_timings(namespace, name, self.job(namespace, name).ranks.values(), window_s)
+    async def timings(self, namespace: str, name: str, window_s: float) -> TimingsOut:
+        """Copied on the loop, computed in a worker thread (see timings.py)."""
+        ranks = [snapshot(r) for r in self.job(namespace, name).ranks.values()]
+        return await asyncio.to_thread(job_timings, namespace, name, ranks, window_s)
 
     # ---- metrics ----------------------------------------------------------------------------
 
@@ -508,13 +624,23 @@ class Node:
                 energy.add_metric([uuid], self.backend.total_energy_mj(uuid) / 1000.0)
                 power.add_metric([uuid], self.backend.power_w(uuid))
             locked.add_metric([uuid], self.clocks.applied_mhz(uuid) or 0)
-        active = GaugeMetricFamily(
-            "perseus_sidecar_schedule_active",
-            "1 while a rank's clock follows a schedule or a profiling session.",
-            labels=["namespace", "job", "rank"],
+        controlled = GaugeMetricFamily(
+            "perseus_sidecar_gpu_schedule_active",
+            "1 while the rank on the GPU follows a schedule or a profiling session.",
+            labels=["gpu"],
         )
         for rank in self.ranks.values():
-            active.add_metric(
-                [rank.job_key[0], rank.job_key[1], str(rank.rank)], 1.0 if rank.controlled else 0.0
+            controlled.add_metric([rank.gpu_uuid], 1.0 if rank.controlled else 0.0)
+        yield from (clock, locked, energy, power, controlled)
+        if self.metrics_tenant_labels:  # GET /metrics has no auth: tenants' names are opt-in
+            active = GaugeMetricFamily(
+                "perseus_sidecar_schedule_active",
+                "1 while a rank's clock follows a schedule or a profiling session.",
+                labels=["namespace", "job", "rank"],
             )
-        yield from (clock, locked, energy, power, active)
+            for rank in self.ranks.values():
+                active.add_metric(
+                    [rank.job_key[0], rank.job_key[1], str(rank.rank)],
+                    1.0 if rank.controlled else 0.0,
+                )
+            yield active

@@ -5,19 +5,37 @@ coarse energy counter, see estimator.py).
 Each rank moves through the clocks on its own iteration ends: its first iteration end starts the
 session for it, then `warmup_iterations` are skipped and `iterations_per_frequency` measured per
 clock. The clock stays locked for the whole period, idle time included, so the idle power
-estimated alongside is the blocking power at that clock."""
+estimated alongside is the blocking power at that clock.
+
+What one clock's measurement keeps is capped (instructions and counter samples), and its energy
+is solved in a worker thread when the clock's period ends: the hot path only hands the data
+over. `await ProfilingSession.settled()` before `status()` on the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from perseus_sidecar.api import ProfilingMeasurement, ProfilingRequest, ProfilingStatus
 from perseus_sidecar.estimator import EnergyEstimate, estimate_energy
 
-__all__ = ["FrequencyResult", "ProfilingSession", "RankProfiling"]
+__all__ = [
+    "MAX_INSTRUCTIONS",
+    "MAX_SAMPLES",
+    "FrequencyResult",
+    "ProfilingSession",
+    "RankProfiling",
+]
+
+MAX_INSTRUCTIONS = 50_000
+"""Instructions measured per rank and clock (beyond: ignored); a few hundred are plenty."""
+MAX_SAMPLES = 50_000
+"""Energy counter updates kept per rank and clock (at 20 ms per update: over 15 minutes)."""
+_ESTIMATOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perseus-estimator")
 
 
 @dataclass
@@ -25,7 +43,12 @@ class FrequencyResult:
     frequency_mhz: int
     forward_s: list[float]
     backward_s: list[float]
-    energy: EnergyEstimate | None
+    estimate: Future[EnergyEstimate | None]
+
+    @property
+    def energy(self) -> EnergyEstimate | None:
+        """The energy estimate (waits for the worker thread if it is still solving)."""
+        return self.estimate.result()
 
 
 @dataclass
@@ -58,13 +81,22 @@ class RankProfiling:
         return self.measure_start_ns is not None
 
     def record_instruction(self, forward: bool, begin_ns: int, end_ns: int) -> None:
-        if self.measure_start_ns is not None and begin_ns >= self.measure_start_ns:
+        if (
+            self.measure_start_ns is not None
+            and begin_ns >= self.measure_start_ns
+            and len(self.instructions) < MAX_INSTRUCTIONS
+        ):
             self.instructions.append((forward, begin_ns, end_ns))
 
     def record_energy(self, mj: int) -> None:
         """A counter reading; kept only when it moved, stamped midway since the last poll."""
         now = time.time_ns()
-        if self.last_mj is not None and mj != self.last_mj and self.last_poll_ns is not None:
+        if (
+            self.last_mj is not None
+            and mj != self.last_mj
+            and self.last_poll_ns is not None
+            and len(self.samples) < MAX_SAMPLES
+        ):
             self.samples.append(((self.last_poll_ns + now) // 2, mj))
         self.last_mj = mj
         self.last_poll_ns = now
@@ -103,7 +135,7 @@ class RankProfiling:
                 frequency_mhz=self.clock_mhz,
                 forward_s=[(e - b) * spn for f, b, e in self.instructions if f],
                 backward_s=[(e - b) * spn for f, b, e in self.instructions if not f],
-                energy=estimate_energy(self.instructions, samples, spn),
+                estimate=_ESTIMATOR.submit(estimate_energy, self.instructions, samples, spn),
             )
         )
         self.instructions = []
@@ -136,6 +168,17 @@ class ProfilingSession:
     @property
     def done(self) -> bool:
         return all(rp.done for rp in self.ranks.values())
+
+    async def settled(self) -> None:
+        """Wait (without blocking the loop) for the energy estimates still being solved."""
+        pending = [
+            asyncio.wrap_future(res.estimate)
+            for rp in self.ranks.values()
+            for res in rp.results
+            if not res.estimate.done()
+        ]
+        if pending:
+            await asyncio.gather(*pending)
 
     def active(self) -> list[RankProfiling]:
         if self.cancelled:

@@ -2,6 +2,10 @@
 timings and, when clock control is active, locks the planned clock (looked up in precomputed
 per-microbatch tables) as an instruction begins and the maximum clock at iteration end.
 
+What a rank keeps is bounded whatever a token holder sends: per iteration at most one open and
+one finished forward and backward per microbatch of the announced pipeline shape, and completed
+iterations up to a count and an instruction budget. Events beyond that are dropped and counted.
+
 Everything runs on the sidecar's single event loop, so there are no locks here."""
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __all__ = [
     "EVENT_CODES",
     "FORWARD_BEGIN",
     "FORWARD_END",
+    "HISTORY_INSTRUCTIONS",
     "ITERATION_END",
     "IterationRecord",
     "Listener",
@@ -44,6 +49,8 @@ EVENT_CODES = {
 EVENT_CODES_BYTES = {k.encode(): v for k, v in EVENT_CODES.items()}
 MAX_CHUNKS = 64
 """Model chunks per stage an event may name (0-63), as the API allows."""
+HISTORY_INSTRUCTIONS = 100_000
+"""Instruction durations kept per rank across its completed iterations (about 3 MB)."""
 
 
 class Listener(Protocol):
@@ -71,12 +78,14 @@ class Rank:
         "_clocks",
         "_energy_mj",
         "_error_logged",
+        "_history_instructions",
         "_metrics",
         "backward_mhz",
         "chunks",
         "cur_backward",
         "cur_forward",
         "data_rank",
+        "events_dropped",
         "first_begin_ns",
         "forward_mhz",
         "gpu_uuid",
@@ -87,6 +96,7 @@ class Rank:
         "last_ie_ns",
         "listeners",
         "max_mhz",
+        "microbatches",
         "namespace",
         "open_backward",
         "open_forward",
@@ -118,6 +128,7 @@ class Rank:
         metrics: Metrics,
         time_scale: float,
         history: int,
+        microbatches: int = 4096,
     ) -> None:
         self.rank_id = rank_id
         self.job_key = job_key
@@ -144,6 +155,10 @@ class Rank:
         self.stale = False
         self._error_logged = False
         self.history: deque[IterationRecord] = deque(maxlen=history)
+        self._history_instructions = 0
+        self.microbatches = microbatches
+        """Microbatches per iteration: the bound of every per-iteration buffer."""
+        self.events_dropped = 0
         self.open_forward: dict[int, int] = {}
         self.open_backward: dict[int, int] = {}
         self.cur_forward: list[float] = []
@@ -192,10 +207,18 @@ class Rank:
         if self.stale:
             self.stale = False
             log.info("rank events resumed", extra={"rank_id": self.rank_id})
+        if microbatch >= self.microbatches:  # IE's microbatch is -1
+            self._drop("microbatch-out-of-range")
+            return
         # Open instructions are keyed per (microbatch, chunk); the schedule's tables hold
         # microbatch * chunks + chunk, and a chunk beyond the schedule's has no clock.
         key = microbatch * MAX_CHUNKS + chunk
         slot = microbatch * self.chunks + chunk if chunk < self.chunks else -1
+        if code in (FORWARD_BEGIN, BACKWARD_BEGIN):
+            opened = self.open_forward if code == FORWARD_BEGIN else self.open_backward
+            if key not in opened and len(opened) >= self.microbatches:
+                self._drop("too-many-open")
+                return
         if code == FORWARD_BEGIN:
             self.open_forward[key] = t_ns
             if self.first_begin_ns is None:
@@ -217,6 +240,10 @@ class Rank:
             self._apply(profiling.clock_mhz, t_ns)
         elif table is not None and 0 <= slot < len(table):
             self._apply(table[slot], t_ns)
+
+    def _drop(self, reason: str) -> None:
+        self.events_dropped += 1
+        self._metrics.events_dropped.labels(reason=reason).inc()
 
     def _apply(self, clock_mhz: int, t_ns: int) -> None:
         try:
@@ -242,9 +269,11 @@ class Rank:
         begin = (self.open_forward if forward else self.open_backward).pop(key, None)
         if begin is None or t_ns < begin:
             return
-        (self.cur_forward if forward else self.cur_backward).append(
-            (t_ns - begin) * self.seconds_per_ns
-        )
+        done = self.cur_forward if forward else self.cur_backward
+        if len(done) >= self.microbatches:
+            self._drop("iteration-overflow")
+            return
+        done.append((t_ns - begin) * self.seconds_per_ns)
         self.last_end_ns = t_ns
         if self.profiling is not None:
             self.profiling.record_instruction(forward, begin, t_ns)
@@ -265,7 +294,7 @@ class Rank:
         span_s = None
         if self.first_begin_ns is not None and self.last_end_ns is not None:
             span_s = max(0, self.last_end_ns - self.first_begin_ns) * self.seconds_per_ns
-        self.history.append(
+        self._remember(
             IterationRecord(
                 end_ns=t_ns,
                 iteration_s=iteration_s,
@@ -295,3 +324,15 @@ class Rank:
                 self._apply(next_mhz, t_ns)
         elif self.forward_mhz is not None:
             self._apply(self.max_mhz, t_ns)
+
+    def _remember(self, record: IterationRecord) -> None:
+        """Keep the record; the oldest go when the count or the instruction budget is over."""
+        history = self.history
+        if len(history) == history.maxlen:
+            old = history[0]
+            self._history_instructions -= len(old.forward_s) + len(old.backward_s)
+        history.append(record)
+        self._history_instructions += len(record.forward_s) + len(record.backward_s)
+        while self._history_instructions > HISTORY_INSTRUCTIONS and len(history) > 1:
+            old = history.popleft()
+            self._history_instructions -= len(old.forward_s) + len(old.backward_s)

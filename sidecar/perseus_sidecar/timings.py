@@ -1,6 +1,10 @@
 """Timings of a job's ranks over a recent window, from the iteration records the hot path keeps:
 per rank, per stage (pooled over its ranks) and per pipeline (its stage-0 compute span, which
-the operator compares across pipelines to find a straggler)."""
+the operator compares across pipelines to find a straggler).
+
+`snapshot` copies what a rank holds (on the event loop: a few microseconds per rank), and
+`job_timings` works on the copies, so the node runs it in a worker thread: a large history
+never stalls the loop that serves probes and locks clocks."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from perseus_sidecar.api import (
     InstructionTiming,
@@ -18,14 +23,48 @@ from perseus_sidecar.api import (
 )
 from perseus_sidecar.ranks import IterationRecord, Rank
 
-__all__ = ["job_timings"]
+__all__ = ["RankSnapshot", "job_timings", "snapshot"]
 
 
-def job_timings(namespace: str, name: str, ranks: Iterable[Rank], window_s: float) -> TimingsOut:
+@dataclass(frozen=True, slots=True)
+class RankSnapshot:
+    rank_id: str
+    pod: str
+    rank: int
+    pipeline_rank: int
+    data_rank: int
+    tensor_rank: int
+    gpu_uuid: str
+    history: tuple[IterationRecord, ...]
+    seconds_since_last_event: float
+    controlled: bool
+    stale: bool
+    events_dropped: int
+
+
+def snapshot(rank: Rank) -> RankSnapshot:
+    return RankSnapshot(
+        rank_id=rank.rank_id,
+        pod=rank.pod,
+        rank=rank.rank,
+        pipeline_rank=rank.pipeline_rank,
+        data_rank=rank.data_rank,
+        tensor_rank=rank.tensor_rank,
+        gpu_uuid=rank.gpu_uuid,
+        history=tuple(rank.history),
+        seconds_since_last_event=time.monotonic() - rank.last_event_mono,
+        controlled=rank.controlled,
+        stale=rank.stale,
+        events_dropped=rank.events_dropped,
+    )
+
+
+def job_timings(
+    namespace: str, name: str, ranks: Iterable[RankSnapshot], window_s: float
+) -> TimingsOut:
     since_ns = time.time_ns() - int(window_s * 1e9)
-    now = time.monotonic()
     ranks_out: list[RankTimings] = []
-    by_stage: dict[int, list[tuple[Rank, list[IterationRecord]]]] = defaultdict(list)
+    by_stage: dict[int, list[tuple[RankSnapshot, list[IterationRecord]]]] = defaultdict(list)
     for rank in sorted(ranks, key=lambda r: r.rank):
         records = [rec for rec in rank.history if rec.end_ns >= since_ns]
         by_stage[rank.pipeline_rank].append((rank, records))
@@ -43,9 +82,10 @@ def job_timings(namespace: str, name: str, ranks: Iterable[Rank], window_s: floa
                 iteration_time_mean_s=_mean_of(r.iteration_s for r in records),
                 compute_span_mean_s=_mean_of(r.span_s for r in records),
                 energy_per_iteration_mean_j=_mean_of(r.energy_j for r in records),
-                seconds_since_last_event=now - rank.last_event_mono,
+                seconds_since_last_event=rank.seconds_since_last_event,
                 schedule_active=rank.controlled,
                 stale=rank.stale,
+                events_dropped=rank.events_dropped,
             )
         )
     stages = [

@@ -36,7 +36,8 @@ def cluster() -> Cluster:
     bin_dir = subprocess.run(
         [str(ROOT / "scripts" / "cluster.sh"), "bin"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    return Cluster(Path(bin_dir), Path(RUN) / "hostpath" / "gpus")
+    run = Path(RUN)
+    return Cluster(Path(bin_dir), run / "hostpath" / "gpus", run / "state/kubelet/pod-resources")
 
 
 @pytest.fixture(scope="module")

@@ -99,9 +99,17 @@ class Gateway:
         )
 
     async def announce(
-        self, address: str, namespace: str, name: str, token_sha256: str, pods: Iterable[rc.PodView]
+        self,
+        address: str,
+        namespace: str,
+        name: str,
+        token_sha256: str,
+        pods: Iterable[rc.PodView],
+        *,
+        microbatches: int | None = None,
     ) -> None:
         self.calls.append("announce")
+        self.microbatches = microbatches
         pods = list(pods)
         self.announced = {p.name for p in pods}
         self.identities = {p.identity for p in pods}

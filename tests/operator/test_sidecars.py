@@ -62,6 +62,7 @@ class Sidecar:
         self.schedule: dict[str, object] | None = None
         self.fail: int | None = None
         self.announced: list[dict[str, object]] = []
+        self.announced_microbatches: int | None = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -90,6 +91,7 @@ class Sidecar:
         if method == "PUT":
             assert body["token_sha256"] == "0" * 64
             self.announced = body["pods"]
+            self.announced_microbatches = body.get("microbatches")
             return 200, self.job
         if self.job is None:
             return 404, {"detail": "no job"}
@@ -117,8 +119,19 @@ async def test_snapshot_and_steady_polls() -> None:
     pod = rc.PodView("p0", "uid0", "Running", "10.0.0.1", "10.1.0.1", "n0")
     await gw.announce("h:1", "ns", "p", "0" * 64, [pod])
     assert sidecar.announced == [
-        {"namespace": "ns", "name": "p0", "uid": "uid0", "ip": "10.0.0.1", "host_network": False}
+        {
+            "namespace": "ns",
+            "name": "p0",
+            "uid": "uid0",
+            "ip": "10.0.0.1",
+            "host_network": False,
+            "gpu_uuids": None,
+        }
     ]
+    assigned = rc.PodView("p0", "uid0", "Running", "10.0.0.1", "10.1.0.1", "n0", False, ("G-1",))
+    await gw.announce("h:1", "ns", "p", "0" * 64, [assigned], microbatches=12)
+    assert sidecar.announced[0]["gpu_uuids"] == ["G-1"]
+    assert sidecar.announced_microbatches == 12
     assert sidecar.job is not None
     sidecar.job["pods"] = sidecar.announced
     snap = await gw.snapshot("h:1", "ns", "p", 5)

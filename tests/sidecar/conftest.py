@@ -94,6 +94,7 @@ def make_settings(state_dir: Path, **overrides: Any) -> Settings:
         "gpu_backend": "simulated",
         "example": "gpt3-175b-a100",
         "rank_timeout_s": 30.0,
+        "pod_resources_socket": None,
     }
     values.update(overrides)
     return Settings(**values)
@@ -138,16 +139,31 @@ def announce(
     *,
     host_network: bool = True,
     name: str = NAME,
+    gpus: dict[str, list[str] | None] | None = None,
+    microbatches: int | None = None,
 ) -> None:
-    """Announce job NS/name with pods (name, ip)."""
+    """Announce job NS/name with pods (name, ip); each pod's GPUs from `gpus`, else the first
+    pod has all of the node's GPUs and the others none."""
     pods = pods if pods is not None else [("trainer-0", "testclient")]
-    body = {
+    if gpus is None:
+        gpus = {p: [] for p, _ in pods}
+        gpus[pods[0][0]] = sorted(node_of(client).gpus)
+    body: dict[str, Any] = {
         "token_sha256": JOB_SHA,
         "pods": [
-            {"namespace": NS, "name": p, "uid": f"uid-{p}", "ip": ip, "host_network": host_network}
+            {
+                "namespace": NS,
+                "name": p,
+                "uid": f"uid-{p}",
+                "ip": ip,
+                "host_network": host_network,
+                "gpu_uuids": gpus.get(p),
+            }
             for p, ip in pods
         ],
     }
+    if microbatches is not None:
+        body["microbatches"] = microbatches
     r = client.put(f"/v1/jobs/{NS}/{name}", json=body, headers=OP)
     assert r.status_code in (200, 201), r.text
 

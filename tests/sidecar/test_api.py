@@ -173,8 +173,8 @@ def test_registration_refusals(client: TestClient) -> None:
         json={
             "token_sha256": JOB_SHA,
             "pods": [
-                {"namespace": NS, "name": n, "uid": n, "ip": "testclient"}
-                for n in ("trainer-0", "trainer-2")
+                {"namespace": NS, "name": n, "uid": n, "ip": "testclient", "gpu_uuids": g}
+                for n, g in (("trainer-0", None), ("trainer-2", [GPU0]))
             ],
         },
         headers=OP,
@@ -364,9 +364,22 @@ def test_metrics_exposes_clock_energy_and_schedule_state(client: TestClient) -> 
     text = client.get("/metrics").text
     assert 'perseus_sidecar_gpu_sm_clock_mhz{gpu="GPU-sim-n1-0"}' in text
     assert 'perseus_sidecar_gpu_energy_joules{gpu="GPU-sim-n1-0"}' in text
-    assert 'perseus_sidecar_schedule_active{job="gpt3",namespace="team-a",rank="0"} 0.0' in text
+    assert 'perseus_sidecar_gpu_schedule_active{gpu="GPU-sim-n1-0"} 0.0' in text
     assert 'perseus_sidecar_events_total{transport="http"} 1.0' in text
     assert "perseus_sidecar_iteration_seconds_bucket" in text
+
+
+def test_metrics_name_tenants_only_when_enabled(make_client: Callable[..., TestClient]) -> None:
+    """GET /metrics has no auth: namespaces and job names appear only with the setting on;
+    per-GPU series are there either way."""
+    for enabled in (False, True):
+        client = make_client(metrics_tenant_labels=enabled)
+        announce(client)
+        register(client)
+        text = client.get("/metrics").text
+        assert 'perseus_sidecar_gpu_schedule_active{gpu="GPU-sim-n1-0"} 0.0' in text
+        assert ('namespace="team-a"' in text) is enabled
+        assert ('job="gpt3"' in text) is enabled
 
 
 def test_openapi_stays_at_its_path(client: TestClient) -> None:
@@ -425,3 +438,19 @@ def test_per_stage_and_per_pipeline_timings(client: TestClient) -> None:
     assert fwd1["mean_s"] == pytest.approx(0.2)
     spans = {p["data_rank"]: p["stage0_span_mean_s"] for p in t["pipelines"]}
     assert spans == {0: pytest.approx(0.3), 1: pytest.approx(0.48)}
+
+
+def test_quoted_numbers_and_booleans_are_not_coerced(client: TestClient) -> None:
+    """Strict request models: a client that sends "1410" or "0" has a bug; it gets a 422."""
+    announce(client)
+    body = schedule_body([(0, 0)], (1410,))
+    body["entries"][0]["frequencies_mhz"] = ["1410"] * len(body["entries"][0]["order"])
+    r = client.put(f"/v1/jobs/{NS}/{NAME}/schedule", json=body, headers=OP)
+    assert r.status_code == 422
+    assert "valid integer" in r.json()["message"]
+    reg = {"namespace": NS, "pod": "trainer-0", "rank": "0", "pipeline_rank": 0,
+           "data_rank": 0, "tensor_rank": 0, "gpu_uuid": GPU0}  # fmt: skip
+    assert client.post("/v1/ranks", json=reg, headers=JOB).status_code == 422
+    profiling = {"frequencies_mhz": [1410], "iterations_per_frequency": 1.0}
+    r = client.post(f"/v1/jobs/{NS}/{NAME}/profiling", json=profiling, headers=OP)
+    assert r.status_code == 422

@@ -45,7 +45,16 @@ async def test_operator_client_drives_every_control_endpoint(
             assert len((await op.gpus()).gpus) == 2
             job = JobAnnouncement(
                 token_sha256=JOB_SHA,
-                pods=[PodAnnouncement(namespace=NS, name="p0", uid="u", ip="x", host_network=True)],
+                pods=[
+                    PodAnnouncement(
+                        namespace=NS,
+                        name="p0",
+                        uid="u",
+                        ip="x",
+                        host_network=True,
+                        gpu_uuids=["GPU-sim-n1-0"],
+                    )
+                ],
             )
             assert (await op.announce_job(NS, NAME, job)).pods[0].name == "p0"
             assert (await op.get_job(NS, NAME)) is not None

@@ -25,9 +25,11 @@ def real_sidecar(tmp_path: Path) -> Iterator[SidecarProcess]:
         yield sidecar
 
 
-def _pod(name: str, ip: str = "127.0.0.1", host_network: bool = True) -> dict[str, object]:
+def _pod(
+    name: str, ip: str = "127.0.0.1", host_network: bool = True, gpu: str = "GPU-sim-n0-0"
+) -> dict[str, object]:
     return {"namespace": "ml", "name": name, "uid": f"uid-{name}", "ip": ip,
-            "host_network": host_network}  # fmt: skip
+            "host_network": host_network, "gpu_uuids": [gpu]}  # fmt: skip
 
 
 def _hooks(sidecar: SidecarProcess, pod: str = "trainer-0", **kwargs: object) -> hooks.Hooks:
@@ -116,7 +118,9 @@ def test_pod_ip_is_checked(real_sidecar: SidecarProcess, caplog: pytest.LogCaptu
     """A pod off the host network must register from its own IP: bound hooks get in, a
     process elsewhere on the host is refused (and keeps training, with one warning)."""
     real_sidecar.announce(
-        "ml", "job", [_pod("pod-a", "127.0.0.31", False), _pod("pod-b", "127.0.0.32", False)]
+        "ml",
+        "job",
+        [_pod("pod-a", "127.0.0.31", False), _pod("pod-b", "127.0.0.32", False, "GPU-sim-n0-1")],
     )
     with caplog.at_level(logging.WARNING, logger="perseus.hooks"):
         with _hooks(real_sidecar, pod="pod-a", source_ip="127.0.0.31") as good:

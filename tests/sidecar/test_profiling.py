@@ -110,7 +110,14 @@ def test_profiled_energy_matches_the_simulated_ground_truth(
             {
                 "token_sha256": JOB_SHA,
                 "pods": [
-                    {"namespace": NS, "name": "p", "uid": "u", "ip": "x", "host_network": True}
+                    {
+                        "namespace": NS,
+                        "name": "p",
+                        "uid": "u",
+                        "ip": "x",
+                        "host_network": True,
+                        "gpu_uuids": [GPU0],
+                    }
                 ],
             }
         ),

@@ -21,7 +21,7 @@ from perseus_profiles import StageProfile
 from perseus_sidecar.app import create_app
 from perseus_sidecar.gpu.base import GpuPermissionError
 from perseus_sidecar.gpu.simulated import SimulatedBackend, open_node
-from perseus_sidecar.lockstate import FILENAME, LockState, LockStateError
+from perseus_sidecar.lockstate import FILENAME, LockState
 
 from .conftest import (
     JOB,
@@ -69,8 +69,34 @@ def test_lock_state_file_round_trip_and_corruption(tmp_path: Path) -> None:
     state.discard("GPU-a")
     assert LockState(tmp_path).locked == {"GPU-b"}
     (tmp_path / FILENAME).write_text("{not json")
-    with pytest.raises(LockStateError, match="not a lock-state file"):
-        LockState(tmp_path)
+    corrupt = LockState(tmp_path)  # no exception: the node resets every locked GPU instead
+    assert corrupt.unknown is not None and "not a lock-state file" in corrupt.unknown
+    assert corrupt.locked == set()
+    assert (tmp_path / (FILENAME + ".corrupt")).read_text() == "{not json"
+
+
+def test_corrupt_lock_state_resets_every_locked_gpu_and_starts(
+    make_client: Callable[..., TestClient],
+    sim_backend: SimulatedBackend,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the record unreadable nobody can tell a killed sidecar's locks from an
+    administrator's: every locked GPU is reset (and logged), and the sidecar starts."""
+    sim_backend.set_locked_sm_clock(GPU0, 1200)
+    sim_backend.set_locked_sm_clock(GPU1, 1005)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / FILENAME).write_text('{"locked_gpus": [')
+    client = make_client()
+    assert client.get("/healthz").status_code == 200
+    assert sim_backend.locked_sm_clock_mhz(GPU0) is None
+    assert sim_backend.locked_sm_clock_mhz(GPU1) is None
+    resets = 'perseus_sidecar_clock_resets_total{reason="startup-unknown-owner"} 2.0'
+    assert resets in client.get("/metrics").text
+    assert any("cannot tell who locked" in r.getMessage() for r in caplog.records)
+    fresh = LockState(state)
+    assert fresh.unknown is None and fresh.locked == set()
 
 
 def test_start_resets_only_what_a_killed_sidecar_locked(
@@ -162,7 +188,14 @@ def test_backend_failures_on_the_hot_path_are_contained(
         json={
             "token_sha256": JOB_SHA,
             "pods": [
-                {"namespace": NS, "name": "trainer-0", "uid": "u", "ip": "x", "host_network": True}
+                {
+                    "namespace": NS,
+                    "name": "trainer-0",
+                    "uid": "u",
+                    "ip": "x",
+                    "host_network": True,
+                    "gpu_uuids": ["GPU-fake-0"],
+                }
             ],
         },
         headers=OP,
@@ -192,7 +225,14 @@ def test_clock_only_set_when_it_changes(make_client: Callable[..., TestClient]) 
         json={
             "token_sha256": JOB_SHA,
             "pods": [
-                {"namespace": NS, "name": "trainer-0", "uid": "u", "ip": "x", "host_network": True}
+                {
+                    "namespace": NS,
+                    "name": "trainer-0",
+                    "uid": "u",
+                    "ip": "x",
+                    "host_network": True,
+                    "gpu_uuids": ["GPU-fake-0"],
+                }
             ],
         },
         headers=OP,
@@ -292,7 +332,9 @@ def test_sigkilled_sidecar_resets_on_restart(
     with httpx.Client(base_url=base, timeout=5) as http:
         job = {
             "token_sha256": JOB_SHA,
-            "pods": [{"namespace": NS, "name": "p0", "uid": "u", "ip": "127.0.0.1"}],
+            "pods": [
+                {"namespace": NS, "name": "p0", "uid": "u", "ip": "127.0.0.1", "gpu_uuids": [GPU0]}
+            ],
         }
         assert http.put(f"/v1/jobs/{NS}/{NAME}", json=job, headers=OP).status_code == 201
         reg = {
@@ -334,7 +376,16 @@ def test_sigterm_and_sigint_reset_clocks(
     with httpx.Client(base_url=base, timeout=5) as http:
         job = {
             "token_sha256": JOB_SHA,
-            "pods": [{"namespace": NS, "name": "p0", "uid": "u", "ip": "x", "host_network": True}],
+            "pods": [
+                {
+                    "namespace": NS,
+                    "name": "p0",
+                    "uid": "u",
+                    "ip": "x",
+                    "host_network": True,
+                    "gpu_uuids": [GPU0],
+                }
+            ],
         }
         http.put(f"/v1/jobs/{NS}/{NAME}", json=job, headers=OP)
         reg = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
@@ -155,9 +156,9 @@ def test_events_split_across_packets(client: TestClient) -> None:
 
 
 def test_silent_connection_is_closed_after_the_handshake_timeout(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    make_client: Callable[..., TestClient],
 ) -> None:
-    monkeypatch.setattr("perseus_sidecar.transport.HANDSHAKE_TIMEOUT_S", 0.05)
+    client = make_client(http_header_timeout_s=0.05)
     sock = EventSocket(node_of(client).event_port)
     assert sock.readline() == "ERR no handshake in time"
     sock.close()

@@ -43,7 +43,8 @@ def test_the_sidecar_sees_every_ranks_exact_1f1b_sequence(tmp_path: Path) -> Non
             "ml",
             "torchjob",
             [{"namespace": "ml", "name": "trainer-0", "uid": "u0", "ip": "127.0.0.1",
-              "host_network": True}],
+              "host_network": True,
+              "gpu_uuids": [f"GPU-sim-n0-{i}" for i in range(STAGES)]}],
         )  # fmt: skip
         with EventTap(sidecar.event_port) as tap:
             env = {

@@ -15,7 +15,9 @@ router = APIRouter(tags=["profiling"], dependencies=[Depends(require_operator)])
 async def start_profiling(
     namespace: Namespace, name: JobName, body: ProfilingRequest, node: NodeDep
 ) -> ProfilingStatus:
-    return node.start_profiling(namespace, name, body).status()
+    session = node.start_profiling(namespace, name, body)
+    await session.settled()
+    return session.status()
 
 
 @router.get("/jobs/{namespace}/{name}/profiling")
@@ -23,10 +25,13 @@ async def get_profiling(namespace: Namespace, name: JobName, node: NodeDep) -> P
     session = node.job(namespace, name).profiling
     if session is None:
         raise NotFoundError(f"job {namespace}/{name} has no profiling session")
+    await session.settled()
     return session.status()
 
 
 @router.delete("/jobs/{namespace}/{name}/profiling")
 async def cancel_profiling(namespace: Namespace, name: JobName, node: NodeDep) -> ProfilingStatus:
     """Cancel the session (results so far are returned) and release the clocks it locked."""
-    return node.cancel_profiling(namespace, name).status()
+    session = node.cancel_profiling(namespace, name)
+    await session.settled()
+    return session.status()

@@ -18,7 +18,7 @@ router = APIRouter(tags=["ranks"])
 async def register_rank(
     body: RankRegistration, node: NodeDep, token: BearerToken, source_ip: ClientIp
 ) -> RankRegistered:
-    rank = node.register(body, token, source_ip)
+    rank = await node.register_checked(body, token, source_ip)
     return RankRegistered(
         rank_id=rank.rank_id, event_port=node.event_port, schedule_active=rank.controlled
     )

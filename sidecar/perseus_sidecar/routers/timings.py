@@ -19,4 +19,4 @@ async def get_timings(
     node: NodeDep,
     window_s: Annotated[float, Query(gt=0, le=86_400, allow_inf_nan=False)] = 60.0,
 ) -> TimingsOut:
-    return node.timings(namespace, name, window_s)
+    return await node.timings(namespace, name, window_s)

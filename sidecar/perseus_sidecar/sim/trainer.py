@@ -311,7 +311,8 @@ class SimTrainer:
         )
 
     def pods_by_node(self) -> list[list[dict[str, object]]]:
-        """Each node's pods as the sidecar's job announcement lists them (one pod per rank)."""
+        """Each node's pods as the sidecar's job announcement lists them (one pod per rank, its
+        GPU the one this simulation, playing the kubelet, placed it on)."""
         out: list[list[dict[str, object]]] = [[] for _ in self.nodes]
         for p in self.placements:
             ip = self.config.pod_ip(p.rank)
@@ -322,6 +323,7 @@ class SimTrainer:
                     "uid": f"sim-{self.config.job}-{p.rank}",
                     "ip": ip or self.nodes[p.node].spec.host,
                     "host_network": ip is None,
+                    "gpu_uuids": [p.gpu_uuid],
                 }
             )
         return out
