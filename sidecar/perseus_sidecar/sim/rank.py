@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import os
 import queue
 import socket
 import threading
@@ -214,6 +215,8 @@ class _Session:
 
     def close(self) -> None:
         self._done.set()
+        with contextlib.suppress(OSError):  # wakes the reader: a bare close would not
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
     def _read(self) -> None:
@@ -256,6 +259,14 @@ def run_rank(options: RankOptions) -> None:
         )
     if not uuids:
         raise RankError(f"the simulated node in {options.state_dir} has no GPUs", 2)
+    index = options.rank % len(uuids) if options.gpu_index is None else options.gpu_index
+    energy = options.state_dir / f"gpu-{index}.energy"
+    if energy.exists() and not os.access(energy, os.R_OK | os.W_OK):
+        raise RankError(
+            f"cannot write the simulated GPU's energy record {energy}: run the rank as the "
+            "sidecar's user (the state is the sidecar's)",
+            2,
+        )
     _check_sidecar(options)
     try:
         listener = PeerListener(options.advertise_ip or "0.0.0.0", options.listen_port)
@@ -265,6 +276,8 @@ def run_rank(options: RankOptions) -> None:
     session = _Session(_dial_coordinator(options), options, stop)
     try:
         _run(options, session, listener, (time_scale, stages, uuids))
+    except OSError as exc:  # the node's state files; network errors are handled where they occur
+        raise RankError(f"rank {options.rank}: {exc}", 2) from None
     finally:
         session.close()
         listener.close()
