@@ -349,10 +349,6 @@ def _follow(
     """The rank's life after joining: one coordinator message at a time."""
     links: TcpLinks | None = None
     playing = False
-
-    def arrive(end: float) -> float:
-        raise AssertionError("the coordinator's barrier is a message, not a call")
-
     try:
         while True:
             message = session.next()
@@ -385,7 +381,6 @@ def _follow(
                     else (next_ip, next_port),
                     prev_rank=message.opt_int("prev_rank"),
                     listener=listener,
-                    arrive=arrive,
                     stop=session.stop,
                     fail=lambda line: session.inbox.put(RankError(line, 2)),
                 )
