@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,8 +59,15 @@ class Job:
             "default",
             "dist",
             [
-                {"namespace": "default", "name": name, "uid": name, "ip": ip}
-                for name, ip in self.pods.values()
+                # each rank plays GPU `rank` of the sidecar's node (n0): what its pod was given
+                {
+                    "namespace": "default",
+                    "name": name,
+                    "uid": name,
+                    "ip": ip,
+                    "gpu_uuids": [f"GPU-sim-n0-{rank}"],
+                }
+                for rank, (name, ip) in self.pods.items()
             ],
         )
 
@@ -274,6 +282,27 @@ def test_a_killed_rank_rejoins_and_the_job_redoes_the_iteration(
     assert again[0]["iterations"] >= iterations - redone
 
 
+def test_a_rank_that_never_rejoins_fails_the_job(job_env: tuple[Path, SidecarProcess]) -> None:
+    tmp_path, sidecar = job_env
+    job = Job(tmp_path, sidecar, pipelines=1)
+    try:
+        job.start_coordinator("--rejoin-timeout-s", "1", iterations=1000, microbatches=4)
+        ranks = [job.start_rank(r) for r in range(job.ranks)]
+        job.wait_for("coordinator", "iteration    0  time")
+        ranks[1].kill()
+        assert job.coordinator is not None
+        assert job.coordinator.wait(30) == 1
+        codes = [p.wait(30) for p in ranks]
+    finally:
+        job.stop()
+    reason = "ranks 1 did not rejoin within 1 s"
+    assert job.log("coordinator").splitlines()[-1] == f"perseus sim-train: error: {reason}"
+    assert codes == [1, -signal.SIGKILL, 1, 1]
+    for r in (0, 2, 3):
+        lines = [line for line in job.log(f"rank{r}").splitlines() if "perseus sim-train" in line]
+        assert lines == [f"perseus sim-train: error: the job failed: {reason}"]
+
+
 def test_ranks_exit_when_the_coordinator_dies(job_env: tuple[Path, SidecarProcess]) -> None:
     tmp_path, sidecar = job_env
     job = Job(tmp_path, sidecar, pipelines=1)
@@ -310,6 +339,9 @@ def _rank_args(
 
 
 def _one_line_error(code: int, err: str, message: str) -> None:
+    # Another test's logging.basicConfig may leave a handler on a closed capture stream, whose
+    # "--- Logging error ---" reports (of the fixtures' httpx logs) are not this command's.
+    err = re.sub(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", "", err, flags=re.DOTALL)
     assert code == 2, err
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("perseus sim-train: error:")]

@@ -1,10 +1,11 @@
 """How a simulated rank meets its pipeline neighbours: activations go downstream, gradients
-upstream, each carrying the timeline instant its instruction ended, and every rank meets the
+upstream, each carrying the timeline instant its instruction ended; then every rank meets the
 others at the per-iteration all-reduce barrier.
 
-`Links` is what the trainer's rank loop needs; `QueueLinks` is the in-process implementation
-(ranks as threads of one `SimTrainer`); `perseus_sidecar.sim.tcp_links` carries the same over
-TCP between rank processes (`perseus sim-train rank`).
+`Links` is what the trainer's rank loop needs within an iteration; `QueueLinks` is the
+in-process implementation (ranks as threads of one `SimTrainer`), with `Barrier` as the
+all-reduce; `perseus_sidecar.sim.tcp_links` carries the same over TCP between rank processes
+(`perseus sim-train rank`), whose barrier is the coordinator's start/arrive exchange.
 """
 
 from __future__ import annotations
@@ -38,11 +39,6 @@ class Links(Protocol):
     def send(self, forward: bool, microbatch: int, end: float, chunk: int = 0) -> None:
         """This stage's instruction ended at `end`: pass the activation on (forward) or the
         gradient back (backward), where there is a neighbour to receive it."""
-        ...
-
-    def barrier(self, end: float) -> float:
-        """The all-reduce: this rank's work for the iteration ended at `end`; returns the
-        next iteration's start on the timeline once every rank arrived."""
         ...
 
 
@@ -138,4 +134,6 @@ class QueueLinks:
             (self._acts if forward else self._grads)[unit].put((microbatch, end))
 
     def barrier(self, end: float) -> float:
+        """The all-reduce: this rank's work for the iteration ended at `end`; returns the
+        next iteration's start on the timeline once every rank arrived."""
         return self._barrier.arrive(end, self._stop)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import os
 import queue
 import socket
 import threading
@@ -223,6 +224,8 @@ class _Session:
 
     def close(self) -> None:
         self._done.set()
+        with contextlib.suppress(OSError):  # wakes the reader: a bare close would not
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
     def _read(self) -> None:
@@ -271,6 +274,14 @@ def run_rank(options: RankOptions) -> None:
                 f"GPU {options.gpu_uuid[:80]!r} is not one of the simulated node's GPUs", 2
             )
         options = replace(options, gpu_index=uuids.index(options.gpu_uuid))
+    index = options.rank % len(uuids) if options.gpu_index is None else options.gpu_index
+    energy = options.state_dir / f"gpu-{index}.energy"
+    if energy.exists() and not os.access(energy, os.R_OK | os.W_OK):
+        raise RankError(
+            f"cannot write the simulated GPU's energy record {energy}: run the rank as the "
+            "sidecar's user (the state is the sidecar's)",
+            2,
+        )
     _check_sidecar(options)
     try:
         listener = PeerListener(options.advertise_ip or "0.0.0.0", options.listen_port)
@@ -280,6 +291,8 @@ def run_rank(options: RankOptions) -> None:
     session = _Session(_dial_coordinator(options), options, stop)
     try:
         _run(options, session, listener, (time_scale, stages, uuids))
+    except OSError as exc:  # the node's state files; network errors are handled where they occur
+        raise RankError(f"rank {options.rank}: {exc}", 2) from None
     finally:
         session.close()
         listener.close()
@@ -351,10 +364,6 @@ def _follow(
     """The rank's life after joining: one coordinator message at a time."""
     links: TcpLinks | None = None
     playing = False
-
-    def arrive(end: float) -> float:
-        raise AssertionError("the coordinator's barrier is a message, not a call")
-
     try:
         while True:
             message = session.next()
@@ -387,7 +396,6 @@ def _follow(
                     else (next_ip, next_port),
                     prev_rank=message.opt_int("prev_rank"),
                     listener=listener,
-                    arrive=arrive,
                     stop=session.stop,
                     fail=lambda line: session.inbox.put(RankError(line, 2)),
                 )

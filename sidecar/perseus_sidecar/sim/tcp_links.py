@@ -105,8 +105,8 @@ class PeerListener:
 
 class TcpLinks:
     """One attempt's links of one rank: to the next stage (ours to open) and from the previous
-    one (through the listener). `arrive` is the barrier (the coordinator); `fail` hears of a
-    malformed message even while the rank is not waiting on a link."""
+    one (through the listener). `fail` hears of a malformed message even while the rank is not
+    waiting on a link."""
 
     def __init__(
         self,
@@ -116,7 +116,6 @@ class TcpLinks:
         next_address: tuple[str, int] | None,
         prev_rank: int | None,
         listener: PeerListener,
-        arrive: Callable[[float], float],
         stop: threading.Event,
         fail: Callable[[str], None],
     ) -> None:
@@ -126,7 +125,6 @@ class TcpLinks:
         self._next_address = next_address
         self._prev_rank = prev_rank
         self._listener = listener
-        self._arrive = arrive
         self._stop = stop
         self._fail = fail
         self._closed = False
@@ -223,9 +221,6 @@ class TcpLinks:
             # The neighbour is gone; the coordinator aborts the attempt. Until then this rank
             # goes on, as a real one would until its collective times out.
             log.debug("rank %d: lost a neighbour while sending", self.rank)
-
-    def barrier(self, end: float) -> float:
-        return self._arrive(end)
 
     def close(self) -> None:
         self._closed = True
