@@ -40,6 +40,10 @@ from typing import TypeVar
 import grpc
 
 from perseus_sidecar.gpu.simulated import simulated_uuid
+from perseus_sidecar.protowire import ProtoError, fields
+from perseus_sidecar.protowire import bytes_field as _bytes_field
+from perseus_sidecar.protowire import int_field as _int_field
+from perseus_sidecar.protowire import str_field as _str_field
 
 API_VERSION = "v1beta1"
 RESOURCE_NAME = "nvidia.com/gpu"
@@ -54,73 +58,6 @@ log = logging.getLogger("sim-device-plugin")
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: the wire format of the few messages (proto3, so default values are not sent)
-
-
-class ProtoError(ValueError):
-    """Bytes that are not the expected protobuf message."""
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # int32/int64 negatives are ten-byte two's complement
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _bytes_field(number: int, value: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
-
-
-def _str_field(number: int, value: str) -> bytes:
-    return _bytes_field(number, value.encode()) if value else b""
-
-
-def _int_field(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value) if value else b""
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
-    """(field number, value) pairs: bytes for length-delimited fields, int for varints;
-    fixed-width fields (none in these messages) are skipped."""
-    i, n = 0, len(data)
-
-    def varint() -> int:
-        nonlocal i
-        value = shift = 0
-        while True:
-            if i >= n or shift > 63:
-                raise ProtoError("truncated varint")
-            byte = data[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
-    while i < n:
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            yield number, varint()
-        elif wire == 2:
-            size = varint()
-            if i + size > n:
-                raise ProtoError("truncated length-delimited field")
-            yield number, data[i : i + size]
-            i += size
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-            if i > n:
-                raise ProtoError("truncated fixed-width field")
-        else:
-            raise ProtoError(f"unsupported wire type {wire}")
 
 
 def _as_bytes(value: bytes | int) -> bytes:
@@ -144,11 +81,11 @@ def _as_int(value: bytes | int) -> int:
 
 def _strings(data: bytes, number: int) -> list[str]:
     """The repeated string field `number` of a message."""
-    return [_as_str(v) for f, v in _fields(data) if f == number]
+    return [_as_str(v) for f, v in fields(data) if f == number]
 
 
 def _messages(data: bytes, number: int) -> list[bytes]:
-    return [_as_bytes(v) for f, v in _fields(data) if f == number]
+    return [_as_bytes(v) for f, v in fields(data) if f == number]
 
 
 @dataclass(frozen=True)
@@ -166,7 +103,7 @@ def encode_options(options: DevicePluginOptions) -> bytes:
 
 
 def decode_options(data: bytes) -> DevicePluginOptions:
-    values = {f: _as_int(v) for f, v in _fields(data) if f in (1, 2)}
+    values = {f: _as_int(v) for f, v in fields(data) if f in (1, 2)}
     return DevicePluginOptions(bool(values.get(1, 0)), bool(values.get(2, 0)))
 
 
@@ -191,7 +128,7 @@ def encode_register_request(request: RegisterRequest) -> bytes:
 
 
 def decode_register_request(data: bytes) -> RegisterRequest:
-    values = {f: v for f, v in _fields(data) if f in (1, 2, 3, 4)}
+    values = {f: v for f, v in fields(data) if f in (1, 2, 3, 4)}
     return RegisterRequest(
         version=_as_str(values.get(1, b"")),
         endpoint=_as_str(values.get(2, b"")),
@@ -216,7 +153,7 @@ def encode_list_and_watch_response(devices: list[Device]) -> bytes:
 def decode_list_and_watch_response(data: bytes) -> list[Device]:
     out = []
     for message in _messages(data, 1):
-        values = {f: _as_str(v) for f, v in _fields(message) if f in (1, 2)}
+        values = {f: _as_str(v) for f, v in fields(message) if f in (1, 2)}
         out.append(Device(values.get(1, ""), values.get(2, "")))
     return out
 
@@ -256,7 +193,7 @@ def decode_allocate_response(data: bytes) -> list[dict[str, str]]:
     for container in _messages(data, 1):
         envs = {}
         for entry in _messages(container, 1):
-            values = {f: _as_str(v) for f, v in _fields(entry) if f in (1, 2)}
+            values = {f: _as_str(v) for f, v in fields(entry) if f in (1, 2)}
             envs[values.get(1, "")] = values.get(2, "")
         out.append(envs)
     return out
@@ -288,7 +225,7 @@ def encode_preferred_allocation_request(requests: list[PreferenceRequest]) -> by
 def decode_preferred_allocation_request(data: bytes) -> list[PreferenceRequest]:
     out = []
     for message in _messages(data, 1):
-        sizes = [_as_int(v) for f, v in _fields(message) if f == 3]
+        sizes = [_as_int(v) for f, v in fields(message) if f == 3]
         out.append(
             PreferenceRequest(_strings(message, 1), _strings(message, 2), sizes[-1] if sizes else 0)
         )
@@ -309,7 +246,7 @@ def encode_empty(_: object = None) -> bytes:
 
 
 def decode_empty(data: bytes) -> None:
-    for _ in _fields(data):  # unknown fields are ignored, malformed bytes are not
+    for _ in fields(data):  # unknown fields are ignored, malformed bytes are not
         pass
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
+
+from perseus_sidecar.protowire import ProtoError, fields
 
 __all__ = [
     "GPU_RESOURCE_PREFIX",
@@ -132,41 +133,6 @@ def _call(path: Path, timeout_s: float) -> bytes:
     return bytes(body[5:])
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
-    """(field number, value) of a protobuf message: bytes for length-delimited fields, int for
-    varints; fixed-width fields are skipped."""
-    i, n = 0, len(data)
-
-    def varint() -> int:
-        nonlocal i
-        value = shift = 0
-        while True:
-            if i >= n or shift > 63:
-                raise PodResourcesError("malformed protobuf in the kubelet's reply")
-            byte = data[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
-    while i < n:
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            yield number, varint()
-        elif wire == 2:
-            size = varint()
-            if i + size > n:
-                raise PodResourcesError("malformed protobuf in the kubelet's reply")
-            yield number, data[i : i + size]
-            i += size
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-        else:
-            raise PodResourcesError("malformed protobuf in the kubelet's reply")
-
-
 def _text(value: bytes | int) -> str:
     if not isinstance(value, bytes):
         raise PodResourcesError("malformed protobuf in the kubelet's reply")
@@ -179,23 +145,30 @@ def parse_list_response(data: bytes) -> dict[tuple[str, str], frozenset[str]]:
     Fields read: response.pod_resources = 1; PodResources name = 1, namespace = 2,
     containers = 3; ContainerResources devices = 2; ContainerDevices resource_name = 1,
     device_ids = 2. Pods without GPUs are listed with an empty set."""
+    try:
+        return _parse_list_response(data)
+    except ProtoError:
+        raise PodResourcesError("malformed protobuf in the kubelet's reply") from None
+
+
+def _parse_list_response(data: bytes) -> dict[tuple[str, str], frozenset[str]]:
     out: dict[tuple[str, str], frozenset[str]] = {}
-    for number, pod in _fields(data):
+    for number, pod in fields(data):
         if number != 1 or not isinstance(pod, bytes):
             continue
         name = namespace = ""
         devices: set[str] = set()
-        for field, value in _fields(pod):
+        for field, value in fields(pod):
             if field == 1:
                 name = _text(value)
             elif field == 2:
                 namespace = _text(value)
             elif field == 3 and isinstance(value, bytes):
-                for cfield, cvalue in _fields(value):
+                for cfield, cvalue in fields(value):
                     if cfield != 2 or not isinstance(cvalue, bytes):
                         continue
                     resource, ids = "", []
-                    for dfield, dvalue in _fields(cvalue):
+                    for dfield, dvalue in fields(cvalue):
                         if dfield == 1:
                             resource = _text(dvalue)
                         elif dfield == 2:

@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 import pytest
 
+from perseus_sidecar.protowire import varint
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "node" / "sim_device_plugin.py"
 
@@ -45,10 +47,10 @@ def _str(number: int, text: str) -> bytes:
 
 
 def test_varints_match_the_protobuf_spec() -> None:
-    assert dp._varint(0) == b"\x00"
-    assert dp._varint(1) == b"\x01"
-    assert dp._varint(300) == b"\xac\x02"  # the spec's own example
-    assert dp._varint(-1) == b"\xff" * 9 + b"\x01"
+    assert varint(0) == b"\x00"
+    assert varint(1) == b"\x01"
+    assert varint(300) == b"\xac\x02"  # the spec's own example
+    assert varint(-1) == b"\xff" * 9 + b"\x01"
 
 
 def test_register_request_bytes() -> None:
