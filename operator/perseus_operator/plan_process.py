@@ -60,10 +60,14 @@ async def plan_in_subprocess(
             "profile_csv": profile.to_csv(),
             "stages": shape.stages,
             "microbatches": shape.microbatches,
+            "schedule": shape.schedule,
+            "virtual_stages": shape.virtual_stages,
             "blocking_power_w": blocking_power_w,
         }
     ).encode()
     size = f"{shape.stages} stages x {shape.microbatches} microbatches"
+    if shape.virtual_stages > 1:
+        size += f" x {shape.virtual_stages} model chunks"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -44,11 +44,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit_memory(int(args[0]))
     try:
         request = json.load(sys.stdin)
-        from perseus_operator.planner import PipelineShape, compute_frontier
+        from perseus_operator.planner import SCHEDULES, PipelineShape, compute_frontier
         from perseus_profiles import parse_profile_csv
 
         profile = parse_profile_csv(str(request["profile_csv"]))
-        shape = PipelineShape(int(request["stages"]), int(request["microbatches"]))
+        schedule = request.get("schedule", "1f1b")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}")
+        shape = PipelineShape(
+            int(request["stages"]),
+            int(request["microbatches"]),
+            schedule,
+            int(request.get("virtual_stages", 1)),
+        )
         frontier = compute_frontier(profile, shape, float(request["blocking_power_w"]))
         code = {f: chr(CODE_BASE + i) for i, f in enumerate(profile.frequencies_mhz)}
         out = {

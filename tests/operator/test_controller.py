@@ -416,6 +416,14 @@ async def test_the_planner_child_dies_of_its_memory_limit_not_the_operator() -> 
         )
 
 
+async def test_the_planner_child_plans_interleaved_pipelines_as_in_process() -> None:
+    """The child gets the whole shape (schedule and model chunks), not only its size."""
+    profile = load_example("gpt3-175b-a100").select_stages((0, 1, 2, 7)).split_chunks(2)
+    shape = PipelineShape(4, 8, "interleaved-1f1b", 2)
+    got = await plan_in_subprocess(profile, shape, 83.64, memory_mib=512, timeout_s=120)
+    assert got == compute_frontier(profile, shape, 83.64)
+
+
 async def test_a_failed_plan_is_recorded_and_not_retried_until_the_spec_changes() -> None:
     calls: list[int] = []
 
