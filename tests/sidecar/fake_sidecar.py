@@ -103,7 +103,10 @@ class FakeSidecar:
                 while not sidecar.read_events:
                     time.sleep(0.01)
                 for raw in self.rfile:
-                    kind, mb, t_ns, *chunk = raw.decode().split()
+                    fields = raw.decode().split()
+                    if len(fields) < 3:  # not an event (e.g. a keep-alive line): not recorded
+                        continue
+                    kind, mb, t_ns, *chunk = fields
                     with sidecar._lock:
                         sidecar.events[rank_id].append((kind, int(mb), int(t_ns)))
                         sidecar.chunks.setdefault(rank_id, []).append(int(chunk[0]) if chunk else 0)
