@@ -6,6 +6,7 @@ removes them at the end. Skipped when KUBECONFIG is unset, so unit runs work any
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from perseus_operator.model import GROUP, PLURAL, VERSION
 from perseus_operator.simcluster import SimCluster, SimJob, policy_manifest, wait_for
-from perseus_profiles import load_example
+from perseus_profiles import StageProfile, load_example
 
 KUBECONFIG = os.environ.get("KUBECONFIG", "")
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,13 +44,16 @@ def kubectl(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.fixture
-async def sim(tmp_path: Path) -> AsyncIterator[SimCluster]:
+@contextlib.asynccontextmanager
+async def running_sim(
+    tmp_path: Path, profile: StageProfile, time_scale: float
+) -> AsyncIterator[SimCluster]:
+    """A simulated cluster (its sidecars playing `profile`) with the operator running and the
+    profile ConfigMap created; everything removed on exit."""
     await config.load_kube_config(config_file=KUBECONFIG)
     api = client.ApiClient()
     name = f"e2e-{uuid.uuid4().hex[:6]}"
-    job = SimJob(namespace=name, policy="train", time_scale=0.5, node_prefix=name)
-    profile = load_example("gpt3-175b-a100").select_stages((0, 1, 2, 7))
+    job = SimJob(namespace=name, policy="train", time_scale=time_scale, node_prefix=name)
     cluster = SimCluster(api, job, tmp_path / "sim", profile.to_csv())
     try:
         await cluster.start(with_operator=KUBECONFIG)
@@ -58,6 +62,13 @@ async def sim(tmp_path: Path) -> AsyncIterator[SimCluster]:
     finally:
         await cluster.close()
         await api.close()
+
+
+@pytest.fixture
+async def sim(tmp_path: Path) -> AsyncIterator[SimCluster]:
+    profile = load_example("gpt3-175b-a100").select_stages((0, 1, 2, 7))
+    async with running_sim(tmp_path, profile, 0.5) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -142,6 +153,24 @@ async def start_job(sim: SimCluster, *extra: str) -> float:
     token = await sim.job_token()
     sim.start_trainer(token, extra=extra)
     return time.monotonic()
+
+
+async def wait_measured_close(
+    sim: SimCluster, within_pp: float, timeout_s: float
+) -> dict[str, Any]:
+    """The status once the measured saving is within `within_pp` points of the predicted one."""
+
+    async def close_to_prediction() -> dict[str, Any] | None:
+        s = await status(sim)
+        measured, predicted = s.get("measuredSavingPercent"), s.get("predictedSavingPercent")
+        if not isinstance(measured, float | int) or not isinstance(predicted, float | int):
+            return None
+        return s if abs(measured - predicted) <= within_pp else None
+
+    found: dict[str, Any] = await wait_for(
+        f"measured saving within {within_pp:g} pp of predicted", close_to_prediction, timeout_s, 0.5
+    )
+    return found
 
 
 async def wait_unlocked(sim: SimCluster, timeout_s: float) -> None:

@@ -4,24 +4,21 @@ the measured saving close to the predicted one."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from kubernetes_asyncio import client, config
 
 from perseus_operator.sidecars import SidecarGateway
-from perseus_operator.simcluster import SimCluster, SimJob, wait_for
+from perseus_operator.simcluster import SimCluster
 from perseus_profiles import load_example
 from tests.e2e.conftest import (
-    KUBECONFIG,
-    PROFILE_CM,
     create_policy,
     needs_cluster,
+    running_sim,
     start_job,
-    status,
     wait_condition,
+    wait_measured_close,
 )
 
 pytestmark = [pytest.mark.e2e, needs_cluster, pytest.mark.timeout(300)]
@@ -42,19 +39,9 @@ async def interleaved(tmp_path: Path) -> AsyncIterator[SimCluster]:
     seconds): a chunk's instructions are half as long as a stage's, and at 0.5 the sidecar's
     unscaled reaction time to each clock change cost 2.1-2.4 pp of the measured saving (16.27%
     predicted, 13.9-14.2% measured; 16.28% at time scale 1)."""
-    await config.load_kube_config(config_file=KUBECONFIG)
-    api = client.ApiClient()
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    job = SimJob(namespace=name, policy="train", time_scale=1.0, node_prefix=name)
     profile = load_example("gpt3-175b-a100").select_stages((0, 1, 2, 7)).split_chunks(2)
-    cluster = SimCluster(api, job, tmp_path / "sim", profile.to_csv())
-    try:
-        await cluster.start(with_operator=KUBECONFIG)
-        await cluster.create_profile_configmap(PROFILE_CM)
+    async with running_sim(tmp_path, profile, 1.0) as cluster:
         yield cluster
-    finally:
-        await cluster.close()
-        await api.close()
 
 
 async def test_interleaved_policy_reaches_optimizing(interleaved: SimCluster) -> None:
@@ -78,12 +65,5 @@ async def test_interleaved_policy_reaches_optimizing(interleaved: SimCluster) ->
 
     # The simulated GPUs run each chunk's instructions at the clocks planned for that chunk: the
     # measured saving comes close to the prediction, as for 1F1B (tests/e2e/test_lifecycle.py).
-    async def close_to_prediction() -> dict[str, object] | None:
-        s = await status(sim)
-        measured, predicted = s.get("measuredSavingPercent"), s.get("predictedSavingPercent")
-        if not isinstance(measured, float | int) or not isinstance(predicted, float | int):
-            return None
-        return s if abs(measured - predicted) <= 3.0 else None
-
-    st = await wait_for("measured saving within 3 pp of predicted", close_to_prediction, 120, 0.5)
+    st = await wait_measured_close(sim, 3.0, 120)
     print(f"predicted {st['predictedSavingPercent']}%, measured {st['measuredSavingPercent']}%")

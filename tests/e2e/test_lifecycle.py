@@ -21,6 +21,7 @@ from tests.e2e.conftest import (
     start_job,
     status,
     wait_condition,
+    wait_measured_close,
     wait_phase,
     wait_unlocked,
 )
@@ -68,14 +69,7 @@ async def test_optimize_crash_finish_delete(sim: SimCluster) -> None:
     reasons = {e.reason for e in events.items}
     assert {"Pending", "Planning", "Optimizing", "ProfileReady", "Applied"} <= reasons, reasons
 
-    async def close_to_prediction() -> dict[str, object] | None:
-        s = await status(sim)
-        measured, predicted = s.get("measuredSavingPercent"), s.get("predictedSavingPercent")
-        if not isinstance(measured, float | int) or not isinstance(predicted, float | int):
-            return None
-        return s if abs(measured - predicted) <= 3.0 else None
-
-    st = await wait_for("measured saving within 3 pp of predicted", close_to_prediction, 90, 0.5)
+    st = await wait_measured_close(sim, 3.0, 90)
     print(f"predicted {st['predictedSavingPercent']}%, measured {st['measuredSavingPercent']}%")
     assert float(st["predictedSavingPercent"]) > 5
     recent = sim.trainer_iterations()[-4:]
