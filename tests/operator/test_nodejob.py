@@ -3,16 +3,17 @@ the pods that read its address, the policy's selector on the rank pods only."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from perseus_operator.nodedemo import DEMO_JOB
-from perseus_operator.nodejob import NodeJob, training_manifests
+from perseus_operator.nodejob import training_manifests
 from tests.chart._scripts import load_script
 
 vm = load_script("validate_manifests")
-JOB = NodeJob(**{**DEMO_JOB.__dict__, "gpu_state_host_path": "/run/gpus"})
+JOB = replace(DEMO_JOB, gpu_state_host_path="/run/gpus")
 
 
 def test_manifests_validate_strictly(tmp_path: Path) -> None:

@@ -122,15 +122,9 @@ def format_iteration(r: IterationResult) -> str:
 
 def parse_node(text: str) -> tuple[str, int, Path]:
     address, sep, state_dir = text.partition("=")
-    host, colon, port_text = address.rpartition(":")
-    if not sep or not colon or not host or not state_dir:
+    if not sep or ":" not in address or not state_dir:
         raise CliError(f"--node {text!r}: expected HOST:PORT=STATE_DIR")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise CliError(f"--node {text!r}: port {port_text!r} is not a number") from None
-    if not 0 < port < 65536:
-        raise CliError(f"--node {text!r}: port must be 1-65535")
+    host, port = sim_distributed.parse_address(address, "--node")
     return host, port, Path(state_dir)
 
 
