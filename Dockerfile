@@ -18,6 +18,8 @@ COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY sidecar ./sidecar
 COPY profiles ./profiles
+COPY sim ./sim
+COPY hooks ./hooks
 COPY scripts/image-install.sh ./scripts/image-install.sh
 RUN scripts/image-install.sh /src /opt/perseus
 

@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from perseus_sidecar import hooks
-from perseus_sidecar.hooks import InstructionKind
+import perseus_hooks as hooks
+from perseus_hooks import InstructionKind
 
 TOKEN = "bench-token"
 

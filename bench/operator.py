@@ -32,7 +32,6 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from perseus_operator.model import GROUP, PLURAL, VERSION
-from perseus_operator.simcluster import SIDECAR_PORT, SimCluster, SimJob, wait_for
 from perseus_profiles import load_example
 from perseus_sidecar.api import (
     GpuOut,
@@ -45,6 +44,7 @@ from perseus_sidecar.api import (
     ScheduleOut,
     TimingsOut,
 )
+from perseus_sim.cluster import SIDECAR_PORT, SimCluster, SimJob, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "perseus-bench"

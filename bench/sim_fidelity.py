@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from perseus_sidecar.sim.trainer import NodeSpec, SimConfig, SimTrainer
+from perseus_sim.trainer import NodeSpec, SimConfig, SimTrainer
 
 OPERATOR_TOKEN = secrets.token_urlsafe(24)
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.multiprocessing.spawn import spawn
 
-from perseus_sidecar import hooks
+import perseus_hooks as hooks
 
 WIDTH = 64
 ACTIVATION_TAG = 1

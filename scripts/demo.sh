@@ -4,7 +4,7 @@
 # and a simulated 2-pipeline x 4-stage training job; applies examples/energypolicy-demo.yaml,
 # waits for Ready, and prints `kubectl get energypolicies` and the measured energy saving. First,
 # it prints the planner's summary for an embedded real profile (the frontier JSON goes to $TMPDIR).
-# Everything it starts is stopped and removed at the end. Extra args go to perseus_operator.demo
+# Everything it starts is stopped and removed at the end. Extra args go to perseus_sim.demo
 # (e.g. --measure-s 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +24,5 @@ cleanup() {
 trap cleanup EXIT
 scripts/cluster.sh up "$RUN/k8s"
 export KUBECONFIG=$RUN/k8s/kubeconfig
-.venv/bin/python -m perseus_operator.demo --workdir "$RUN/demo" \
+.venv/bin/python -m perseus_sim.demo --workdir "$RUN/demo" \
   --kubectl "$(scripts/cluster.sh bin)/kubectl" "$@"

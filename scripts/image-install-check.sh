@@ -60,8 +60,8 @@ done
 # The image installs no test or dev tooling, and the package imports from the venv, not the tree.
 "$WORK/venv/bin/python" - <<'PY'
 import importlib.util, sys
-import perseus_operator, perseus_sidecar, perseus_profiles
-for mod in (perseus_operator, perseus_sidecar, perseus_profiles):
+import perseus_operator, perseus_sidecar, perseus_profiles, perseus_hooks, perseus_sim
+for mod in (perseus_operator, perseus_sidecar, perseus_profiles, perseus_hooks, perseus_sim):
     assert "/venv/" in mod.__file__, mod.__file__
 for dev in ("pytest", "mypy", "torch"):
     assert importlib.util.find_spec(dev) is None, f"{dev} must not be in the image"

@@ -28,5 +28,5 @@ finish() {
 trap finish EXIT
 scripts/node.sh up "$RUN" | tail -n 2
 export KUBECONFIG=$RUN/cfg/admin.kubeconfig
-.venv/bin/python -m perseus_operator.nodedemo --bin-dir "$(scripts/cluster.sh bin)" \
+.venv/bin/python -m perseus_sim.nodedemo --bin-dir "$(scripts/cluster.sh bin)" \
   --gpu-state-dir "$RUN/hostpath/gpus" --pod-resources-dir "$RUN/state/kubelet/pod-resources" "${args[@]}"

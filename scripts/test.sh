@@ -12,6 +12,8 @@ scripts/check.sh
 export PATH=$PWD/.venv/bin:$PATH
 echo "==> unit tests"
 python -m pytest -q -m "not e2e" "$@"
+echo "==> hooks wheel check: perseus-hooks built and installed alone into a clean venv"
+scripts/hooks-wheel-check.sh
 if [ "${PERSEUS_SKIP_E2E:-0}" != 1 ]; then
   echo "==> image install check: the Dockerfile's install step in a clean venv (no image is built)"
   scripts/image-install-check.sh

@@ -1,9 +1,10 @@
-"""The `perseus` command line. Each subcommand lives in `perseus_operator.commands.<name>` with
+"""The `perseus` command line. Each subcommand lives in a module named in `COMMANDS` with
 `add_parser(subparsers)` and `run(args) -> int`; their modules import heavy dependencies inside
-`run`, so `perseus plan` starts fast. A subcommand whose work is all written once `run` returns
-sets ``quick_exit=True`` as a parser default: the console script then ends the process without
-the interpreter's teardown (unloading numpy and HiGHS and their threads: 15-30 ms of a 0.4 s
-`perseus plan`).
+`run`, so `perseus plan` starts fast. The simulation's subcommands live in the simulation package
+(`perseus_sim.commands`), imported by name here: the only way the operator's package reaches it.
+A subcommand whose work is all written once `run` returns sets ``quick_exit=True`` as a parser
+default: the console script then ends the process without the interpreter's teardown (unloading
+numpy and HiGHS and their threads: 15-30 ms of a 0.4 s `perseus plan`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from typing import NoReturn
 
 __all__ = ["CliError", "entry", "main"]
 
-COMMANDS: tuple[str, ...] = ("plan", "sim-train")
+COMMANDS: dict[str, str] = {
+    "plan": "perseus_operator.commands.plan",
+    "sim-train": "perseus_sim.commands.sim_train",
+}
+"""Subcommand -> the module that defines it."""
 
 
 class CliError(Exception):
@@ -34,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perseus: cut the energy of pipeline-parallel training without slowing it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        module = importlib.import_module(f"perseus_operator.commands.{name.replace('-', '_')}")
-        module.add_parser(sub)
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).add_parser(sub)
     return parser
 
 

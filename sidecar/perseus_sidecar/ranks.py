@@ -16,6 +16,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from perseus_hooks.wire import (
+    BACKWARD_BEGIN,
+    BACKWARD_END,
+    EVENT_CODES,
+    FORWARD_BEGIN,
+    FORWARD_END,
+    ITERATION_END,
+    MAX_CHUNKS,
+)
 from perseus_sidecar.gpu.base import GpuError
 
 if TYPE_CHECKING:
@@ -38,17 +47,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORWARD_BEGIN, FORWARD_END, BACKWARD_BEGIN, BACKWARD_END, ITERATION_END = range(5)
-EVENT_CODES = {
-    "FB": FORWARD_BEGIN,
-    "FE": FORWARD_END,
-    "BB": BACKWARD_BEGIN,
-    "BE": BACKWARD_END,
-    "IE": ITERATION_END,
-}
-EVENT_CODES_BYTES = {k.encode(): v for k, v in EVENT_CODES.items()}
-MAX_CHUNKS = 64
-"""Model chunks per stage an event may name (0-63), as the API allows."""
 HISTORY_INSTRUCTIONS = 100_000
 """Instruction durations kept per rank across its completed iterations (about 3 MB)."""
 

@@ -1,8 +1,5 @@
-"""The hot-path event transport: a TCP line protocol on the same event loop as the HTTP server.
-
-    client: PERSEUS1 <rank_id> <job_token>\\n    server: OK <0|1>\\n  or  ERR <message>\\n + close
-    client: <FB|FE|BB|BE|IE> <microbatch> <t_ns>\\n  (one per event)
-    server: S 1\\n / S 0\\n when the rank's clock control starts / stops
+"""The hot-path event transport: the hooks' TCP line protocol (`perseus_hooks.wire`, which both
+ends import) served on the same event loop as the HTTP server.
 
 A malformed line gets `ERR <message>` and the connection closes. Parsing is a byte split and
 two int() calls per event (three with a chunk): no per-event allocation beyond that, no pydantic.
@@ -19,22 +16,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from perseus_hooks import wire
+from perseus_hooks.wire import MAX_LINE_BYTES, WireError, parse_event
 from perseus_sidecar.node import AuthError, Node
-from perseus_sidecar.ranks import EVENT_CODES_BYTES, ITERATION_END, MAX_CHUNKS, Rank
+from perseus_sidecar.ranks import Rank
 
 __all__ = ["MAX_LINE_BYTES", "EventLimits", "EventProtocol", "start_event_server"]
 
 log = logging.getLogger(__name__)
 
-MAX_LINE_BYTES = 512
 HANDSHAKE_TIMEOUT_S = 10.0
 BATCH_LINES = 64
 """Lines handled per loop callback; with more pending, reading pauses and the rest is handled
 in later callbacks, so a flooding client cannot starve HTTP or other ranks (and feels TCP
 backpressure instead). 64 keeps a callback near 0.2 ms: a probe waits behind a flood for a few
 of them (256 doubled /healthz p99 under bench/sidecar_abuse.py's floods)."""
-MAX_T_NS = 2**63 - 1
-MAX_MICROBATCH = 1_000_000
 
 
 @dataclass
@@ -153,26 +149,10 @@ class EventProtocol(asyncio.Protocol):
                 if rank is not None:
                     rank.received_ns = time.time_ns()
                 continue
-            parts = line.split()
-            code = EVENT_CODES_BYTES.get(parts[0]) if 3 <= len(parts) <= 4 else None
-            if code is None:
-                self.close("expected '<FB|FE|BB|BE|IE> <microbatch> <t_ns> [<chunk>]'")
-                return
             try:
-                microbatch = int(parts[1])
-                t_ns = int(parts[2])
-                chunk = int(parts[3]) if len(parts) == 4 else 0
-            except ValueError:
-                self.close("microbatch, t_ns and chunk must be integers")
-                return
-            if not (0 <= t_ns <= MAX_T_NS) or microbatch > MAX_MICROBATCH:
-                self.close("t_ns or microbatch out of range")
-                return
-            if (code == ITERATION_END) != (microbatch == -1) or microbatch < -1:
-                self.close("microbatch must be -1 exactly for IE and >= 0 otherwise")
-                return
-            if not 0 <= chunk < MAX_CHUNKS or (chunk and code == ITERATION_END):
-                self.close(f"chunk must be 0-{MAX_CHUNKS - 1}, and 0 for IE")
+                code, microbatch, t_ns, chunk = parse_event(line)
+            except WireError as exc:
+                self.close(str(exc))
                 return
             rank.on_event(code, microbatch, t_ns, chunk)
             accepted += 1
@@ -180,24 +160,18 @@ class EventProtocol(asyncio.Protocol):
             counter.inc(accepted)
 
     def _handshake(self, line: bytes) -> Rank | None:
-        parts = line.split()
-        if len(parts) != 3 or parts[0] != b"PERSEUS1":
-            self.close("expected 'PERSEUS1 <rank_id> <job_token>'")
-            return None
         try:
-            rank = self._node.authenticate_rank(
-                parts[1].decode("ascii"), parts[2].decode("utf-8"), self._peer_ip
-            )
-        except (AuthError, UnicodeDecodeError) as exc:
-            message = str(exc) if isinstance(exc, AuthError) else "rank_id and token must be text"
-            self.close(message)
+            rank_id, token = wire.parse_hello(line)
+            rank = self._node.authenticate_rank(rank_id, token, self._peer_ip)
+        except (WireError, AuthError) as exc:
+            self.close(str(exc))
             return None
         others = [p for p in rank.listeners if isinstance(p, EventProtocol)]
         if len(others) >= self._limits.max_per_rank:
             min(others, key=lambda p: p._opened_mono).close("replaced by a newer connection")
         self._rank = rank
         rank.listeners.add(self)
-        self._write(b"OK 1\n" if rank.controlled else b"OK 0\n")
+        self._write(wire.hello_reply(rank.controlled))
         asyncio.get_running_loop().call_later(self._limits.idle_timeout_s, self._idle_check)
         return rank
 
@@ -206,12 +180,12 @@ class EventProtocol(asyncio.Protocol):
             self._transport.write(data)
 
     def notify(self, active: bool) -> None:
-        self._write(b"S 1\n" if active else b"S 0\n")
+        self._write(wire.notice(active))
 
     def close(self, reason: str) -> None:
         if self._closed:
             return
-        self._write(b"ERR " + reason.replace("\n", " ").encode("utf-8", "replace") + b"\n")
+        self._write(wire.error_line(reason))
         self._closed = True
         self._uncount()
         if self._rank is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio import client, config
 
-from perseus_operator.simcluster import SimCluster, SimJob
 from perseus_profiles import load_example
+from perseus_sim.cluster import SimCluster, SimJob
 from tests.chart._scripts import K8S_BIN
 from tests.chart.release import (
     OperatorRelease,

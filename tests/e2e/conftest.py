@@ -21,8 +21,8 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from perseus_operator.model import GROUP, PLURAL, VERSION
-from perseus_operator.simcluster import SimCluster, SimJob, policy_manifest, wait_for
 from perseus_profiles import StageProfile, load_example
+from perseus_sim.cluster import SimCluster, SimJob, policy_manifest, wait_for
 
 KUBECONFIG = os.environ.get("KUBECONFIG", "")
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from perseus_operator.sidecars import SidecarGateway
-from perseus_operator.simcluster import SimCluster
 from perseus_profiles import load_example
+from perseus_sim.cluster import SimCluster
 from tests.e2e.conftest import (
     create_policy,
     needs_cluster,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from perseus_operator.simcluster import SimCluster, wait_for
+from perseus_sim.cluster import SimCluster, wait_for
 from tests.e2e.conftest import (
     condition,
     create_policy,

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from perseus_operator.nodedemo import DEMO_JOB, RELEASE, SYSTEM_NS, Cluster, condition, wait_for
-from perseus_operator.nodejob import NodeJob
+from perseus_sim.nodedemo import DEMO_JOB, RELEASE, SYSTEM_NS, Cluster, condition, wait_for
+from perseus_sim.nodejob import NodeJob
 
 RUN = os.environ.get("PERSEUS_NODE_RUN", "")
 ROOT = Path(__file__).resolve().parents[2]

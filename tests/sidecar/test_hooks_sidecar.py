@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from perseus_sidecar import hooks
+import perseus_hooks as hooks
 from tests.sidecar.fake_sidecar import wait_until
 from tests.sim.sidecar_process import JOB_TOKEN, SidecarProcess, sidecar_process
 

@@ -23,7 +23,7 @@ import pytest
 
 from perseus_operator.cli import main as perseus
 from perseus_profiles import INSTRUCTIONS, load_example
-from perseus_sidecar.sim import wire
+from perseus_sim import wire
 from tests.sim.sidecar_process import JOB_TOKEN, SidecarProcess, free_port, sidecar_process
 from tests.sim.test_trainer import _all_max
 
@@ -354,7 +354,7 @@ def coordinator(job_env: tuple[Path, SidecarProcess]) -> Iterator[int]:
     """An in-process coordinator for a 1 x 4 job (port)."""
     import asyncio
 
-    from perseus_sidecar.sim.coordinator import Coordinator, CoordinatorConfig
+    from perseus_sim.coordinator import Coordinator, CoordinatorConfig
 
     config = CoordinatorConfig(
         stages=4, pipelines=1, microbatches=2, iterations=1, host="127.0.0.1", port=0

@@ -19,14 +19,14 @@ import pytest
 from perseus_operator.cli import main as perseus
 from perseus_profiles import EXAMPLES, INSTRUCTIONS, StageProfile, load_example
 from perseus_profiles import Instruction as Instr
-from perseus_sidecar.sim.schedule import (
+from perseus_sim.schedule import (
     Instruction,
     format_instruction,
     interleaved_order,
     iteration_time_s,
     one_f_one_b_order,
 )
-from perseus_sidecar.sim.trainer import (
+from perseus_sim.trainer import (
     Crash,
     IterationResult,
     NodeSpec,

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from perseus_sidecar.sim import wire
+from perseus_sim import wire
 
 HELLO = (
     b'{"type": "hello", "rank": 3, "stages": 4, "time_scale": 0.1, "gpu_uuid": "GPU-1", '

@@ -23,12 +23,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from perseus_sidecar import hooks as hooks_mod
+import perseus_hooks as hooks_mod
 from perseus_sidecar.gpu.simulated import open_node
-from perseus_sidecar.sim import wire
-from perseus_sidecar.sim.links import StoppedError
-from perseus_sidecar.sim.tcp_links import PeerListener, TcpLinks
-from perseus_sidecar.sim.trainer import NodeSpec, RankPlacement, SimConfig, SimTrainer
+from perseus_sim import wire
+from perseus_sim.links import StoppedError
+from perseus_sim.tcp_links import PeerListener, TcpLinks
+from perseus_sim.trainer import NodeSpec, RankPlacement, SimConfig, SimTrainer
 
 __all__ = ["RankError", "RankOptions", "run_rank"]
 

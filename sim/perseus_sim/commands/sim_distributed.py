@@ -154,9 +154,9 @@ def _seconds(args: argparse.Namespace, *names: str) -> None:
 def run_coordinator(args: argparse.Namespace) -> int:
     import asyncio
 
-    from perseus_operator.commands.sim_train import format_iteration, parse_straggler
-    from perseus_sidecar.sim.coordinator import Coordinator, CoordinatorConfig, CoordinatorError
-    from perseus_sidecar.sim.trainer import IterationResult, SimulationError, Straggler
+    from perseus_sim.commands.sim_train import format_iteration, parse_straggler
+    from perseus_sim.coordinator import Coordinator, CoordinatorConfig, CoordinatorError
+    from perseus_sim.trainer import IterationResult, SimulationError, Straggler
 
     _seconds(args, "allreduce_s", "join_timeout_s", "rejoin_timeout_s", "rank_timeout_s")
     time_scale = args.time_scale
@@ -217,8 +217,8 @@ def run_coordinator(args: argparse.Namespace) -> int:
 
 
 def run_rank(args: argparse.Namespace) -> int:
-    from perseus_sidecar.sim.rank import RankError, RankOptions
-    from perseus_sidecar.sim.rank import run_rank as run
+    from perseus_sim.rank import RankError, RankOptions
+    from perseus_sim.rank import run_rank as run
 
     _seconds(args, "max_lag_ms", "connect_timeout_s", "coordinator_timeout_s", "peer_timeout_s")
     if args.rank < 0:

@@ -14,7 +14,7 @@ time of the profile's 1F1B DAG, and the GPUs' energy. A ground-truth profile wit
 (v model chunks per stage) plays Megatron-LM's interleaved 1F1B instead.
 
 ``perseus sim-train coordinator`` and ``perseus sim-train rank`` run the same job as one process
-per rank (a pod each) and a coordinator: see `perseus_operator.commands.sim_distributed`.
+per rank (a pod each) and a coordinator: see `perseus_sim.commands.sim_distributed`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from perseus_operator.cli import CliError
-from perseus_operator.commands import sim_distributed
+from perseus_sim.commands import sim_distributed
 
 if TYPE_CHECKING:
-    from perseus_sidecar.sim.trainer import IterationResult
+    from perseus_sim.trainer import IterationResult
 
 __all__ = [
     "add_parser",
@@ -170,8 +170,8 @@ def _read_token(path: Path, what: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perseus_sidecar.sim.announce import announce_job, withdraw_job
-    from perseus_sidecar.sim.trainer import (
+    from perseus_sim.announce import announce_job, withdraw_job
+    from perseus_sim.trainer import (
         Crash,
         NodeSpec,
         SimConfig,

@@ -33,8 +33,8 @@ async def run_demo(args: argparse.Namespace) -> int:
     from kubernetes_asyncio import client, config
 
     from perseus_operator.model import GROUP, PLURAL, VERSION
-    from perseus_operator.simcluster import SimCluster, SimJob, wait_for
     from perseus_profiles import load_example
+    from perseus_sim.cluster import SimCluster, SimJob, wait_for
 
     kubeconfig = os.environ["KUBECONFIG"]
     await config.load_kube_config(config_file=kubeconfig)
@@ -103,7 +103,7 @@ async def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perseus_operator.demo")
+    parser = argparse.ArgumentParser(prog="python -m perseus_sim.demo")
     parser.add_argument("--workdir", required=True, help="logs and simulated GPU state go here")
     parser.add_argument("--namespace", default="perseus-demo")
     parser.add_argument("--kubectl", default="kubectl")

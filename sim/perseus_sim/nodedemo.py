@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from perseus_operator.nodejob import NodeJob, training_manifests
+from perseus_sim.nodejob import NodeJob, training_manifests
 
 __all__ = ["DEMO_JOB", "Cluster", "main"]
 
@@ -251,7 +251,7 @@ def run_demo(cluster: Cluster, measure_s: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perseus_operator.nodedemo")
+    parser = argparse.ArgumentParser(prog="python -m perseus_sim.nodedemo")
     parser.add_argument("--bin-dir", type=Path, required=True, help="where kubectl and helm are")
     parser.add_argument("--gpu-state-dir", type=Path, required=True)
     parser.add_argument("--pod-resources-dir", type=Path, required=True)

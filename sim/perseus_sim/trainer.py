@@ -33,11 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import perseus_hooks as hooks_mod
 from perseus_profiles import INSTRUCTIONS, StageProfile
-from perseus_sidecar import hooks as hooks_mod
 from perseus_sidecar.gpu.simulated import NodeSettings, SimulatedGpu, open_node
-from perseus_sidecar.sim.links import Barrier, Links, QueueLinks, StoppedError
-from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, pipeline_order
+from perseus_sim.links import Barrier, Links, QueueLinks, StoppedError
+from perseus_sim.schedule import Instruction, iteration_time_s, pipeline_order
 
 __all__ = [
     "Crash",

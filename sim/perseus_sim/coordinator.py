@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perseus_sidecar.sim import wire
-from perseus_sidecar.sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
-from perseus_sidecar.sim.trainer import IterationResult, SimulationError, Straggler
+from perseus_sim import wire
+from perseus_sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
+from perseus_sim.trainer import IterationResult, SimulationError, Straggler
 
 __all__ = ["Coordinator", "CoordinatorConfig", "CoordinatorError"]
 

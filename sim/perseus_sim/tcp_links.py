@@ -19,8 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from perseus_sidecar.sim import wire
-from perseus_sidecar.sim.links import StoppedError, get_in_order
+from perseus_sim import wire
+from perseus_sim.links import StoppedError, get_in_order
 
 __all__ = ["PeerListener", "TcpLinks"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from perseus_operator.nodedemo import DEMO_JOB
-from perseus_operator.nodejob import training_manifests
+from perseus_sim.nodedemo import DEMO_JOB
+from perseus_sim.nodejob import training_manifests
 from tests.chart._scripts import load_script
 
 vm = load_script("validate_manifests")

@@ -4,7 +4,7 @@ others at the per-iteration all-reduce barrier.
 
 `Links` is what the trainer's rank loop needs within an iteration; `QueueLinks` is the
 in-process implementation (ranks as threads of one `SimTrainer`), with `Barrier` as the
-all-reduce; `perseus_sidecar.sim.tcp_links` carries the same over TCP between rank processes
+all-reduce; `perseus_sim.tcp_links` carries the same over TCP between rank processes
 (`perseus sim-train rank`), whose barrier is the coordinator's start/arrive exchange.
 """
 
@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from perseus_sidecar.sim.schedule import upstream
+from perseus_sim.schedule import upstream
 
 __all__ = ["Barrier", "Links", "QueueLinks", "StoppedError"]
 

@@ -1,0 +1,1 @@
+"""The `perseus sim-train` subcommand (and its coordinator and rank modes), one module each."""
