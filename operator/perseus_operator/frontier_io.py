@@ -21,6 +21,7 @@ from perseus_operator.planner import (
     Plan,
     evaluate_plan,
     instruction_order,
+    plan_for_no_straggler,
 )
 from perseus_profiles import StageProfile
 
@@ -178,8 +179,9 @@ def _load_plan(
     return Plan(t, e, tuple(tuple(row) for row in freqs))
 
 
-def plot_frontier(frontier: Frontier, path: str | Path) -> None:
-    """Energy vs. iteration time of every plan, with the all-max-clock baseline and T* marked."""
+def plot_frontier(frontier: Frontier, path: str | Path, profile_name: str) -> None:
+    """Energy vs. iteration time of every plan, with the all-max-clock baseline, the plan chosen
+    at T0 and T* marked; the title names the profile and the saving at T0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,15 +190,25 @@ def plot_frontier(frontier: Frontier, path: str | Path) -> None:
     times = [p.iteration_time_s for p in frontier.plans]
     energies = [p.energy_j for p in frontier.plans]
     star = frontier.t_star
+    at_t0 = plan_for_no_straggler(frontier, 0.0)
+    saving_pct = (1 - at_t0.energy_j / frontier.baseline_energy_j) * 100
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(times, energies, ".-", label=f"frontier ({len(times)} plans)")
     ax.plot([frontier.t0_s], [frontier.baseline_energy_j], "rx", ms=10,
             label="all GPUs at max clock (T0)")  # fmt: skip
-    ax.plot([star.iteration_time_s], [star.energy_j], "g*", ms=12, label="least energy (T*)")
+    ax.plot([at_t0.iteration_time_s], [at_t0.energy_j], "bo", ms=7, mfc="none",
+            label=f"no slowdown: {saving_pct:.2f}% less energy")  # fmt: skip
+    star_pct = (1 - star.energy_j / frontier.baseline_energy_j) * 100
+    slower_pct = (star.iteration_time_s / frontier.t0_s - 1) * 100
+    ax.plot([star.iteration_time_s], [star.energy_j], "g*", ms=12,
+            label=f"least energy (T*): {star_pct:.2f}% less, {slower_pct:+.1f}% time")  # fmt: skip
     shape = frontier.pipeline
     chunks = f" x {shape.virtual_stages} chunks" if shape.virtual_stages > 1 else ""
     ax.set_title(
-        f"{shape.schedule}: {shape.stages} stages{chunks} x {shape.microbatches} microbatches"
+        f"{profile_name}, {shape.schedule}: {shape.stages} stages{chunks} x "
+        f"{shape.microbatches} microbatches\n{saving_pct:.2f}% less energy at T0 "
+        f"({frontier.t0_s:.3f} s)",
+        fontsize=10,
     )
     ax.set_xlabel("iteration time (s)")
     ax.set_ylabel("energy per pipeline iteration (J)")

@@ -76,11 +76,13 @@ class ClockController:
 
     def reset_any_locked(self, uuids: list[str], reason: str) -> list[str]:
         """Reset every GPU of `uuids` whose clock is locked, whoever locked it: the recovery when
-        the lock-state record is lost. A GPU that fails is logged and skipped."""
+        the lock-state record is lost. Where the backend cannot see every lock (NVML), every GPU
+        is reset: a lock left behind is worse than an unlocked clock reset. A GPU that fails is
+        logged and skipped."""
         done: list[str] = []
         for uuid in uuids:
             try:
-                if self.backend.locked_sm_clock_mhz(uuid) is None:
+                if self.backend.sees_every_lock and self.backend.locked_sm_clock_mhz(uuid) is None:
                     continue
                 self.backend.reset_locked_clocks(uuid)
             except Exception as exc:

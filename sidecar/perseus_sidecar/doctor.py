@@ -364,18 +364,20 @@ def main(argv: Sequence[str] | None = None, now_s: Callable[[], float] = time.pe
     try:
         time_sliced = args.time_sliced or _time_sliced_from_env()
     except ValueError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:
         from perseus_sidecar.gpu.nvml import NvmlBackend
     except ImportError as exc:
-        print(f"{PROG}: the NVML bindings are missing (nvidia-ml-py): {exc}", file=sys.stderr)
+        print(
+            f"{PROG}: error: the NVML bindings are missing (nvidia-ml-py): {exc}", file=sys.stderr
+        )
         return 2
     backend = NvmlBackend(time_sliced=time_sliced)
     try:
         report = inspect_node(backend, args.energy_s, now_s)
     except GpuError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -124,14 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
-        print(f"perseus-sidecar: {where}: {first['msg']}", file=sys.stderr)
+        print(f"perseus-sidecar: error: {where}: {first['msg']}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
     raise_fd_limit()
     try:
         app = create_app(settings)
     except (SetupError, GpuError, ValueError) as exc:
-        print(f"perseus-sidecar: {exc}", file=sys.stderr)
+        print(f"perseus-sidecar: error: {exc}", file=sys.stderr)
         return 2
     config = uvicorn.Config(
         app,

@@ -3,7 +3,8 @@ plane, optimised by the operator through an EnergyPolicy, end to end.
 
 Needs KUBECONFIG pointing at a cluster with no real workloads in the namespace it uses (the
 script starts a private one). Prints progress, then `kubectl get energypolicies` and the measured
-saving, and removes everything it created.
+saving, and removes everything it created; with `--keep`, a successful demo leaves the operator,
+the sidecars and the trainer running and writes their process ids to WORKDIR/pids.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     sim = SimCluster(api, job, Path(args.workdir), profile.to_csv())
     custom = client.CustomObjectsApi(api)
     kubectl = [args.kubectl, "-n", args.namespace]
+    keep = False
     try:
         say(
             f"simulated cluster: {job.nodes} nodes x {job.gpus_per_node} GPUs, a sidecar on each "
@@ -95,10 +97,17 @@ async def run_demo(args: argparse.Namespace) -> int:
             f"{final.get('iterationTimeSeconds')} s (all GPUs at maximum clock: {base_s} s)\n",
             flush=True,
         )
+        keep = args.keep
         return 0
     finally:
-        say("cleaning up")
-        await sim.close()
+        if keep:
+            procs = [*sim.sidecars.values(), sim.operator, sim.trainer]
+            pids = " ".join(str(p.pid) for p in procs if p is not None)
+            (Path(args.workdir) / "pids").write_text(pids + "\n")
+            say(f"kept running: the operator, {len(sim.sidecars)} sidecars and the trainer")
+        else:
+            say("cleaning up")
+            await sim.close()
         await api.close()
 
 
@@ -109,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kubectl", default="kubectl")
     parser.add_argument("--time-scale", type=float, default=0.5, help="wall s per simulated s")
     parser.add_argument("--measure-s", type=float, default=15.0)
+    parser.add_argument(
+        "--keep", action="store_true", help="on success, leave everything running (WORKDIR/pids)"
+    )
     args = parser.parse_args(argv)
     if "KUBECONFIG" not in os.environ:
         print("demo: error: set KUBECONFIG (scripts/demo.sh starts a cluster)", file=sys.stderr)

@@ -90,6 +90,44 @@ def test_example_with_plot_as_a_user_runs_it(tmp_path: Path) -> None:
     assert fr.fastest.iteration_time_s <= fr.t0_s
 
 
+def test_without_out_the_summary_is_printed_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's `perseus plan --example bloom-176b-a40 --microbatches 48`, smaller."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--example", "bloom-176b-a40", "--microbatches", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("no slowdown (<= T0)") for line in lines)
+    assert "(--out FILE saves them)" in lines[-1] and "written" not in lines[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_title_names_the_profile_and_the_saving_at_t0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.axes import Axes
+
+    titles: list[str] = []
+    set_title = Axes.set_title
+
+    def record(self: Axes, label: str, *args: Any, **kwargs: Any) -> Any:
+        titles.append(label)
+        return set_title(self, label, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_title", record)
+    png = tmp_path / "f.png"
+    assert main(["plan", "--example", "gpt3-175b-a40", "--microbatches", "4",
+                 "--plot", str(png)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    saved = next(line for line in out.splitlines() if line.startswith("no slowdown"))
+    saving = saved.rsplit("(", 1)[1].split()[0]  # "12.30%"
+    assert len(titles) == 1
+    assert titles[0].startswith("gpt3-175b-a40, 1f1b: 8 stages x 4 microbatches")
+    assert f"{saving} less energy at T0" in titles[0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot {png}" in out.splitlines()[-1]
+
+
 BAD_PROFILES = {
     "missing stage": ([r for r in GOOD_ROWS if not r.startswith("0,")], "missing stage"),
     "missing instruction": ([r for r in GOOD_ROWS if "1,backward" not in r], "no backward"),

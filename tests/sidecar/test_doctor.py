@@ -233,7 +233,7 @@ def test_no_driver_is_one_line_exit_2(nv: Any, capsys: pytest.CaptureFixture[str
     assert captured.out == ""
     lines = captured.err.splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("perseus-sidecar doctor: NVML is unavailable")
+    assert lines[0].startswith("perseus-sidecar doctor: error: NVML is unavailable")
     assert "Shared Library Not Found" in lines[0]
 
 
@@ -243,7 +243,8 @@ def test_missing_bindings_is_one_line_exit_2(
     monkeypatch.setitem(sys.modules, "perseus_sidecar.gpu.nvml", None)  # import raises
     assert doctor.main([]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and "NVML bindings are missing" in lines[0]
+    assert lines == [lines[0]] and lines[0].startswith("perseus-sidecar doctor: error: ")
+    assert "NVML bindings are missing" in lines[0]
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
@@ -271,7 +272,8 @@ def test_time_sliced_env_false_and_bad(
     assert doctor.main(["--energy-s", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        "perseus-sidecar doctor: PERSEUS_SIDECAR_TIME_SLICED must be true or false, got 'maybe'"
+        "perseus-sidecar doctor: error: "
+        "PERSEUS_SIDECAR_TIME_SLICED must be true or false, got 'maybe'"
     ]
     nv.nvmlInit.assert_called_once()  # the bad value stopped the second run before NVML
 

@@ -78,6 +78,7 @@ def test_bad_settings_are_one_line_exit_2(
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1
+    assert err.startswith("perseus-sidecar: error: ")  # as `perseus` and `perseus-operator` say
 
 
 def test_short_token_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import pynvml
 import pytest
 
+from perseus_sidecar.clocks import ClockController
 from perseus_sidecar.gpu import nvml as nvml_module
 from perseus_sidecar.gpu.base import (
     GpuError,
@@ -18,6 +20,8 @@ from perseus_sidecar.gpu.base import (
     GpuPermissionError,
 )
 from perseus_sidecar.gpu.nvml import NvmlBackend, map_nvml_error
+from perseus_sidecar.lockstate import LockState
+from perseus_sidecar.metrics import Metrics
 
 UUIDS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
 
@@ -60,6 +64,10 @@ def nv() -> Iterator[Any]:
     fake.nvmlDeviceGetTotalEnergyConsumption.return_value = 123_456_789
     fake.nvmlDeviceGetClockInfo.return_value = 1410
     fake.nvmlDeviceGetPowerUsage.return_value = 250_500
+    # Nobody has set clocks: application clocks at their default, the GPU idle.
+    fake.nvmlDeviceGetApplicationsClock.return_value = 1095
+    fake.nvmlDeviceGetDefaultApplicationsClock.return_value = 1095
+    fake.nvmlDeviceGetCurrentClocksEventReasons.return_value = pynvml.nvmlClocksEventReasonGpuIdle
     with mock.patch.object(nvml_module, "pynvml", fake):
         yield fake
 
@@ -158,3 +166,96 @@ def test_close_shuts_down_once(nv: Any) -> None:
     backend.close()
     backend.close()
     nv.nvmlShutdown.assert_called_once_with()
+
+
+# ---- locks set by someone else: NVML has no getter for locked clocks --------------------------
+
+
+def _locked_by_admin(nv: Any) -> None:
+    """What `nvidia-smi -lgc 1005,1005` shows on a busy GPU: the driver reports user-defined
+    clocks holding the GPU back, and the GPU runs at the locked clock."""
+    nv.nvmlDeviceGetCurrentClocksEventReasons.return_value = (
+        pynvml.nvmlClocksEventReasonApplicationsClocksSetting
+        | pynvml.nvmlClocksEventReasonSwPowerCap
+    )
+    nv.nvmlDeviceGetClockInfo.return_value = 1005
+
+
+def test_a_lock_someone_else_set_is_seen_through_the_clock_event_reasons(nv: Any) -> None:
+    _locked_by_admin(nv)
+    assert NvmlBackend().locked_sm_clock_mhz(UUIDS[0]) == 1005
+    nv.nvmlDeviceGetClockInfo.assert_called_with(mock.ANY, pynvml.NVML_CLOCK_SM)
+
+
+def test_application_clocks_moved_off_their_default_count_as_set_by_someone_else(nv: Any) -> None:
+    nv.nvmlDeviceGetApplicationsClock.return_value = 1200
+    assert NvmlBackend().locked_sm_clock_mhz(UUIDS[0]) == 1200
+    nv.nvmlDeviceGetApplicationsClock.assert_called_with(mock.ANY, pynvml.NVML_CLOCK_SM)
+    nv.nvmlDeviceGetDefaultApplicationsClock.assert_called_with(mock.ANY, pynvml.NVML_CLOCK_SM)
+
+
+@pytest.mark.parametrize(
+    "reasons",
+    [
+        0,
+        pynvml.nvmlClocksEventReasonGpuIdle,
+        pynvml.nvmlClocksEventReasonSwPowerCap | pynvml.nvmlClocksEventReasonSyncBoost,
+        pynvml.nvmlClocksEventReasonHwSlowdown | pynvml.nvmlClocksEventReasonSwThermalSlowdown,
+    ],
+)
+def test_no_lock_seen_when_no_user_setting_holds_the_clock(nv: Any, reasons: int) -> None:
+    nv.nvmlDeviceGetCurrentClocksEventReasons.return_value = reasons
+    assert NvmlBackend().locked_sm_clock_mhz(UUIDS[0]) is None
+
+
+def test_queries_the_gpu_lacks_tell_nothing(nv: Any) -> None:
+    unsupported = _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
+    nv.nvmlDeviceGetApplicationsClock.side_effect = unsupported
+    backend = NvmlBackend()
+    assert backend.locked_sm_clock_mhz(UUIDS[0]) is None
+    _locked_by_admin(nv)  # the reasons still show a lock when application clocks are unsupported
+    assert backend.locked_sm_clock_mhz(UUIDS[0]) == 1005
+    nv.nvmlDeviceGetCurrentClocksEventReasons.side_effect = unsupported
+    assert backend.locked_sm_clock_mhz(UUIDS[0]) is None
+
+
+def test_other_failures_of_the_lock_query_are_errors(nv: Any) -> None:
+    nv.nvmlDeviceGetCurrentClocksEventReasons.side_effect = _err(pynvml.NVML_ERROR_GPU_IS_LOST)
+    with pytest.raises(GpuLostError, match="clock reasons"):
+        NvmlBackend().locked_sm_clock_mhz(UUIDS[0])
+
+
+def test_our_own_lock_is_answered_from_our_record(nv: Any) -> None:
+    backend = NvmlBackend()
+    backend.set_locked_sm_clock(UUIDS[0], 1395)
+    _locked_by_admin(nv)  # our own lock raises the same reason bit
+    assert backend.locked_sm_clock_mhz(UUIDS[0]) == 1395
+
+
+def _controller(backend: NvmlBackend, state_dir: Path) -> ClockController:
+    return ClockController(backend, LockState(state_dir), Metrics())
+
+
+def test_the_clock_rules_leave_an_administrators_lock_alone(nv: Any, tmp_path: Path) -> None:
+    _locked_by_admin(nv)
+    clocks = _controller(NvmlBackend(), tmp_path)
+    assert clocks.apply(UUIDS[0], 1395) is False
+    assert clocks.is_foreign(UUIDS[0])
+    nv.nvmlDeviceSetGpuLockedClocks.assert_not_called()
+    assert clocks.reset_all("shutdown") == []
+    nv.nvmlDeviceResetGpuLockedClocks.assert_not_called()
+
+
+def test_the_clock_rules_lock_a_gpu_nobody_holds(nv: Any, tmp_path: Path) -> None:
+    clocks = _controller(NvmlBackend(), tmp_path)
+    assert clocks.apply(UUIDS[0], 1395) is True
+    nv.nvmlDeviceSetGpuLockedClocks.assert_called_once_with(mock.ANY, 1395, 1395)
+
+
+def test_a_lost_record_resets_every_gpu_as_nvml_cannot_see_every_lock(
+    nv: Any, tmp_path: Path
+) -> None:
+    """An idle GPU locked by a killed sidecar shows no reason bit: reset it all the same."""
+    clocks = _controller(NvmlBackend(), tmp_path)
+    assert clocks.reset_any_locked([UUIDS[0]], "startup-unknown-owner") == [UUIDS[0]]
+    nv.nvmlDeviceResetGpuLockedClocks.assert_called_once()

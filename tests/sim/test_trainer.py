@@ -39,6 +39,11 @@ from tests.sim.sidecar_process import JOB_TOKEN, SidecarProcess, sidecar_process
 
 pytestmark = pytest.mark.slow
 
+# Tests whose schedules change clocks run the GPUs at half speed: the sidecar's reaction is wall
+# time, and at 0.1 s per simulated second a loaded host's 30 ms reaction spans several simulated
+# instructions, each then run at the previous clock.
+CLOCK_CHANGE_TIME_SCALE = 0.5
+
 
 def _all_max(profile: StageProfile, microbatches: int, blocking_w: float) -> tuple[float, float]:
     """(iteration time, energy of one pipeline) with every GPU at maximum clock."""
@@ -67,6 +72,15 @@ def _four_stage(tmp_path: Path) -> Path:
     return path
 
 
+def _on_time(results: list[IterationResult]) -> list[float]:
+    """The simulated iteration times of the iterations with no late start (a rank thread woke
+    more than max_lag_s late on a loaded host and the GPUs' timeline waited for it); a clock
+    change's latency is real, so tests that change clocks keep the default max lag."""
+    on_time = [r.timeline_s for r in results if r.late_starts == 0]
+    assert on_time, f"host too loaded: late starts {[r.late_starts for r in results]}"
+    return on_time
+
+
 def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = perseus(["sim-train", *args])
     out, err = capsys.readouterr()
@@ -74,11 +88,14 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
-def test_all_max_iteration_time_within_two_percent(
+def test_all_max_iteration_is_the_longest_path(
     example: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """8 stages, 12 microbatches, time scale 0.1: the measured (wall-clock) iteration time is
-    the longest path of the 1F1B DAG, and the sidecar times every instruction as profiled."""
+    """8 stages, 12 microbatches, time scale 0.1: the simulated GPUs' iteration time is the
+    longest path of the 1F1B DAG, and the sidecar times every instruction as profiled. With no
+    clock change to race, the GPUs' timeline absorbs any host lag (a 60 s launch queue), so
+    every figure holds whatever the host's load; how closely the wall clock follows the
+    timeline is bench/sim_fidelity.py's figure, not a test's."""
     profile = load_example(example)
     t0_s, energy_j = _all_max(profile, 12, EXAMPLES[example].blocking_power_w)
     out_json = tmp_path / "results.json"
@@ -88,7 +105,7 @@ def test_all_max_iteration_time_within_two_percent(
                 "--node", sidecar.node_arg, "--microbatches", "12", "--iterations", "7",
                 "--operator-token-file", str(tmp_path / "operator.token"), "--job", "fidelity",
                 "--job-token", JOB_TOKEN, "--keep-job", "--time-scale", "0.1",
-                "--json", str(out_json),
+                "--max-lag-ms", "60000", "--json", str(out_json),
             ],
             capsys,
         )  # fmt: skip
@@ -98,15 +115,9 @@ def test_all_max_iteration_time_within_two_percent(
     assert len(results) == 7
     assert f"all-max-clock iteration {t0_s:.4f} s" in out
     assert all(r["expected_s"] == pytest.approx(t0_s) for r in results)
-    # On a shared, overloaded host a rank thread may wake up more than max_lag_s late: the
-    # trainer counts such late starts per iteration. Judge the iterations the host kept up with,
-    # and insist on enough of them.
-    clean = [r for r in results if r["late_starts"] == 0]
-    assert len(clean) >= 3, f"host too loaded: late starts {[r['late_starts'] for r in results]}"
-    assert statistics.median(r["time_s"] for r in clean) == pytest.approx(t0_s, rel=0.02)
-    assert statistics.median(r["timeline_s"] for r in clean) == pytest.approx(t0_s, rel=0.02)
-    assert statistics.median(r["energy_j"] for r in clean) == pytest.approx(energy_j, rel=0.02)
-    assert statistics.median(r["time_s"] for r in results) == pytest.approx(t0_s, rel=0.1)
+    assert [r["late_starts"] for r in results] == [0] * 7
+    assert [r["timeline_s"] for r in results] == pytest.approx([t0_s] * 7, rel=1e-9)
+    assert [r["energy_j"] for r in results] == pytest.approx([energy_j] * 7, rel=1e-6)
     ranks = timings["ranks"]
     assert [r["rank"] for r in ranks] == list(range(8))
     for r in ranks:
@@ -125,7 +136,8 @@ def test_all_max_iteration_time_within_two_percent(
 
 def test_locked_clocks_slow_the_pipeline_as_profiled(tmp_path: Path) -> None:
     """A schedule locking every instruction to the lowest clock: the iteration takes the
-    DAG's longest path at that clock, and the energy follows the low-clock profile."""
+    DAG's longest path at that clock, and the energy follows the low-clock profile. Judged on
+    the simulated GPUs' timeline, in the iterations the host kept up with (`_on_time`)."""
     profile_path = _four_stage(tmp_path)
     profile = load_example("gpt3-175b-a100").select_stages((0, 1, 2, 7))
     low = profile.frequencies_mhz[-1]
@@ -136,12 +148,14 @@ def test_locked_clocks_slow_the_pipeline_as_profiled(tmp_path: Path) -> None:
         return profile.measurement(stage, name, low).time_s
 
     expected_s = iteration_time_s(orders, duration)
-    with sidecar_process(tmp_path, profile=profile_path, gpus=4) as sidecar:
+    with sidecar_process(
+        tmp_path, profile=profile_path, gpus=4, time_scale=CLOCK_CHANGE_TIME_SCALE
+    ) as sidecar:
         config = SimConfig(
             nodes=(NodeSpec(sidecar.host, sidecar.port, sidecar.state_dir),),
             pipelines=1,
             microbatches=6,
-            iterations=4,
+            iterations=5,
             job_token=JOB_TOKEN,
             job="locked",
         )
@@ -163,8 +177,8 @@ def test_locked_clocks_slow_the_pipeline_as_profiled(tmp_path: Path) -> None:
         results = trainer.run()
         timings = sidecar.timings("default", "locked")
     assert expected_s > 1.05 * trainer.expected_s(0)
-    # The first instruction of an iteration may start before its clock is applied.
-    assert statistics.median(r.time_s for r in results[1:]) == pytest.approx(expected_s, rel=0.02)
+    # The first instruction of the run may start before its clock is applied.
+    assert statistics.median(_on_time(results[1:])) == pytest.approx(expected_s, rel=0.02)
     assert all(r["schedule_active"] for r in timings["ranks"])
     for r in timings["ranks"]:
         forward = next(i for i in r["instructions"] if i["instruction"] == "forward")
@@ -190,12 +204,14 @@ def test_interleaved_pipeline_plays_each_chunk_at_its_clock(tmp_path: Path) -> N
         return profile.measurement(stage, name, low if chunk else top, chunk=chunk).time_s
 
     expected_s = iteration_time_s(orders, duration)
-    with sidecar_process(tmp_path, profile=profile_path, gpus=2) as sidecar:
+    with sidecar_process(
+        tmp_path, profile=profile_path, gpus=2, time_scale=CLOCK_CHANGE_TIME_SCALE
+    ) as sidecar:
         config = SimConfig(
             nodes=(NodeSpec(sidecar.host, sidecar.port, sidecar.state_dir),),
             pipelines=1,
             microbatches=4,
-            iterations=4,
+            iterations=5,
             job_token=JOB_TOKEN,
             job="chunks",
         )
@@ -220,15 +236,16 @@ def test_interleaved_pipeline_plays_each_chunk_at_its_clock(tmp_path: Path) -> N
         results = trainer.run()
         timings = sidecar.timings("default", "chunks")
     assert expected_s > 1.03 * trainer.expected_s(0)
-    assert statistics.median(r.time_s for r in results[1:]) == pytest.approx(expected_s, rel=0.02)
+    assert statistics.median(_on_time(results[1:])) == pytest.approx(expected_s, rel=0.02)
     for r in timings["ranks"]:
         forward = next(i for i in r["instructions"] if i["instruction"] == "forward")
-        assert forward["count"] == 4 * 2 * 4  # iterations x microbatches x chunks
+        assert forward["count"] == 5 * 2 * 4  # iterations x microbatches x chunks
 
 
 def test_straggler_shows_in_the_sidecar_timings(tmp_path: Path) -> None:
     """Pipeline 1 becomes 1.5x slower from iteration 2: the job's iterations follow it and
-    the sidecar's per-pipeline stage-0 spans show which pipeline straggles."""
+    the sidecar's per-pipeline stage-0 spans show which pipeline straggles. No clock changes:
+    the GPUs' timeline absorbs any host lag, so the simulated times are exact under load."""
     profile_path = _four_stage(tmp_path)
     seen: list[IterationResult] = []
     with sidecar_process(tmp_path, profile=profile_path, gpus=8) as sidecar:
@@ -240,6 +257,7 @@ def test_straggler_shows_in_the_sidecar_timings(tmp_path: Path) -> None:
             job_token=JOB_TOKEN,
             job="straggle",
             stragglers=(Straggler(pipeline=1, factor=1.5, from_iteration=2),),
+            max_lag_s=60.0,
         )
         trainer = SimTrainer(config)
         sidecar.announce("default", "straggle", trainer.pods_by_node()[0])
@@ -254,8 +272,8 @@ def test_straggler_shows_in_the_sidecar_timings(tmp_path: Path) -> None:
         after = sidecar.timings("default", "straggle")
     t0_s = trainer.expected_s(0)
     assert [r.expected_s for r in seen] == pytest.approx([t0_s, t0_s, 1.5 * t0_s, 1.5 * t0_s])
-    assert seen[1].time_s == pytest.approx(t0_s, rel=0.03)
-    assert seen[3].time_s == pytest.approx(1.5 * t0_s, rel=0.03)
+    assert [r.late_starts for r in seen] == [0] * 4
+    assert [r.timeline_s for r in seen] == pytest.approx([t0_s, t0_s, 1.5 * t0_s, 1.5 * t0_s])
     spans_before = {p["data_rank"]: p["stage0_span_last_s"] for p in before["pipelines"]}
     spans_after = {p["data_rank"]: p["stage0_span_last_s"] for p in after["pipelines"]}
     assert spans_before[1] == pytest.approx(spans_before[0], rel=0.02)

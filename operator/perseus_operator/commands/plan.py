@@ -1,5 +1,7 @@
-"""`perseus plan`: compute the time/energy frontier of a stage profile and write it as JSON.
+"""`perseus plan`: compute the time/energy frontier of a stage profile, print its summary and,
+with `--out`, write it as JSON.
 
+    perseus plan --example bloom-176b-a40 --microbatches 48
     perseus plan --profile FILE.csv --stages S --microbatches M --blocking-power-w W --out F.json
     perseus plan --example gpt3-175b-a100 --microbatches 12 --out F.json [--plot F.png]
     perseus plan --example gpt3-175b-a100 --microbatches 16 --schedule interleaved-1f1b \
@@ -29,8 +31,8 @@ def add_parser(subparsers: Any) -> None:
         "plan",
         help="compute the iteration-time vs. energy frontier of frequency plans",
         description="Compute the iteration-time vs. energy frontier of per-instruction GPU "
-        "frequency plans for a synchronous 1F1B (or interleaved 1F1B) pipeline and write it as "
-        "perseus-frontier/v1 JSON.",
+        "frequency plans for a synchronous 1F1B (or interleaved 1F1B) pipeline, print its summary "
+        "and, with --out, write it as perseus-frontier/v1 JSON.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", type=Path, help="stage profile CSV")
@@ -61,7 +63,7 @@ def add_parser(subparsers: Any) -> None:
         type=float,
         help="power of a GPU waiting on communication (W); default for --example: the paper's",
     )
-    parser.add_argument("--out", type=Path, required=True, help="frontier JSON to write")
+    parser.add_argument("--out", type=Path, help="frontier JSON to write (default: none)")
     parser.add_argument("--plot", type=Path, help="also draw the frontier to this PNG")
     parser.set_defaults(run=run, quick_exit=True)
 
@@ -104,11 +106,12 @@ def run(args: argparse.Namespace) -> int:
     shape = PipelineShape(stages, args.microbatches, args.schedule, chunks)
     frontier = compute_frontier(profile, shape, blocking_w, progress=_Progress(started))
     try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_frontier(frontier, args.out)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_frontier(frontier, args.out)
         if args.plot is not None:
             args.plot.parent.mkdir(parents=True, exist_ok=True)
-            plot_frontier(frontier, args.plot)
+            plot_frontier(frontier, args.plot, args.example or args.profile.name)
     except OSError as exc:
         raise CliError(f"cannot write output: {exc}") from None
     except ImportError:
@@ -127,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
           f"({_saving(zero.energy_j, e0)} saved)")  # fmt: skip
     print(f"least energy (T*): {star.iteration_time_s:.4f} s ({_pct(star.iteration_time_s, t0)} "
           f"time), {star.energy_j:.1f} J ({_saving(star.energy_j, e0)} saved)")  # fmt: skip
-    print(f"{len(frontier.plans)} plans written to {args.out}"
-          + (f", plot {args.plot}" if args.plot else "") + f" in {elapsed:.2f} s")  # fmt: skip
+    written = [f"written to {args.out}"] if args.out else []
+    written += [f"plot {args.plot}"] if args.plot else []
+    print(f"{len(frontier.plans)} plans " + (", ".join(written) or "(--out FILE saves them)")
+          + f" in {elapsed:.2f} s")  # fmt: skip
     return 0
 
 

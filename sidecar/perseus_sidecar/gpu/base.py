@@ -73,9 +73,13 @@ class GpuBackend(ABC):
     def reset_locked_clocks(self, uuid: str) -> None:
         """Undo any SM (and, where supported, memory) clock lock: back to driver control."""
 
+    sees_every_lock: bool = True
+    """False where a lock set outside this process can go unseen by `locked_sm_clock_mhz`."""
+
     @abstractmethod
     def locked_sm_clock_mhz(self, uuid: str) -> int | None:
-        """The clock this backend last locked on this GPU, or None when unlocked."""
+        """The SM clock this GPU is locked at, by this backend or by someone else (an
+        administrator), or None when no lock is seen."""
 
     @abstractmethod
     def total_energy_mj(self, uuid: str) -> int:

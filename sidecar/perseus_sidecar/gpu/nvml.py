@@ -159,8 +159,33 @@ class NvmlBackend(GpuBackend):
         with contextlib.suppress(GpuNotSupportedError):
             self._call(uuid, "resetting memory clocks", pynvml.nvmlDeviceResetMemoryLockedClocks)
 
+    # NVML has setters for locked clocks but no getter, so a lock set by someone else (e.g.
+    # `nvidia-smi -lgc`) is only seen through its effects; see docs/install.md, "Clocks someone
+    # else set".
+    sees_every_lock = False
+
     def locked_sm_clock_mhz(self, uuid: str) -> int | None:
-        return self._locked.get(uuid)
+        """Our own lock; else an SM clock someone else set, as far as NVML shows one: application
+        clocks moved off their default (their target), or the driver reporting that user-defined
+        clocks hold the GPU back now (the clock it runs at). None when neither shows."""
+        own = self._locked.get(uuid)
+        if own is not None:
+            return own
+        handle = self._handle(uuid)
+        try:
+            target = pynvml.nvmlDeviceGetApplicationsClock(handle, pynvml.NVML_CLOCK_SM)
+            default = pynvml.nvmlDeviceGetDefaultApplicationsClock(handle, pynvml.NVML_CLOCK_SM)
+            if int(target) != int(default):
+                return int(target)
+        except pynvml.NVMLError as exc:
+            _raise_unless_unsupported(exc, f"reading application clocks on GPU {uuid}")
+        try:
+            mask = int(_clock_event_reasons(handle))
+            if mask & _USER_DEFINED_CLOCKS:
+                return int(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+        except pynvml.NVMLError as exc:
+            _raise_unless_unsupported(exc, f"reading clock reasons on GPU {uuid}")
+        return None
 
     # ---- readings ---------------------------------------------------------------------------
 
@@ -218,11 +243,7 @@ class NvmlBackend(GpuBackend):
 
     def clock_event_reasons(self, uuid: str) -> tuple[str, ...]:
         """Why the clocks are below their maximum now (idle, power cap, a user's lock...)."""
-        # Bindings older than the R535 rename only have the "throttle reasons" name.
-        read = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-        if read is None:
-            read = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
-        mask = int(self._call(uuid, "reading clock reasons", read))
+        mask = int(self._call(uuid, "reading clock reasons", _clock_event_reasons))
         return tuple(name for bit, name in _CLOCK_EVENT_REASONS if mask & bit)
 
     def close(self) -> None:
@@ -233,6 +254,10 @@ class NvmlBackend(GpuBackend):
         with contextlib.suppress(pynvml.NVMLError):  # the driver may be gone already
             pynvml.nvmlShutdown()
 
+
+# The "applications clocks setting" reason, which older headers call "user-defined clocks": set
+# while a clock setting (application clocks or a lock) holds the GPU below what it would run at.
+_USER_DEFINED_CLOCKS = 0x2
 
 # NVML's clock event reason bits (stable ABI values; older bindings name them "throttle reasons").
 _CLOCK_EVENT_REASONS = (
@@ -246,6 +271,21 @@ _CLOCK_EVENT_REASONS = (
     (0x80, "hardware power brake"),
     (0x100, "display clock setting"),
 )
+
+
+def _clock_event_reasons(handle: Any) -> Any:
+    # Bindings older than the R535 rename only have the "throttle reasons" name.
+    read = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+    if read is None:
+        read = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+    return read(handle)
+
+
+def _raise_unless_unsupported(exc: Exception, what: str) -> None:
+    """A query this GPU or driver lacks tells nothing; any other failure is an error."""
+    error = map_nvml_error(exc, what)
+    if not isinstance(error, GpuNotSupportedError):
+        raise error from None
 
 
 def _text(value: str | bytes) -> str:
