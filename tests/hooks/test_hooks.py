@@ -222,7 +222,7 @@ def test_training_goes_on_while_the_sidecar_is_down(caplog: pytest.LogCaptureFix
         elapsed_s = time.perf_counter() - start
         wait_until(lambda: "unavailable" in caplog.text)
         time.sleep(0.3)  # several retries happen meanwhile: still a single warning
-    assert elapsed_s < 0.5
+    assert elapsed_s < 2.0  # about 1 ms unloaded; generous: a loaded CI machine preempts
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "training continues" in warnings[0].getMessage()
