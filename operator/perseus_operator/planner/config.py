@@ -106,7 +106,8 @@ class SearchConfig:
     pace_lanes: int = 32
     """Jittered roundings of the relaxed plan at the pace ..."""
     pace_lane_elements: int = 24_000
-    """... fewer on long pipelines (lanes x instructions), for time (at least 4)."""
+    """... fewer on long pipelines (lanes x instructions at most this), for time; never fewer than
+    4 lanes."""
     pace_frontier_lanes: int = 4
     """The frontier plans cheapest at the pace, filled to it too."""
     pace_refine_rounds: int = 2
