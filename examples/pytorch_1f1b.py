@@ -2,7 +2,8 @@
 
 An MLP is split into one block per stage, one process per stage (CPU, gloo). Each stage follows
 the 1F1B order (min(S-s-1, M) warm-up forwards, then one forward and one backward in turn, then
-the remaining backwards); activations go down the pipeline and gradients up, with non-blocking
+the remaining backwards: `perseus_profiles.pipeline.stage_order`, the order the planner plans
+and the sidecar expects); activations go down the pipeline and gradients up, with non-blocking
 sends so that neighbours never wait on each other's sends. The Perseus hooks wrap the compute of
 every forward and backward, and mark each iteration's end after the optimizer step.
 
@@ -29,22 +30,11 @@ from torch import nn
 from torch.multiprocessing.spawn import spawn
 
 import perseus_hooks as hooks
+from perseus_profiles.pipeline import stage_order
 
 WIDTH = 64
 ACTIVATION_TAG = 1
 GRADIENT_TAG = 2
-
-
-def one_f_one_b(stages: int, stage: int, microbatches: int) -> list[tuple[str, int]]:
-    """Stage `stage`'s instruction order: ("forward" | "backward", microbatch)."""
-    warmup = min(stages - stage - 1, microbatches)
-    order = [("forward", m) for m in range(warmup)]
-    backward = 0
-    for m in range(warmup, microbatches):
-        order += [("forward", m), ("backward", backward)]
-        backward += 1
-    order += [("backward", m) for m in range(backward, microbatches)]
-    return order
 
 
 def build_stage(stage: int) -> nn.Module:
@@ -83,8 +73,8 @@ def train(rank: int, world: int, args: argparse.Namespace) -> float:
         optimizer.zero_grad()
         stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         sends: list[dist.Work] = []
-        for kind, m in one_f_one_b(world, stage, args.microbatches):
-            if kind == "forward":
+        for forward, m, _ in stage_order(world, args.microbatches, stage):
+            if forward:
                 if stage == 0:
                     x = inputs[m]
                 else:

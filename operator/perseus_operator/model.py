@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from perseus_profiles.pipeline import MAX_CHUNKS, Schedule
+
 __all__ = [
     "CLUSTER_SCOPE",
     "GROUP",
@@ -87,11 +89,11 @@ class Pipeline(_Model):
 
     stages: int = Field(ge=1, le=256)
     microbatches: int = Field(ge=1, le=4096)
-    schedule: Literal["1f1b", "interleaved-1f1b"] = "1f1b"
+    schedule: Schedule = "1f1b"
     virtual_stages: int = Field(
         default=1,
         ge=1,
-        le=64,
+        le=MAX_CHUNKS,
         description="model chunks per stage: 1 for 1f1b, 2 or more for interleaved-1f1b",
     )
     data_parallel: int = Field(default=1, ge=1, le=4096)

@@ -33,6 +33,7 @@ __all__ = [
     "events_between",
     "job_ranks",
     "merge_conditions",
+    "pod_identity",
     "saving_percent",
 ]
 
@@ -42,6 +43,13 @@ C = tuple[Status, str, str]
 """A condition's (status, reason, message)."""
 UNKNOWN: C = ("Unknown", "NotYet", "")
 TERMINAL_POD_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+def pod_identity(name: str, uid: str, ip: str | None) -> str:
+    """A pod as an announcement must match it, from the API server's view (`PodView.identity`)
+    or a sidecar's (`NodeView.announced_pods`): a recreated pod (new UID or IP) is announced
+    again."""
+    return f"{name}/{uid}/{ip}"
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,8 @@ class PodView:
 
     @property
     def identity(self) -> str:
-        """What an announcement must match: a recreated pod (new UID or IP) is announced again."""
-        return f"{self.name}/{self.uid}/{self.pod_ip}"
+        """What an announcement must match (`pod_identity`)."""
+        return pod_identity(self.name, self.uid, self.pod_ip)
 
     @property
     def running(self) -> bool:

@@ -139,7 +139,7 @@ class SidecarGateway:
                     for e in (schedule.entries if schedule else [])
                 )
                 self._applied[key] = entries
-        announced = frozenset(f"{p.name}/{p.uid}/{p.ip}" for p in job.pods)  # PodView.identity
+        announced = frozenset(rc.pod_identity(p.name, p.uid, p.ip) for p in job.pods)
         return NodeSnapshot(address, model, announced, entries, timings)
 
     async def announce(

@@ -1,7 +1,9 @@
-"""Stage profiles: the CSV format, its validation, and the real example profiles shipped as data.
+"""Stage profiles: the CSV format, its validation, and the real example profiles shipped as data;
+and, in `perseus_profiles.pipeline`, the pipeline vocabulary (schedules, instruction orders and
+names, dependencies, iteration time).
 
-Standard library only, so the planner, the sidecar's simulated GPU and the operator all read
-profiles through the same validated parser.
+Standard library only, so the planner, the sidecar, the simulator and the operator all read
+profiles through the same validated parser and speak of pipelines in the same terms.
 """
 
 from perseus_profiles.examples import EXAMPLES, Example, example, load_example

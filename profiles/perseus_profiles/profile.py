@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from perseus_profiles.pipeline import MAX_CHUNKS
+
 __all__ = [
     "INSTRUCTIONS",
     "Instruction",
@@ -34,7 +36,6 @@ Instruction = Literal["forward", "backward"]
 INSTRUCTIONS: tuple[Instruction, ...] = ("forward", "backward")
 COLUMNS = ("stage", "instruction", "frequency", "time", "energy")
 CHUNK_COLUMNS = ("stage", "chunk", "instruction", "frequency", "time", "energy")
-MAX_CHUNKS = 64
 
 
 class ProfileError(ValueError):

@@ -7,7 +7,6 @@ never a half-applied change.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -18,6 +17,8 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+
+from perseus_profiles.pipeline import MAX_CHUNKS, parse_instruction
 
 __all__ = [
     "ClockResetResponse",
@@ -48,8 +49,6 @@ __all__ = [
     "ScheduleOut",
     "StageTimings",
     "TimingsOut",
-    "instruction_parts",
-    "parse_instruction",
 ]
 
 EventKind = Literal["FB", "FE", "BB", "BE", "IE"]
@@ -64,9 +63,6 @@ Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 GpuUuid = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 FrequencyMhz = Annotated[int, Field(gt=0, le=100_000)]
 RankIndex = Annotated[int, Field(ge=0, le=1_000_000)]
-_INSTRUCTION = re.compile(r"^([FB])(0|[1-9][0-9]{0,5})(?:c(0|[1-9][0-9]?))?$")
-MAX_CHUNKS = 64
-"""Model chunks per stage an interleaved schedule may have (events carry chunks 0-63)."""
 
 
 class _Model(BaseModel):
@@ -80,27 +76,6 @@ class _Out(BaseModel):
     """Responses: unknown fields are ignored, so an older operator reads a newer sidecar."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-def instruction_parts(text: str) -> tuple[bool, int, int | None]:
-    """`"F3"` -> (True, 3, None), `"B0c1"` -> (False, 0, 1) (chunk 1 of an interleaved
-    pipeline's stage); ValueError for anything else."""
-    match = _INSTRUCTION.match(text)
-    chunk = None if match is None or match.group(3) is None else int(match.group(3))
-    if match is None or (chunk is not None and chunk >= MAX_CHUNKS):
-        raise ValueError(
-            f"instruction {text!r} is not F<m> or B<m> (or F<m>c<chunk>, B<m>c<chunk> with"
-            f" chunk < {MAX_CHUNKS}) with m >= 0"
-        )
-    return match.group(1) == "F", int(match.group(2)), chunk
-
-
-def parse_instruction(text: str) -> tuple[bool, int]:
-    """`"F3"` -> (True, 3), `"B0"` -> (False, 0); ValueError for anything else."""
-    forward, m, chunk = instruction_parts(text)
-    if chunk is not None:
-        raise ValueError(f"instruction {text!r} is not F<m> or B<m> with m >= 0")
-    return forward, m
 
 
 class ErrorOut(_Out):
@@ -253,7 +228,7 @@ class ScheduleEntry(_Model):
         parsed = []
         for text in self.order:
             try:
-                parsed.append(instruction_parts(text))
+                parsed.append(parse_instruction(text))
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
         named = {c is not None for _, _, c in parsed}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from perseus_profiles.pipeline import parse_instruction
 from perseus_sidecar.api import (
     JobAnnouncement,
     PodAnnouncement,
@@ -26,7 +27,6 @@ from perseus_sidecar.api import (
     ScheduleEntry,
     ScheduleIn,
     TimingsOut,
-    instruction_parts,
 )
 from perseus_sidecar.clocks import ClockController
 from perseus_sidecar.gpu.base import GpuBackend, GpuError, GpuInfo
@@ -487,7 +487,7 @@ class Node:
         forward = [0] * (entry.microbatches * chunks)
         backward = [0] * (entry.microbatches * chunks)
         for text, mhz in zip(entry.order, entry.frequencies_mhz, strict=True):
-            is_forward, m, chunk = instruction_parts(text)
+            is_forward, m, chunk = parse_instruction(text)
             (forward if is_forward else backward)[m * chunks + (chunk or 0)] = mhz
         rank.set_schedule(tuple(forward), tuple(backward), chunks)
 

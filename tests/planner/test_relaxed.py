@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from perseus_operator.planner import relaxed
+from perseus_operator.planner import SearchConfig, relaxed
 from perseus_operator.planner.evaluate import makespan
 from perseus_operator.planner.lp import LpRelaxation
 from perseus_operator.planner.model import build_options, option_classes
@@ -41,10 +41,8 @@ def test_stretch_index_maps_fill_drain_and_steady_state() -> None:
 
 
 @pytest.mark.parametrize("stretch", [False, True])
-def test_path_plans_meet_their_deadlines_and_bound_discrete_plans(
-    monkeypatch: pytest.MonkeyPatch, stretch: bool
-) -> None:
-    monkeypatch.setattr(relaxed, "SHORT_MICROBATCHES", 6)
+def test_path_plans_meet_their_deadlines_and_bound_discrete_plans(stretch: bool) -> None:
+    config = SearchConfig(short_microbatches=6)
     shape = PipelineShape(stages=3, microbatches=14)
     dag = build_dag(shape)
     table = build_options(PROFILE, dag, BLOCKING_W)
@@ -52,10 +50,10 @@ def test_path_plans_meet_their_deadlines_and_bound_discrete_plans(
     t0 = makespan(dag, table.max_clock_time_s[cls])
     fastest = makespan(dag, table.time_s[cls, 0])
     slowest = makespan(dag, table.time_s[np.arange(table.num_classes), table.count - 1][cls])
-    short = relaxed.short_pipeline(shape)
+    short = relaxed.short_pipeline(shape, config)
     assert short is not None
-    copy = relaxed.short_copy(PROFILE, shape, BLOCKING_W) if stretch else None
-    path = relaxed.relaxed_path(dag, table, t0, fastest, slowest, short=copy)
+    copy = relaxed.short_copy(PROFILE, shape, BLOCKING_W, config) if stretch else None
+    path = relaxed.relaxed_path(dag, table, t0, fastest, slowest, short=copy, config=config)
     assert path is not None
     assert (np.diff(path.deadline_s) >= 0).all()
     assert any(abs(t - t0) < 1e-12 for t, _ in path.near_t0)
@@ -72,7 +70,7 @@ def test_path_plans_meet_their_deadlines_and_bound_discrete_plans(
             table.relaxed_cost_j(cls, duration) + idle_w * deadline
         )
     if stretch:
-        assert path.deadline_s.max() > t0 * (1 + relaxed.DENSE_ABOVE_T0)
+        assert path.deadline_s.max() > t0 * (1 + config.dense_above_t0)
     between = (path.deadline_s[:-1] + path.deadline_s[1:]) / 2
     for deadline, column in zip(between, path.at(between).T, strict=True):
         assert makespan(dag, column) <= deadline * (1 + 1e-9)

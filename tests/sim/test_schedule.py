@@ -34,7 +34,7 @@ def test_fewer_microbatches_than_stages() -> None:
 
 @pytest.mark.parametrize(("stages", "microbatches"), [(0, 3), (3, 0)])
 def test_bad_shapes(stages: int, microbatches: int) -> None:
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="must be a positive integer"):
         one_f_one_b_order(stages, microbatches)
 
 
@@ -79,7 +79,7 @@ def test_a_deadlocking_order_is_rejected() -> None:
 
 
 def test_interleaved_order_is_megatrons() -> None:
-    """The simulator's own copy of the interleaved order agrees with the planner's and with the
+    """The simulator's interleaved order (the shared one) agrees with the planner's and with the
     reference written from Megatron-LM's loop."""
     from perseus_operator.planner import PipelineShape, instruction_order
     from tests.planner.reference import order_interleaved
@@ -95,7 +95,7 @@ def test_interleaved_order_is_megatrons() -> None:
         assert ours == [[f"{k}{m}c{c}" for k, m, c in seq] for seq in want]
     with pytest.raises(ValueError, match="not a multiple of 4"):
         interleaved_order(4, 6, 2)
-    with pytest.raises(ValueError, match="2\\+ chunks"):
+    with pytest.raises(ValueError, match="needs 2-64 virtual stages"):
         interleaved_order(4, 8, 1)
     assert pipeline_order(3, 4) == one_f_one_b_order(3, 4)
 

@@ -6,14 +6,17 @@ CLI rely on:
 
 - ``PipelineShape(stages, microbatches, schedule="1f1b", virtual_stages=1)`` (or
   ``"interleaved-1f1b"`` with v >= 2 model chunks per stage) and ``instruction_order(shape)``;
-- ``compute_frontier(profile, pipeline, blocking_power_w, progress=None) -> Frontier``;
+- ``compute_frontier(profile, pipeline, blocking_power_w, progress=None, *, config) -> Frontier``,
+  searched as ``config`` (a ``SearchConfig``, the search's tuning knobs) says, its defaults
+  (``DEFAULT_SEARCH``) unless given;
 - ``plan_for_no_straggler(frontier, max_slowdown)`` / ``plan_for_straggler(frontier, pace_s)``;
-- ``PacePlanner(profile, frontier).plan(pace_s) -> PacePlan``, the straggler's plan solved at its
-  pace (never costlier than ``plan_for_straggler``), with the LP bound at that pace;
+- ``PacePlanner(profile, frontier, config).plan(pace_s) -> PacePlan``, the straggler's plan
+  solved at its pace (never costlier than ``plan_for_straggler``), with the LP bound at that pace;
 - ``evaluate_plan(profile, pipeline, blocking_power_w, frequencies_mhz) -> (time_s, energy_j)``,
   the exact cost of any plan, and ``stage_spans(...)``, each stage's predicted compute span.
 """
 
+from perseus_operator.planner.config import DEFAULT_SEARCH, SearchConfig
 from perseus_operator.planner.evaluate import evaluate_plan, stage_spans
 from perseus_operator.planner.frontier import Frontier, Plan, ProgressCallback, compute_frontier
 from perseus_operator.planner.lookup import plan_for_no_straggler, plan_for_straggler
@@ -21,6 +24,7 @@ from perseus_operator.planner.pace import PacePlan, PacePlanner
 from perseus_operator.planner.pipeline import SCHEDULES, PipelineShape, instruction_order
 
 __all__ = [
+    "DEFAULT_SEARCH",
     "SCHEDULES",
     "Frontier",
     "PacePlan",
@@ -28,6 +32,7 @@ __all__ = [
     "PipelineShape",
     "Plan",
     "ProgressCallback",
+    "SearchConfig",
     "compute_frontier",
     "evaluate_plan",
     "instruction_order",

@@ -2,7 +2,8 @@
 
 API (stable; the operator and the CLI use it):
 
-- ``compute_frontier(profile, pipeline, blocking_power_w, progress=None) -> Frontier``
+- ``compute_frontier(profile, pipeline, blocking_power_w, progress=None, *, config) -> Frontier``
+  (`config`: the search's knobs, `config.SearchConfig`; its defaults unless given)
 - ``Frontier``: ``order`` (each stage's ``F<m>``/``B<m>`` sequence), ``plans`` (sorted by
   iteration time; ``energy_j - blocking_power_w * stages * iteration_time_s`` strictly decreases,
   so every plan is the best choice at some pace), ``t0_s``/``baseline_energy_j`` (all GPUs at
@@ -17,12 +18,12 @@ moves:
 1. *Uniform price.* For a price of time λ (J/s), every instruction takes the option minimising
    ``c + λ*t``: a ladder of plans from all-fastest (λ = ∞) to all-cheapest (λ = 0, the end of
    any frontier: no plan has a lower ``sum(c)``).
-2. *LP rounding* (`lp`, pipelines up to `LP_MAX_INSTRUCTIONS`). The relaxation is solved along
-   the deadline axis (HiGHS, each solve warm-started from the last), interpolated to deadlines
-   0.1% of T0 apart, and rounded: in topological order each instruction takes, among the
-   options that still fit before its latest finish, the one its LP price of time prefers
-   (`fill.BatchFill.round_priced`). At T0, the deadline of "no slowdown", many more roundings
-   with jittered prices are tried and the best kept.
+2. *LP rounding* (`lp`, pipelines up to `SearchConfig.lp_max_instructions`). The relaxation
+   is solved along the deadline axis (HiGHS, each solve warm-started from the last),
+   interpolated to deadlines 0.1% of T0 apart, and rounded: in topological order each
+   instruction takes, among the options that still fit before its latest finish, the one its
+   LP price of time prefers (`fill.BatchFill.round_priced`). At T0, the deadline of "no
+   slowdown", many more roundings with jittered prices are tried and the best kept.
 3. *Slack filling* (`fill`). Every rounded plan is then slowed within its float along a
    descending price ladder, forwards and backwards through the DAG, all deadlines in one batched
    sweep; then gaps left before T* are filled from the plans at their start. (Pipelines too
@@ -41,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from perseus_operator.planner.config import DEFAULT_SEARCH, SearchConfig
 from perseus_operator.planner.draws import NormalStream
 from perseus_operator.planner.evaluate import dag_cost
 from perseus_operator.planner.fill import BatchFill
@@ -57,32 +59,7 @@ IntArray = npt.NDArray[np.int64]
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` while the frontier is searched."""
 
-GRID_FRACTION = 0.001  # deadline spacing, as a fraction of T0 ...
-FAST_GRID_FRACTION = 0.0002  # ... and faster than T0, where the frontier is steep
-MAX_DEADLINES = 400  # ... unless the frontier is so long that this bounds the work
-GAP_TARGET = 0.0015  # consecutive plans before T* at most this far apart (fraction of T0)
-LP_MAX_INSTRUCTIONS = 6144  # larger pipelines fill uniform-price plans instead (HiGHS time grows)
-FINE_PAST_T_STAR = 0.01  # deadlines GRID_FRACTION apart up to this far past the relaxation's T*
-# Past the relaxation's path, uniform-price plans are filled to deadlines this far apart.
-TAIL_STEP = 0.01
-RANDOM_LANES = 64  # randomized roundings at T0 ...
-RANDOM_LANES_NEAR_T0 = 4  # ... and at each LP solve up to `relaxed.DENSE_ABOVE_T0` past it
-RANDOM_SPREADS = ((0.1, 0.0), (0.2, 0.0), (0.05, 0.1), (0.0, 0.1))  # ... their prices jittered
-# log-normally: (spread per class, spread per instruction), taken in turn
-RANDOM_SEED = 20241104
-REFINE_ROUNDS = 4  # rounds of jittered roundings around the best at T0 ...
-REFINE_LANES = 32
-REFINE_MAX_INSTRUCTIONS = 2048  # larger pipelines skip the rounds (their time budget is tight)
-REFINE_GAP = 0.003  # ... as do plans this close to the LP bound (fraction of the baseline energy)
-REFINE_SPREADS = (0.05, 0.03)  # ... this far (log, per class and per instruction) from it
-_GAP_ROUNDS = 12
-_GAP_NUDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-_FILL_STEPS = 4  # rungs of the price ladder (plus μ = 0) filling uniform-price plans (the 32 x 256
-# synthetic pipeline, which skips the LP, saves 0.9 pp less at T0 with 3) ...
-_FILL_STEPS_LP = 2  # ... and LP roundings, whose prices are the LP's already: over five seeds, 2
-# gives the gaps to the bound that 3 gave; with 1, GPT-3 A40 x 96 passes 0.5 pp
 BACKWARD_PRICES = [0.0]  # the backward sweep only takes what still fits
-_LANE_ELEMENTS = 2_000_000  # lanes x nodes per batch: bounds memory on large pipelines
 
 
 @dataclass(frozen=True)
@@ -121,13 +98,16 @@ def compute_frontier(
     pipeline: PipelineShape,
     blocking_power_w: float,
     progress: ProgressCallback | None = None,
+    *,
+    config: SearchConfig = DEFAULT_SEARCH,
 ) -> Frontier:
-    """The frontier of frequency plans for `pipeline` under `profile` (see the module doc)."""
+    """The frontier of frequency plans for `pipeline` under `profile` (see the module doc),
+    searched as `config` says."""
     if not np.isfinite(blocking_power_w) or blocking_power_w < 0:
         raise ValueError(f"blocking power must be a finite number >= 0 W, got {blocking_power_w}")
     dag = build_dag(pipeline)
     table = build_options(profile, dag, blocking_power_w)
-    search = _Search(dag, table, short_copy(profile, pipeline, blocking_power_w))
+    search = _Search(dag, table, short_copy(profile, pipeline, blocking_power_w, config), config)
     candidates = search.run(progress)
     plans = _useful(candidates, pipeline.stages * blocking_power_w)
     t0, e0 = search.baseline()
@@ -171,9 +151,14 @@ class _Search:
     """Runs the search of the module doc over one DAG and option table."""
 
     def __init__(
-        self, dag: PipelineDag, table: OptionTable, short: ShortCopy | None = None
+        self,
+        dag: PipelineDag,
+        table: OptionTable,
+        short: ShortCopy | None = None,
+        config: SearchConfig = DEFAULT_SEARCH,
     ) -> None:
         self.dag = dag
+        self.config = config
         self.table = table
         self.short = short
         self.batch = BatchFill(dag, table)
@@ -206,24 +191,25 @@ class _Search:
         return out
 
     def run(self, progress: ProgressCallback | None) -> list[tuple[float, float, IntArray]]:
+        cfg = self.config
         slopes = self.table.hull_slopes()
         uniform = np.stack([self.uniform(p) for p in _ladder_prices(slopes)])  # plans x nodes
         u_time = self.batch.makespans(uniform.T)
         u_cost = self.batch.costs(uniform.T)
         t0, baseline_j = self.baseline()
         refine = None
-        if self.dag.num_nodes <= LP_MAX_INSTRUCTIONS:
+        if self.dag.num_nodes <= cfg.lp_max_instructions:
             base, deadline_s, refine = self.lp_bases(uniform, u_time, u_cost, t0)
-            prices = _fill_prices(slopes, _FILL_STEPS_LP)
+            prices = _fill_prices(slopes, cfg.fill_steps_lp)
         else:
             base, deadline_s = self.uniform_bases(uniform, u_time, u_cost, t0)
-            prices = _fill_prices(slopes, _FILL_STEPS)
+            prices = _fill_prices(slopes, cfg.fill_steps)
         # Plans are stored as int16 option indices (a 16k-instruction pipeline has hundreds of
         # lanes) and widened one chunk of lanes at a time.
         base = np.concatenate((base, self.max_clock_plan()[:, None]), axis=1).astype(np.int16)
         deadline_s = np.append(deadline_s, t0)
         kept = self.evaluated(uniform.T)
-        chunk = max(1, _LANE_ELEMENTS // self.dag.num_nodes)
+        chunk = max(1, cfg.lane_elements // self.dag.num_nodes)
         lanes = base.shape[1]
         filled_energy = np.empty(lanes)  # each lane's energy once filled both ways (inf: late)
         for first in range(0, lanes, chunk):
@@ -237,7 +223,7 @@ class _Search:
             if progress is not None:
                 progress(min(first + chunk, lanes), lanes)
         if refine is not None:
-            enough_j = refine.bound_j + REFINE_GAP * baseline_j
+            enough_j = refine.bound_j + cfg.refine_gap * baseline_j
             kept = self.refine_t0(
                 kept, refine, filled_energy[refine.lanes], t0, prices, enough_j=enough_j
             )
@@ -261,20 +247,20 @@ class _Search:
         enough_j: float,
     ) -> list[tuple[float, float, IntArray]]:
         """The no-slowdown plan, searched harder where the bound leaves room: while the best
-        plan at T0 costs more than `enough_j` (`REFINE_GAP` of the baseline energy above the LP
-        bound; pipelines up to `REFINE_MAX_INSTRUCTIONS`), up to `REFINE_ROUNDS` rounds of
-        `REFINE_LANES` roundings jittered a little around the best so far, a seeded evolution
-        in the space of prices that started with the `RANDOM_LANES` roundings of `lp_bases`
-        (`energy_j`: their energies, filled), so that one lucky draw decides less: on GPT-3 A40
-        x 48 the gap to the LP bound over four seeds went from 0.43-0.51 pp to 0.42-0.47 pp."""
-        if self.dag.num_nodes > REFINE_MAX_INSTRUCTIONS:
+        plan at T0 costs more than `enough_j` (`refine_gap` of the baseline energy above the LP
+        bound; pipelines up to `refine_max_instructions`), up to `refine_rounds` rounds of
+        `refine_lanes` roundings jittered a little around the best so far, a seeded evolution
+        in the space of prices that started with the `random_lanes` roundings of `lp_bases`
+        (`energy_j`: their energies, filled), so that one lucky draw decides less."""
+        cfg = self.config
+        if self.dag.num_nodes > cfg.refine_max_instructions:
             return kept
         rng = start.rng
         jitter, relaxed = start.jitter, start.duration_s
         best_j, best = -1, np.inf
-        for round_ in range(1 + REFINE_ROUNDS):
+        for round_ in range(1 + cfg.refine_rounds):
             if round_:
-                lanes = self.jittered(relaxed[:, None], np.asarray([t0]), jitter, REFINE_LANES)
+                lanes = self.jittered(relaxed[:, None], np.asarray([t0]), jitter, cfg.refine_lanes)
                 _, both = self.fill_lanes(lanes, np.full(lanes.shape[1], t0), prices)
                 found = self.evaluated(both)
                 kept = _useful(kept + found, self.idle_power_w)
@@ -285,14 +271,14 @@ class _Search:
                 center = (jitter[0][:, best_j], jitter[1][:, best_j])
             # Every lane filled so far is in `kept`, which always holds the cheapest plan at T0.
             at_t0 = min((e for t, e, _ in kept if t <= t0), default=np.inf)
-            if round_ == REFINE_ROUNDS or best_j < 0 or at_t0 <= enough_j:
+            if round_ == cfg.refine_rounds or best_j < 0 or at_t0 <= enough_j:
                 break
-            shape = (REFINE_LANES,)
+            shape = (cfg.refine_lanes,)
             jitter = (
                 center[0][:, None]
-                + REFINE_SPREADS[0] * rng.standard_normal(center[0].shape + shape),
+                + cfg.refine_spreads[0] * rng.standard_normal(center[0].shape + shape),
                 center[1][:, None]
-                + REFINE_SPREADS[1] * rng.standard_normal(center[1].shape + shape),
+                + cfg.refine_spreads[1] * rng.standard_normal(center[1].shape + shape),
             )
         return kept
 
@@ -309,10 +295,11 @@ class _Search:
         """Plans to fill (nodes x lanes) and their deadlines: the LP roundings, jittered ones
         from T0 to just past it, and past the relaxation's path the cheapest uniform-price
         plans; and what `refine_t0` goes on from, if T0 was solved."""
+        cfg = self.config
         fastest_t, slowest_t = float(u_time.min()), float(u_time.max())
         base, deadline_s, path_near_t0 = self.lp_rounded(t0, fastest_t, slowest_t)
         if len(deadline_s) and deadline_s.max() < slowest_t:
-            tail = np.arange(deadline_s.max(), slowest_t, TAIL_STEP * t0)[1:]
+            tail = np.arange(deadline_s.max(), slowest_t, cfg.tail_step * t0)[1:]
             if len(tail):
                 # Both the cheapest uniform plan and the slowest LP rounding, filled onwards.
                 last = base[:, int(np.argmax(deadline_s))]
@@ -323,20 +310,20 @@ class _Search:
                 )
                 deadline_s = np.concatenate((deadline_s, tail, tail))
         # Jittered roundings of the relaxed plans solved from T0 to just past it, all in one
-        # batch: `RANDOM_LANES` at T0 (where `refine_t0` goes on), a few at each other one.
+        # batch: `random_lanes` at T0 (where `refine_t0` goes on), a few at each other one.
         if not path_near_t0:
             return base, deadline_s, None
         near_s = np.asarray([d for d, _ in path_near_t0])
         relaxed = np.stack([r for _, r in path_near_t0], axis=1)
         # The draws at T0 come first from their own generator, which `refine_t0` goes on with.
         t0_rng, near_rng = (
-            NormalStream(RANDOM_SEED),
-            NormalStream(RANDOM_SEED + 1),
+            NormalStream(cfg.seed),
+            NormalStream(cfg.seed + 1),
         )
         parts = [
-            self.jitter(t0_rng, RANDOM_LANES)
+            self.jitter(t0_rng, cfg.random_lanes)
             if d == t0
-            else self.jitter(near_rng, RANDOM_LANES_NEAR_T0)
+            else self.jitter(near_rng, cfg.random_lanes_near_t0)
             for d in near_s
         ]
         jitter = (
@@ -348,12 +335,12 @@ class _Search:
         if t0 in near_s:
             k = int(np.nonzero(near_s == t0)[0][0])
             first = int(each[:k].sum())
-            own = slice(first, first + RANDOM_LANES)
+            own = slice(first, first + cfg.random_lanes)
             refine = _T0Roundings(
                 duration_s=relaxed[:, k],
                 bound_j=self.table.relaxed_cost_j(self.cls, relaxed[:, k]) + self.idle_power_w * t0,
                 jitter=(jitter[0][:, own], jitter[1][:, own]),
-                lanes=slice(base.shape[1] + first, base.shape[1] + first + RANDOM_LANES),
+                lanes=slice(base.shape[1] + first, base.shape[1] + first + cfg.random_lanes),
                 rng=t0_rng,
             )
         base = np.concatenate((base, self.jittered(relaxed, near_s, jitter, each)), axis=1)
@@ -365,18 +352,21 @@ class _Search:
         """Discrete plans rounded from the LP relaxation's path (nodes x lanes), their
         deadlines, and the relaxed plans solved at and just past T0 (worth more roundings).
 
-        Deadlines are `GRID_FRACTION` of T0 apart up to a little past the relaxation's least
-        energy (`FAST_GRID_FRACTION` faster than T0, where energy falls steeply with time),
-        half a `TAIL_STEP` apart to the path's end, and every solved deadline."""
-        path = relaxed_path(self.dag, self.table, t0, fastest_t, slowest_t, short=self.short)
+        Deadlines are `grid_fraction` of T0 apart up to a little past the relaxation's least
+        energy (`fast_grid_fraction` faster than T0, where energy falls steeply with time),
+        half a `tail_step` apart to the path's end, and every solved deadline."""
+        cfg = self.config
+        path = relaxed_path(
+            self.dag, self.table, t0, fastest_t, slowest_t, short=self.short, config=cfg
+        )
         if path is None:
             return np.zeros((self.dag.num_nodes, 0), dtype=np.int64), np.zeros(0), ()
         at = path.deadline_s
-        fine_end = min(path.t_star_s + FINE_PAST_T_STAR * t0, float(at[-1]))
-        grid = max(GRID_FRACTION * t0, (fine_end - at[0]) / MAX_DEADLINES)
-        steep = np.arange(at[0], min(t0, fine_end), FAST_GRID_FRACTION * t0)
+        fine_end = min(path.t_star_s + cfg.fine_past_t_star * t0, float(at[-1]))
+        grid = max(cfg.grid_fraction * t0, (fine_end - at[0]) / cfg.max_deadlines)
+        steep = np.arange(at[0], min(t0, fine_end), cfg.fast_grid_fraction * t0)
         fine = np.arange(max(at[0], min(t0, fine_end)), fine_end, grid)
-        beyond = np.arange(fine_end, at[-1], TAIL_STEP * t0 / 2)
+        beyond = np.arange(fine_end, at[-1], cfg.tail_step * t0 / 2)
         deadline_s = sorted_unique(np.concatenate((steep, fine, beyond, at)))
         duration_s = path.at(deadline_s)
         price = hull_prices(self.table, self.cls, duration_s)
@@ -385,8 +375,9 @@ class _Search:
     def jitter(self, rng: NormalStream, lanes: int) -> tuple[FloatArray, FloatArray]:
         """Log-normal jitters for `lanes` roundings, (per class, per node), each lanes wide:
         per class (every forward of a stage alike, a systematic lean that holds along the
-        whole steady state) and per instruction, at the spreads of `RANDOM_SPREADS` in turn."""
-        spread = np.asarray(RANDOM_SPREADS)[np.arange(lanes) % len(RANDOM_SPREADS)].T
+        whole steady state) and per instruction, at the spreads of `random_spreads` in turn."""
+        cfg = self.config
+        spread = np.asarray(cfg.random_spreads)[np.arange(lanes) % len(cfg.random_spreads)].T
         per_class = spread[0] * rng.standard_normal((self.table.num_classes, lanes))
         per_node = spread[1] * rng.standard_normal((self.dag.num_nodes, lanes))
         return per_class, per_node
@@ -402,8 +393,7 @@ class _Search:
         `lanes_each` per plan, with their prices of time jittered lane by lane. Which
         fractional instructions go up decides how well the float left by the ones that went
         down is reused, and the best of many tries (once filled) lands measurably closer to
-        the bound than the plain rounding (GPT-3 A40 at T0, 8 x 24: 10.67 -> 10.86%, against
-        11.29% for the LP)."""
+        the bound than the plain rounding."""
         price = np.repeat(hull_prices(self.table, self.cls, duration_s), lanes_each, axis=1)
         price *= np.exp(jitter[0][self.cls] + jitter[1])
         return self.batch.round_priced(
@@ -415,8 +405,9 @@ class _Search:
     ) -> tuple[IntArray, FloatArray]:
         """Plans to fill (nodes x lanes) where the pipeline is too large for the LP: for each
         deadline, the fastest plan and the cheapest uniform-price plan that meets it."""
+        cfg = self.config
         fastest_t, slowest_t = float(u_time.min()), float(u_time.max())
-        step = max(GRID_FRACTION * t0, (slowest_t - fastest_t) / MAX_DEADLINES)
+        step = max(cfg.grid_fraction * t0, (slowest_t - fastest_t) / cfg.max_deadlines)
         deadlines = sorted({*np.arange(fastest_t, slowest_t + step / 2, step).tolist(), t0})
         fastest = uniform[int(np.argmin(u_time))]
         bases, lane_deadlines = [], []
@@ -450,25 +441,26 @@ class _Search:
     ) -> list[tuple[float, float, IntArray]]:
         """Where consecutive plans before T* are far apart (typically right after an LP-rounded
         plan that no filled plan beats), fill the plan at the gap's start to deadlines inside
-        the gap, forwards and then back as the main lanes are. Repeats up to `_GAP_ROUNDS` times
-        (a gap that stays has no useful plan found inside it): the real cases run out of gaps
-        within a few rounds, the 32 x 256 synthetic pipeline (no LP) uses all of them."""
+        the gap, forwards and then back as the main lanes are. Repeats up to `gap_rounds` times
+        (a gap that stays has no useful plan found inside it)."""
+        cfg = self.config
+        step = cfg.grid_fraction * t0 / 2
         tried: set[tuple[float, float]] = set()
-        for _ in range(_GAP_ROUNDS):
+        for _ in range(cfg.gap_rounds):
             star = min(range(len(kept)), key=lambda k: kept[k][1])
             bases, deadlines = [], []
             for (ta, _, ia), (tb, _, _) in itertools.pairwise(kept[: star + 1]):
                 # A gap already filled from the same plan would give the same lanes again.
-                if tb - ta > GAP_TARGET * t0 and (ta, tb) not in tried:
+                if tb - ta > cfg.gap_target * t0 and (ta, tb) not in tried:
                     tried.add((ta, tb))
                     plan = ia.astype(np.int64)
-                    for d in np.arange(ta + GRID_FRACTION * t0 / 2, tb, GRID_FRACTION * t0 / 2):
+                    for d in np.arange(ta + step, tb, step):
                         bases.append(plan)
                         deadlines.append(float(d))
                     # A plan stuck in its float still has cheaper neighbours: its instructions
                     # that save most per second, one option slower each (1, 2, 3, ... of them).
-                    steps = self.cheapest_steps(plan, _GAP_NUDGES[-1])
-                    for k in _GAP_NUDGES:
+                    steps = self.cheapest_steps(plan, cfg.gap_nudges[-1])
+                    for k in cfg.gap_nudges:
                         if k > len(steps):
                             break
                         nudged = plan.copy()
@@ -478,7 +470,7 @@ class _Search:
             if not bases:
                 break
             found = []
-            chunk = max(1, _LANE_ELEMENTS // self.dag.num_nodes)
+            chunk = max(1, cfg.lane_elements // self.dag.num_nodes)
             for first in range(0, len(bases), chunk):
                 base = np.stack(bases[first : first + chunk], axis=1)
                 deadline_s = np.maximum(

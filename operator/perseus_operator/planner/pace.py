@@ -23,16 +23,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from perseus_operator.planner.config import DEFAULT_SEARCH, SearchConfig
 from perseus_operator.planner.draws import NormalStream
 from perseus_operator.planner.fill import BatchFill
-from perseus_operator.planner.frontier import (
-    _FILL_STEPS_LP,
-    RANDOM_SEED,
-    Frontier,
-    Plan,
-    _fill_prices,
-    _Search,
-)
+from perseus_operator.planner.frontier import Frontier, Plan, _fill_prices, _Search
 from perseus_operator.planner.lookup import plan_for_straggler
 from perseus_operator.planner.lp import LpRelaxation, hull_prices
 from perseus_operator.planner.model import build_options
@@ -44,12 +38,6 @@ __all__ = ["PacePlan", "PacePlanner"]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-PACE_LANES = 32  # jittered roundings of the relaxed plan at the pace ...
-PACE_LANE_ELEMENTS = 24_000  # ... fewer on long pipelines (lanes x instructions), for time
-FRONTIER_LANES = 4  # the frontier plans cheapest at the pace, filled to it too
-REFINE_ROUNDS = 2  # rounds of roundings jittered around the best one so far ...
-REFINE_MAX_INSTRUCTIONS = 800  # ... on pipelines up to this size (longer ones: time)
-REFINE_SPREADS = (0.05, 0.03)  # their jitter (log, per class and per instruction)
 _TIME_TOLERANCE = 1e-12  # relative: a plan "meets" the pace within floating-point noise
 
 
@@ -77,17 +65,21 @@ class PacePlan:
 
 class PacePlanner:
     """Solves straggler plans for one profile and frontier; safe to share between threads (one
-    solve at a time: the HiGHS model keeps the last basis)."""
+    solve at a time: the HiGHS model keeps the last basis). `config` is the search's knobs (its
+    `pace_*` ones, the seed and the fill ladder), the defaults unless given."""
 
-    def __init__(self, profile: StageProfile, frontier: Frontier) -> None:
+    def __init__(
+        self, profile: StageProfile, frontier: Frontier, config: SearchConfig = DEFAULT_SEARCH
+    ) -> None:
         pipeline = frontier.pipeline
         self.frontier = frontier
+        self.config = config
         self.dag = build_dag(pipeline)
         self.table = build_options(profile, self.dag, frontier.blocking_power_w)
-        self.search = _Search(self.dag, self.table)
+        self.search = _Search(self.dag, self.table, config=config)
         self.batch: BatchFill = self.search.batch
         self.idle_power_w = pipeline.stages * frontier.blocking_power_w
-        self.prices = _fill_prices(self.table.hull_slopes(), _FILL_STEPS_LP)
+        self.prices = _fill_prices(self.table.hull_slopes(), config.fill_steps_lp)
         cheapest = self.table.count[self.search.cls] - 1
         self._cheapest = cheapest.astype(np.int64)
         self.slowest_s = float(self.batch.makespans(self._cheapest[:, None])[0])
@@ -127,12 +119,12 @@ class PacePlanner:
         """The cheapest of the relaxed plan's roundings (plain and jittered) and of the frontier
         plans cheapest at the pace, each filled to it; then rounds jittered around the best
         rounding. None if none is on time."""
-        search = self.search
+        search, cfg = self.search, self.config
         relaxed = relaxed_s[:, None]
         deadline = np.asarray([pace_s])
         price = hull_prices(self.table, search.cls, relaxed)
-        lanes_n = max(4, min(PACE_LANES, PACE_LANE_ELEMENTS // self.dag.num_nodes))
-        rng = NormalStream(RANDOM_SEED)
+        lanes_n = max(4, min(cfg.pace_lanes, cfg.pace_lane_elements // self.dag.num_nodes))
+        rng = NormalStream(cfg.seed)
         jitter = search.jitter(rng, lanes_n)
         bases = [
             self.batch.round_priced(relaxed, price, deadline),
@@ -143,17 +135,17 @@ class PacePlanner:
             if idx is not None:
                 bases.append(idx[:, None])
         best, best_lane = self._fill_and_pick(np.concatenate(bases, axis=1), pace_s)
-        if self.dag.num_nodes > REFINE_MAX_INSTRUCTIONS:
+        if self.dag.num_nodes > cfg.pace_refine_max_instructions:
             return best
         center = (jitter[0][:, 0], jitter[1][:, 0])
         if best is not None and 1 <= best_lane <= lanes_n:
             center = (jitter[0][:, best_lane - 1], jitter[1][:, best_lane - 1])
-        for _ in range(REFINE_ROUNDS):
+        for _ in range(cfg.pace_refine_rounds):
             shape = (len(center[0]), lanes_n)
             around = (
-                center[0][:, None] + REFINE_SPREADS[0] * rng.standard_normal(shape),
+                center[0][:, None] + cfg.pace_refine_spreads[0] * rng.standard_normal(shape),
                 center[1][:, None]
-                + REFINE_SPREADS[1] * rng.standard_normal((len(center[1]), lanes_n)),
+                + cfg.pace_refine_spreads[1] * rng.standard_normal((len(center[1]), lanes_n)),
             )
             found, lane = self._fill_and_pick(
                 search.jittered(relaxed, deadline, around, lanes_n), pace_s
@@ -180,11 +172,11 @@ class PacePlanner:
         return best, lane
 
     def _cheapest_on_frontier(self, pace_s: float) -> list[Plan]:
-        """The frontier's `FRONTIER_LANES` plans that cost least at the pace (filling them to
-        the pace can only make them cheaper)."""
+        """The frontier's `pace_frontier_lanes` plans that cost least at the pace (filling them
+        to the pace can only make them cheaper)."""
         fitting = [p for p in self.frontier.plans if p.iteration_time_s <= pace_s]
         fitting.sort(key=lambda p: p.energy_j - self.idle_power_w * p.iteration_time_s)
-        return fitting[:FRONTIER_LANES]
+        return fitting[: self.config.pace_frontier_lanes]
 
     def _option_indices(self, plan: Plan) -> IntArray | None:
         """A plan's clocks as option indices into the table (None if one is not an efficient

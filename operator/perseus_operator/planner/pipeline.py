@@ -4,6 +4,8 @@ A schedule turns a shape (stages S, microbatches M, model chunks per stage v) in
 instruction order; the DAG adds the cross-stage data dependencies. Two schedules exist:
 synchronous 1F1B (v = 1) and Megatron-LM's interleaved 1F1B (v >= 2: stage s holds chunks
 s, S+s, 2S+s, ... of a model cut into S*v chunks, so a microbatch passes every stage v times).
+The orders, the instruction names and the dependency rule are the shared vocabulary of
+`perseus_profiles.pipeline`, which the sidecar and the simulated trainer use too.
 Everything downstream (evaluation, frontier) works on the generic `PipelineDag`, whose nodes
 carry their chunk; a profile gives each (stage, chunk) its own options.
 
@@ -16,24 +18,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from perseus_profiles.pipeline import (
+    SCHEDULES,
+    Instruction,
+    Schedule,
+    check_shape,
+    format_instruction,
+    stage_order,
+    upstream,
+)
 
 __all__ = [
     "SCHEDULES",
     "PipelineDag",
     "PipelineShape",
     "build_dag",
-    "instruction_name",
     "instruction_order",
-    "stage_sequence",
 ]
-
-Schedule = Literal["1f1b", "interleaved-1f1b"]
-SCHEDULES: tuple[Schedule, ...] = ("1f1b", "interleaved-1f1b")
-MAX_VIRTUAL_STAGES = 64
 
 IntArray = npt.NDArray[np.int64]
 FORWARD = 0
@@ -55,85 +60,16 @@ class PipelineShape:
     virtual_stages: int = 1
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown schedule {self.schedule!r}; supported: {', '.join(SCHEDULES)}"
-            )
-        for name, value in (
-            ("stages", self.stages),
-            ("microbatches", self.microbatches),
-            ("virtual stages", self.virtual_stages),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"pipeline {name} must be a positive integer, got {value!r}")
-        if self.schedule == "1f1b" and self.virtual_stages != 1:
-            raise ValueError(
-                f"1f1b has one model chunk per stage; {self.virtual_stages} virtual stages "
-                "need schedule interleaved-1f1b"
-            )
-        if self.schedule == "interleaved-1f1b":
-            if not 2 <= self.virtual_stages <= MAX_VIRTUAL_STAGES:
-                raise ValueError(
-                    f"interleaved-1f1b needs 2-{MAX_VIRTUAL_STAGES} virtual stages (model chunks"
-                    f" per stage), got {self.virtual_stages}"
-                )
-            if self.stages < 2:
-                raise ValueError("interleaved-1f1b needs at least 2 stages")
-            if self.microbatches % self.stages:
-                raise ValueError(
-                    f"interleaved-1f1b needs microbatches a multiple of the stages (as "
-                    f"Megatron-LM): {self.microbatches} is not a multiple of {self.stages}"
-                )
+        check_shape(self.stages, self.microbatches, self.schedule, self.virtual_stages)
 
     @property
     def num_instructions(self) -> int:
         return 2 * self.stages * self.microbatches * self.virtual_stages
 
 
-def instruction_name(forward: bool, microbatch: int, chunk: int | None = None) -> str:
-    """`F<m>` / `B<m>`, or `F<m>c<chunk>` / `B<m>c<chunk>` in an interleaved pipeline."""
-    return f"{'F' if forward else 'B'}{microbatch}" + ("" if chunk is None else f"c{chunk}")
-
-
-def stage_sequence(shape: PipelineShape, stage: int) -> list[tuple[bool, int, int]]:
-    """Stage `stage`'s instructions in execution order as (forward, microbatch, chunk).
-
-    1F1B: stage s runs min(S-s-1, M) warm-up forwards, then alternates one forward and one
-    backward until every forward ran, then the remaining backwards.
-
-    Interleaved 1F1B (Megatron-LM's `forward_backward_pipelining_with_interleaving`): the stage
-    runs M*v forwards and M*v backwards; its k-th forward is chunk (k mod S*v) // S of microbatch
-    (k // (S*v))*S + k mod S, and its k-th backward the same microbatch on chunk v-1 minus that
-    (the last chunk first). Warm-up: min(2*(S-s-1) + (v-1)*S, M*v) forwards (all of them when
-    M = S), then one forward and one backward alternate, then the remaining backwards.
-    """
-    stages, mbs, v = shape.stages, shape.microbatches, shape.virtual_stages
-    if shape.schedule == "1f1b":
-        warm_up = min(stages - stage - 1, mbs)
-        seq = [(True, m, 0) for m in range(warm_up)]
-        backward = 0
-        for m in range(warm_up, mbs):
-            seq += [(True, m, 0), (False, backward, 0)]
-            backward += 1
-        return seq + [(False, m, 0) for m in range(backward, mbs)]
-    total = mbs * v
-    group = stages * v
-
-    def nth(k: int, forward: bool) -> tuple[bool, int, int]:
-        chunk = (k % group) // stages
-        return forward, (k // group) * stages + k % stages, chunk if forward else v - 1 - chunk
-
-    all_warm_up = mbs == stages  # Megatron-LM then runs every forward first
-    warm_up = total if all_warm_up else min(2 * (stages - stage - 1) + (v - 1) * stages, total)
-    seq = [nth(k, True) for k in range(warm_up)]
-    for k in range(total - warm_up):
-        seq += [nth(warm_up + k, True), nth(k, False)]
-    return seq + [nth(k, False) for k in range(total - warm_up, total)]
-
-
 def instruction_order(shape: PipelineShape) -> tuple[tuple[str, ...], ...]:
-    """Each stage's instructions in execution order (see `stage_sequence`), as `F<m>` / `B<m>`
-    strings, `F<m>c<chunk>` / `B<m>c<chunk>` in an interleaved pipeline.
+    """Each stage's instructions in execution order (`perseus_profiles.pipeline.stage_order`),
+    as `F<m>` / `B<m>` strings, `F<m>c<chunk>` / `B<m>c<chunk>` in an interleaved pipeline.
 
     >>> instruction_order(PipelineShape(stages=2, microbatches=3))
     (('F0', 'F1', 'B0', 'F2', 'B1', 'B2'), ('F0', 'B0', 'F1', 'B1', 'F2', 'B2'))
@@ -144,11 +80,12 @@ def instruction_order(shape: PipelineShape) -> tuple[tuple[str, ...], ...]:
     """
     chunked = shape.schedule != "1f1b"
     return tuple(
-        tuple(
-            instruction_name(f, m, c if chunked else None) for f, m, c in stage_sequence(shape, s)
-        )
-        for s in range(shape.stages)
+        tuple(format_instruction(i, chunked) for i in _stage(shape, s)) for s in range(shape.stages)
     )
+
+
+def _stage(shape: PipelineShape, stage: int) -> tuple[Instruction, ...]:
+    return stage_order(shape.stages, shape.microbatches, stage, shape.virtual_stages)
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,7 +144,7 @@ def build_dag(shape: PipelineShape) -> PipelineDag:
     index: dict[tuple[int, int, int, int], int] = {}
     node = 0
     for s in range(stages):
-        for forward, m, c in stage_sequence(shape, s):
+        for forward, m, c in _stage(shape, s):
             k = FORWARD if forward else BACKWARD
             kind[node], microbatch[node], chunk[node] = k, m, c
             index[(s, c, k, m)] = node
@@ -223,10 +160,8 @@ def build_dag(shape: PipelineShape) -> PipelineDag:
         if i > offsets[s]:
             preds[i, 0] = i - 1
             succs[i - 1, 0] = i
-        # The model position of this stage's chunk c is c*S + s; its neighbour in the model
-        # feeds it the activation (forward) or the gradient (backward).
-        other = c * stages + s + (-1 if k == FORWARD else 1)
-        j = index.get((other % stages, other // stages, k, m)) if 0 <= other < stages * v else None
+        other_stage, other_chunk = upstream(stages, v, s, (k == FORWARD, m, c))
+        j = index.get((other_stage, other_chunk, k, m)) if other_stage >= 0 else None
         if j is not None:
             preds[i, 1] = j
             succs[j, 1] = i

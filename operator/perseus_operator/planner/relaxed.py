@@ -1,13 +1,14 @@
 """The LP relaxation's path along the deadline axis: relaxed plans from the fastest deadline to a
 little past the relaxation's least energy, and the relaxed plan at any deadline in between.
 
-The LP is solved every `LP_STEP` of T0, densely (`DENSE_STEP`) from the fastest deadline to just
-past T0, where the frontier is steep and the no-slowdown plan is chosen, and further apart the
-further from T0 (`FAR_STEP_RATIO`), where the frontier flattens; each solve is warm-started from
-the last. HiGHS's work grows with the number of instructions times the length
-of the path (every instruction crossing a hull breakpoint is a pivot), so long pipelines solve
-at full size only from T0 to `DENSE_ABOVE_T0` past it, where the no-slowdown plan is chosen.
-Everywhere else they solve a short copy of the pipeline (`SHORT_MICROBATCHES`) and stretch its
+The LP is solved every `lp_step` of T0 (the knobs are `config.SearchConfig`'s), densely
+(`dense_step`) from the fastest deadline to just past T0, where the frontier is steep and the
+no-slowdown plan is chosen, and further apart the further from T0 (`far_step_ratio`), where the
+frontier flattens; each solve is warm-started from the last. HiGHS's work grows with the number
+of instructions times the length of the path (every instruction crossing a hull breakpoint is a
+pivot), so long pipelines solve at full size only from T0 to `dense_above_t0` past it, where the
+no-slowdown plan is chosen. Everywhere else they solve a short copy of the pipeline
+(`short_microbatches`) and stretch its
 steady state: the middle microbatch's durations stand for
 every microbatch of the long pipeline's steady state, and the fill and drain map one to one.
 Stretched plans are exact relaxed plans of the long pipeline (their deadline is their own
@@ -27,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from perseus_operator.planner.config import DEFAULT_SEARCH, SearchConfig
 from perseus_operator.planner.evaluate import makespan
 from perseus_operator.planner.lp import LpRelaxation
 from perseus_operator.planner.model import OptionTable, build_options, option_classes
@@ -37,20 +39,6 @@ __all__ = ["RelaxedPath", "ShortCopy", "relaxed_path", "short_copy", "short_pipe
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-
-LP_STEP = 0.01  # solved this far apart (fraction of T0) along the frontier ...
-MAX_LP_SOLVES = 120  # ... or wider, so that at most about this many solves span it
-DENSE_STEP = 0.001  # ... and this far apart up to DENSE_ABOVE_T0 past T0
-DENSE_ABOVE_T0 = 0.01
-# Beyond that, solves are at least this fraction of their distance to T0 apart: a solve re-prices
-# a few hundred hull breakpoints however far it moves (8 x 24, T0 to 1.2 x T0: 2,900 pivots in
-# 1% steps, 600 in one step), and far from T0 interpolating between solves loses little. 0.2
-# took about a fifth off the HiGHS time at 8 x 24, no plan worse than lowtime's; 0.3 had one.
-FAR_STEP_RATIO = 0.2
-COARSE_STEPS = 4  # past the relaxation's least energy, steps this many times wider ...
-PAST_T_STAR = 0.02  # ... until this far (fraction of T0) past it
-SHORT_MICROBATCHES = 24  # longer pipelines stretch a pipeline this long beyond the dense part
-SHORT_MIN_STAGE_MULTIPLE = 3  # ... at least this many times the stage count
 
 
 @dataclass(frozen=True)
@@ -63,7 +51,7 @@ class RelaxedPath:
     """Their energies: for plans solved at full size, a lower bound on any discrete plan that
     meets the same deadline; stretched ones can cost a little more than that bound."""
     near_t0: tuple[tuple[float, FloatArray], ...]
-    """The plans solved at full size from T0 to `DENSE_ABOVE_T0` past it, worth more roundings."""
+    """The plans solved at full size from T0 to `dense_above_t0` past it, worth more roundings."""
 
     @property
     def t_star_s(self) -> float:
@@ -90,6 +78,7 @@ def relaxed_path(
     slowest_t: float,
     *,
     short: ShortCopy | None = None,
+    config: SearchConfig = DEFAULT_SEARCH,
 ) -> RelaxedPath | None:
     """The relaxation's path (see the module doc), or None if no deadline could be solved.
     `short` (see `short_copy`) makes a long pipeline stretch it beyond the dense part."""
@@ -98,7 +87,7 @@ def relaxed_path(
     # A long pipeline solves at full size only from T0 to just past it (the no-slowdown plan);
     # faster and slower deadlines come from the stretched copy.
     start = max(fastest_t, t0) if stretch else fastest_t
-    stop = min(slowest_t, t0 * (1 + DENSE_ABOVE_T0)) if stretch else slowest_t
+    stop = min(slowest_t, t0 * (1 + config.dense_above_t0)) if stretch else slowest_t
     points = _sweep(
         LpRelaxation(dag, table),
         start=start,
@@ -106,10 +95,11 @@ def relaxed_path(
         t0=t0,
         slowest_t=slowest_t,
         idle_w=idle_w,
+        config=config,
     )
-    near = tuple((t, d) for t, d, _ in points if t0 <= t <= t0 * (1 + DENSE_ABOVE_T0))
+    near = tuple((t, d) for t, d, _ in points if t0 <= t <= t0 * (1 + config.dense_above_t0))
     if short is not None:
-        points += _stretched(dag, table, short, outside=(start, stop))
+        points += _stretched(dag, table, short, outside=(start, stop), config=config)
     if not points:
         return None
     points.sort(key=lambda p: p[0])
@@ -129,19 +119,24 @@ class ShortCopy(NamedTuple):
 
 
 def short_copy(
-    profile: StageProfile, shape: PipelineShape, blocking_power_w: float
+    profile: StageProfile,
+    shape: PipelineShape,
+    blocking_power_w: float,
+    config: SearchConfig = DEFAULT_SEARCH,
 ) -> ShortCopy | None:
     """The short copy of a long pipeline, built once, or None if the pipeline is not long."""
-    short = short_pipeline(shape)
+    short = short_pipeline(shape, config)
     if short is None:
         return None
     dag = build_dag(short)
     return ShortCopy(dag, build_options(profile, dag, blocking_power_w))
 
 
-def short_pipeline(shape: PipelineShape) -> PipelineShape | None:
+def short_pipeline(
+    shape: PipelineShape, config: SearchConfig = DEFAULT_SEARCH
+) -> PipelineShape | None:
     """The short copy a long pipeline stretches, or None if the pipeline is not long."""
-    short = max(SHORT_MICROBATCHES, SHORT_MIN_STAGE_MULTIPLE * shape.stages)
+    short = max(config.short_microbatches, config.short_min_stage_multiple * shape.stages)
     short = -(-short // _period(shape)) * _period(shape)
     if shape.microbatches <= short:
         return None
@@ -154,10 +149,17 @@ def _period(shape: PipelineShape) -> int:
 
 
 def _sweep(
-    lp: LpRelaxation, *, start: float, stop: float, t0: float, slowest_t: float, idle_w: float
+    lp: LpRelaxation,
+    *,
+    start: float,
+    stop: float,
+    t0: float,
+    slowest_t: float,
+    idle_w: float,
+    config: SearchConfig,
 ) -> list[tuple[float, FloatArray, float]]:
     """(deadline, durations, energy) solved from `start` to `stop`, warm-started in order."""
-    step = max(LP_STEP * t0, (slowest_t - start) / MAX_LP_SOLVES)
+    step = max(config.lp_step * t0, (slowest_t - start) / config.max_lp_solves)
     out: list[tuple[float, FloatArray, float]] = []
     deadline, best = start, 0
     while True:
@@ -166,18 +168,24 @@ def _sweep(
             out.append((deadline, solution.duration_s, solution.cost_j + idle_w * deadline))
             best = best if out[best][2] <= out[-1][2] else len(out) - 1
         past = bool(out) and deadline > out[best][0] + 2 * step
-        if deadline >= stop or (past and deadline > out[best][0] + PAST_T_STAR * t0):
+        if deadline >= stop or (past and deadline > out[best][0] + config.past_t_star * t0):
             return out
-        dense = deadline < t0 * (1 + DENSE_ABOVE_T0) and step > DENSE_STEP * t0
-        wide = max(step, FAR_STEP_RATIO * abs(deadline - t0))
-        following = deadline + (DENSE_STEP * t0 if dense else COARSE_STEPS * wide if past else wide)
+        dense = deadline < t0 * (1 + config.dense_above_t0) and step > config.dense_step * t0
+        wide = max(step, config.far_step_ratio * abs(deadline - t0))
+        following = deadline + (
+            config.dense_step * t0 if dense else config.coarse_steps * wide if past else wide
+        )
         if deadline < t0 < following:
             following = t0
         deadline = min(following, stop)
 
 
 def _stretched(
-    dag: PipelineDag, table: OptionTable, copy: ShortCopy, outside: tuple[float, float]
+    dag: PipelineDag,
+    table: OptionTable,
+    copy: ShortCopy,
+    outside: tuple[float, float],
+    config: SearchConfig,
 ) -> list[tuple[float, FloatArray, float]]:
     """Relaxed plans of the long pipeline stretched from the short one's path, for deadlines
     outside the span solved at full size."""
@@ -194,6 +202,7 @@ def _stretched(
         t0=short_t0,
         slowest_t=short_slowest,
         idle_w=idle_w,
+        config=config,
     )
     index = _stretch_index(dag, short)
     cls = option_classes(dag)
