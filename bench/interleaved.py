@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from perseus_hooks.pipeline import Schedule
 from perseus_operator.planner.pipeline import PipelineShape, build_dag
 from perseus_profiles import EXAMPLES, load_example
-from perseus_profiles.pipeline import Schedule
 
 try:
     from bench.planner import Exact, best_below, log, lp_bound

@@ -2,7 +2,7 @@
 
 An MLP is split into one block per stage, one process per stage (CPU, gloo). Each stage follows
 the 1F1B order (min(S-s-1, M) warm-up forwards, then one forward and one backward in turn, then
-the remaining backwards: `perseus_profiles.pipeline.stage_order`, the order the planner plans
+the remaining backwards: `perseus_hooks.pipeline.stage_order`, the order the planner plans
 and the sidecar expects); activations go down the pipeline and gradients up, with non-blocking
 sends so that neighbours never wait on each other's sends. The Perseus hooks wrap the compute of
 every forward and backward, and mark each iteration's end after the optimizer step.
@@ -30,7 +30,7 @@ from torch import nn
 from torch.multiprocessing.spawn import spawn
 
 import perseus_hooks as hooks
-from perseus_profiles.pipeline import stage_order
+from perseus_hooks.pipeline import stage_order
 
 WIDTH = 64
 ACTIVATION_TAG = 1

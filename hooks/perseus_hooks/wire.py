@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from perseus_hooks.pipeline import MAX_CHUNKS
+
 __all__ = [
     "BACKWARD_BEGIN",
     "BACKWARD_END",
@@ -77,8 +79,6 @@ BEGIN_CODES = {"forward": "FB", "backward": "BB"}
 END_CODES = {"forward": "FE", "backward": "BE"}
 ITERATION_END_CODE = "IE"
 
-MAX_CHUNKS = 64
-"""Model chunks per stage an event may name (0-63)."""
 MAX_MICROBATCH = 1_000_000
 MAX_T_NS = 2**63 - 1
 MAX_LINE_BYTES = 512

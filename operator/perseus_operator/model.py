@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from perseus_profiles.pipeline import MAX_CHUNKS, Schedule
+from perseus_hooks.pipeline import MAX_CHUNKS, Schedule
 
 __all__ = [
     "CLUSTER_SCOPE",

@@ -1,9 +1,7 @@
-"""Stage profiles: the CSV format, its validation, and the real example profiles shipped as data;
-and, in `perseus_profiles.pipeline`, the pipeline vocabulary (schedules, instruction orders and
-names, dependencies, iteration time).
+"""Stage profiles: the CSV format, its validation, and the real example profiles shipped as data.
 
-Standard library only, so the planner, the sidecar, the simulator and the operator all read
-profiles through the same validated parser and speak of pipelines in the same terms.
+Standard library only (and the pipeline vocabulary, `perseus_hooks.pipeline`), so the planner,
+the sidecar, the simulator and the operator all read profiles through the same validated parser.
 """
 
 from perseus_profiles.examples import EXAMPLES, Example, example, load_example

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from perseus_profiles.pipeline import MAX_CHUNKS
+from perseus_hooks.pipeline import MAX_CHUNKS
 
 __all__ = [
     "INSTRUCTIONS",

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from perseus_profiles.pipeline import MAX_CHUNKS, parse_instruction
+from perseus_hooks.pipeline import MAX_CHUNKS, parse_instruction
 
 __all__ = [
     "ClockResetResponse",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from perseus_profiles.pipeline import parse_instruction
+from perseus_hooks.pipeline import parse_instruction
 from perseus_sidecar.api import (
     JobAnnouncement,
     PodAnnouncement,

@@ -1,11 +1,11 @@
 """Pipeline schedules for the simulated trainer: each stage's instruction order and the
-iteration time it implies. They are the shared vocabulary of `perseus_profiles.pipeline` (the
+iteration time it implies. They are the shared vocabulary of `perseus_hooks.pipeline` (the
 planner builds its DAG on the same functions), named here for the simulator's modules.
 """
 
 from __future__ import annotations
 
-from perseus_profiles.pipeline import (
+from perseus_hooks.pipeline import (
     Instruction,
     format_instruction,
     interleaved_order,

@@ -1,5 +1,5 @@
 """The planner's DAG is the shared vocabulary's: the same orders, and its vectorised longest path
-equals `perseus_profiles.pipeline.iteration_time_s` (the simulator's) on random durations."""
+equals `perseus_hooks.pipeline.iteration_time_s` (the simulator's) on random durations."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from perseus_operator.planner.evaluate import makespan
-from perseus_operator.planner.pipeline import FORWARD, PipelineShape, build_dag
-from perseus_profiles.pipeline import (
+from perseus_hooks.pipeline import (
     Instruction,
     format_instruction,
     iteration_time_s,
     pipeline_order,
 )
+from perseus_operator.planner.evaluate import makespan
+from perseus_operator.planner.pipeline import FORWARD, PipelineShape, build_dag
 
 SHAPES = [
     PipelineShape(1, 3),

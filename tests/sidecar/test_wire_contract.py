@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from perseus_hooks import wire
-from perseus_sidecar.api import MAX_CHUNKS, EventIn, EventKind, RankRegistration
+from perseus_hooks.pipeline import MAX_CHUNKS
+from perseus_sidecar.api import EventIn, EventKind, RankRegistration
 
 
 def test_event_kinds_and_chunks_are_the_wire_ones() -> None:

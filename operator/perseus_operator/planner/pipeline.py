@@ -5,7 +5,7 @@ instruction order; the DAG adds the cross-stage data dependencies. Two schedules
 synchronous 1F1B (v = 1) and Megatron-LM's interleaved 1F1B (v >= 2: stage s holds chunks
 s, S+s, 2S+s, ... of a model cut into S*v chunks, so a microbatch passes every stage v times).
 The orders, the instruction names and the dependency rule are the shared vocabulary of
-`perseus_profiles.pipeline`, which the sidecar and the simulated trainer use too.
+`perseus_hooks.pipeline`, which the sidecar and the simulated trainer use too.
 Everything downstream (evaluation, frontier) works on the generic `PipelineDag`, whose nodes
 carry their chunk; a profile gives each (stage, chunk) its own options.
 
@@ -22,7 +22,7 @@ from functools import cached_property
 import numpy as np
 import numpy.typing as npt
 
-from perseus_profiles.pipeline import (
+from perseus_hooks.pipeline import (
     SCHEDULES,
     Instruction,
     Schedule,
@@ -68,7 +68,7 @@ class PipelineShape:
 
 
 def instruction_order(shape: PipelineShape) -> tuple[tuple[str, ...], ...]:
-    """Each stage's instructions in execution order (`perseus_profiles.pipeline.stage_order`),
+    """Each stage's instructions in execution order (`perseus_hooks.pipeline.stage_order`),
     as `F<m>` / `B<m>` strings, `F<m>c<chunk>` / `B<m>c<chunk>` in an interleaved pipeline.
 
     >>> instruction_order(PipelineShape(stages=2, microbatches=3))

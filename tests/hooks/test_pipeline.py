@@ -8,8 +8,8 @@ import doctest
 
 import pytest
 
-from perseus_profiles import pipeline
-from perseus_profiles.pipeline import (
+from perseus_hooks import pipeline
+from perseus_hooks.pipeline import (
     MAX_CHUNKS,
     Instruction,
     check_shape,
