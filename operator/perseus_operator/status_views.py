@@ -20,9 +20,7 @@ __all__ = [
     "check_plausible",
     "check_profile",
     "effective_blocking_w",
-    "enough_samples",
     "frontier_view",
-    "mean_present",
     "merge_patch",
     "plan_view",
     "regime_name",
@@ -73,15 +71,6 @@ def straggler_status(rt: PolicyRuntime, old: Mapping[str, Any]) -> dict[str, Any
         "slowdownPercent": round(100 * (state.pace_s / rt.plan.stage0_span_s - 1), 2),
         "since": since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-
-
-def enough_samples(ranks: list[Any], iterations: int) -> bool:
-    return all(r.iterations >= iterations and r.energy_per_iteration_mean_j for r in ranks)
-
-
-def mean_present(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
 
 
 TIME_NOISE = 0.15
