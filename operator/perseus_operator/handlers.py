@@ -56,8 +56,11 @@ class OperatorMemo:
 
 def build_registry(settings: Settings) -> kopf.OperatorRegistry:
     """Every handler of this module on a registry of its own (not kopf's global default);
-    the sidecar index watches only pods with the configured sidecar labels."""
+    the sidecar index watches only pods with the configured sidecar labels. kopf logs in with
+    the Kubernetes client the operator uses (kubeconfig or in-cluster credentials), the one
+    login handler kopf's default registry would have added by itself."""
     registry = kopf.OperatorRegistry()
+    kopf.on.login(id="login", registry=registry)(kopf.login_via_async_client)
     kopf.on.startup(id="configure", registry=registry)(configure)
     kopf.on.cleanup(id="close", registry=registry)(close)
     kopf.index("pods", id="job_pods", registry=registry)(job_pods)
