@@ -53,6 +53,8 @@ class Observer:
     async def nodes(
         self, rt: PolicyRuntime, running: list[PodRecord], sidecars: Mapping[str, str]
     ) -> tuple[dict[str, rc.NodeView], dict[str, NodeSnapshot]]:
+        """Each node of the running pods, and each the job used before, through its sidecar:
+        the view `decide` reads and the snapshot acting needs (absent where unreachable)."""
         wanted = {p.node_name for p in running if p.node_name}
         wanted |= set(rt.gpu_models)  # nodes the job used before: schedules may remain there
         window_s = self._window_s(rt)
@@ -98,6 +100,8 @@ class Observer:
         obs: rc.Observed,
         snaps: Mapping[str, NodeSnapshot],
     ) -> rc.Observed:
+        """`obs` with the planner's inputs and the energy figures, each step taken once the one
+        before it is there: size check, profile, baseline, frontier, stragglers, saving."""
         instructions = 2 * spec.pipeline.stages * spec.pipeline.microbatches
         if instructions > self.max_plan_instructions:
             msg = (
