@@ -38,6 +38,8 @@ from perseus_operator.state import (
     Store,
 )
 from perseus_operator.status_views import (
+    events_between,
+    merge_conditions,
     merge_patch,
     regime_name,
     straggler_status,
@@ -274,7 +276,7 @@ class Controller:
     ) -> None:
         old = rt.last_status or dict(body.get("status") or {})
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        conditions = rc.merge_conditions(
+        conditions = merge_conditions(
             old.get("conditions") or [], decision.conditions, generation, now
         )
         new: dict[str, Any] = {
@@ -306,7 +308,7 @@ class Controller:
             return
         patch = merge_patch({k: old.get(k) for k in _OWNED}, new)
         await self.store.patch_status(rt.namespace, rt.name, patch)
-        for event in rc.events_between(
+        for event in events_between(
             old.get("phase"), old.get("conditions") or [], decision.phase, decision.conditions
         ):
             self.emit(body, event)

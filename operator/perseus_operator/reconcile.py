@@ -1,9 +1,10 @@
 """Pure reconcile logic: what the operator observed -> what it must do, and the status to write.
 
 No I/O here. The controller (`controller.py`) gathers an :class:`Observed` snapshot (pods, the
-sidecars of their nodes, the profile, the chosen plans, energy figures), calls :func:`decide`,
-executes the returned actions and writes the status. Conditions, phases and events are computed
-here, so every transition is unit-tested without a cluster.
+sidecars of their nodes, the profile, the chosen plans, energy figures), calls :func:`decide`
+once, executes the returned actions, restates the outcome with :func:`settle` and writes the
+status. Phases and conditions are computed here (their history and the Events of a transition in
+`status_views.py`), so every transition is unit-tested without a cluster.
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ __all__ = [
     "RemoveSchedule",
     "Rollout",
     "decide",
-    "events_between",
     "job_ranks",
-    "merge_conditions",
     "saving_percent",
     "settle",
 ]
@@ -528,59 +527,3 @@ def settle(decision: Decision, applied: Iterable[str], rejected: str | None) -> 
 
 def _entry_key(e: Entry) -> tuple[int, int]:
     return (e.data_rank, e.pipeline_rank)
-
-
-def merge_conditions(
-    old: Sequence[Mapping[str, Any]], new: Sequence[CondSpec], generation: int, now: str
-) -> list[dict[str, Any]]:
-    """Kubernetes conditions: lastTransitionTime moves only when the status flips."""
-    previous = {c.get("type"): c for c in old}
-    out = []
-    for c in new:
-        prev = previous.get(c.type)
-        changed = prev is None or prev.get("status") != c.status
-        since = now if changed or prev is None else prev.get("lastTransitionTime", now)
-        cond: dict[str, Any] = {
-            "type": c.type,
-            "status": c.status,
-            "reason": c.reason,
-            "observedGeneration": generation,
-            "lastTransitionTime": since,
-        }
-        if c.message:  # the Kubernetes client turns an empty string into null
-            cond["message"] = c.message
-        out.append(cond)
-    return out
-
-
-def events_between(
-    old_phase: str | None,
-    old: Sequence[Mapping[str, Any]],
-    new_phase: str,
-    new: Sequence[CondSpec],
-) -> list[EventSpec]:
-    """An event for the phase change and for each condition whose status or reason changed."""
-    events: list[EventSpec] = []
-    warn = new_phase in ("Failed", "Degraded")
-    previous = {c.get("type"): c for c in old}
-    ready = next((c for c in new if c.type == "Ready"), None)
-    if old_phase != new_phase:
-        detail = f": {ready.reason}: {ready.message}" if ready and ready.message else ""
-        events.append(
-            EventSpec(
-                "Warning" if warn else "Normal",
-                new_phase,
-                f"phase {old_phase or 'none'} -> {new_phase}{detail}",
-            )
-        )
-    for c in new:
-        prev = previous.get(c.type)
-        if prev is None and c.status == "Unknown":
-            continue
-        if prev is None or prev.get("status") != c.status or prev.get("reason") != c.reason:
-            kind: Literal["Normal", "Warning"] = (
-                "Warning" if warn and c.status == "False" else "Normal"
-            )
-            text = f"{c.type}={c.status} ({c.reason})" + (f": {c.message}" if c.message else "")
-            events.append(EventSpec(kind, c.reason, text))
-    return events

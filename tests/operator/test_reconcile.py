@@ -23,10 +23,9 @@ from perseus_operator.reconcile import (
     RankView,
     RemoveSchedule,
     decide,
-    events_between,
-    merge_conditions,
     settle,
 )
+from perseus_operator.status_views import events_between, merge_conditions
 
 
 def make_spec(**over: Any) -> EnergyPolicySpec:
