@@ -1,9 +1,9 @@
 """Per-call cost of the training hooks on the training thread (target: under 50 us per call).
 
-Measures `instruction_begin`/`instruction_end` pairs against a local event sink that speaks the
-sidecar's contract, against no sidecar at all (down: events buffered and dropped), and, as the
-baseline in the same process, a plain Python method call and the disabled (no-op) hooks.
-Prints mean/p50/p99/max per call in microseconds and the ratio to the baseline.
+Measures `instruction_begin`/`instruction_end` pairs against the tests' fake sidecar (it speaks
+the sidecar's side of the hooks' contract), against no sidecar at all (down: events buffered and
+dropped), and, as the baseline in the same process, a plain Python method call and the disabled
+(no-op) hooks. Prints mean/p50/p99/max per call in microseconds and the ratio to the baseline.
 
     .venv/bin/python bench/hooks.py [--calls 200000]
 """
@@ -11,54 +11,20 @@ Prints mean/p50/p99/max per call in microseconds and the ratio to the baseline.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
-import socketserver
 import statistics
-import threading
+import sys
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import perseus_hooks as hooks
 from perseus_hooks import InstructionKind
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fake sidecar of the tests
+from tests.sidecar.fake_sidecar import FakeSidecar
+
 TOKEN = "bench-token"
-
-
-def _start_sink() -> tuple[int, Callable[[], int]]:
-    """HTTP registration + TCP event sink on loopback; returns (http port, events seen)."""
-    seen = [0]
-
-    class Events(socketserver.StreamRequestHandler):
-        def handle(self) -> None:
-            self.rfile.readline()
-            self.wfile.write(b"OK 0\n")
-            for _ in self.rfile:
-                seen[0] += 1
-
-    events = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Events)
-    events.daemon_threads = True
-    event_port = events.server_address[1]
-
-    class Http(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            body = json.dumps(
-                {"rank_id": "bench", "event_port": event_port, "schedule_active": False}
-            ).encode()
-            self.send_response(201)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    http = ThreadingHTTPServer(("127.0.0.1", 0), Http)
-    for server in (events, http):
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    return http.server_address[1], lambda: seen[0]
 
 
 def _free_port() -> int:
@@ -127,10 +93,11 @@ def main() -> None:
     noop_samples = _measure(noop.instruction_begin, noop.instruction_end, calls)
     _summary("hooks disabled (no sidecar host)", noop_samples, base)
 
-    http_port, seen = _start_sink()
+    sink = FakeSidecar(token=TOKEN, record_events=False).start()
+
     live = hooks.register(
         rank=0, pipeline_rank=0, data_rank=0, gpu_uuid="GPU-bench", host="127.0.0.1",
-        port=http_port, job_token=TOKEN, sync=None, make_default=False,
+        port=sink.http_port, job_token=TOKEN, sync=None, make_default=False,
     )  # fmt: skip
     if not live.wait_connected(5):
         raise SystemExit("bench: could not connect to the local event sink")
@@ -153,7 +120,9 @@ def main() -> None:
     live.flush(30)
     before = live.dropped_events
     live.close()
-    print(f"  sink saw {seen()} events in all; paced run dropped {live.dropped_events - before}")
+    dropped = live.dropped_events - before
+    print(f"  sink saw {sink.lines_received} events in all; paced run dropped {dropped}")
+    sink.stop()
 
     down = hooks.register(
         rank=0, pipeline_rank=0, data_rank=0, gpu_uuid="GPU-bench", host="127.0.0.1",

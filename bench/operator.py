@@ -2,8 +2,9 @@
 
 Reconcile latency = from a change (a spec edit, or a sidecar's timings changing: one rank of
 the job disappears) to the status patch that reflects it being visible through the API server.
-Baseline: 1 policy, no other pods. Scaled: 50 policies x 32 simulated ranks (fake sidecars, one
-per fake node, each serving many ranks) and 5,000 unrelated pods. Also the operator's RSS.
+Baseline: 1 policy, no other pods. Scaled: 50 policies x 32 simulated ranks (the tests' fake
+sidecar, tests/sidecar/fake_sidecar.py, one per fake node, each serving many ranks) and 5,000
+unrelated pods. Also the operator's RSS.
 
 Usage: .venv/bin/python bench/operator.py [--policies 50] [--noise-pods 5000] [--samples 60]
 Starts its own control plane with scripts/cluster.sh (ports 46443/53790) unless KUBECONFIG is set.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import random
 import statistics
@@ -27,24 +27,16 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from perseus_operator.model import GROUP, PLURAL, VERSION
 from perseus_profiles import load_example
-from perseus_sidecar.api import (
-    GpuOut,
-    GpusOut,
-    JobAnnouncement,
-    JobOut,
-    PipelineTimings,
-    RankTimings,
-    ScheduleIn,
-    ScheduleOut,
-    TimingsOut,
-)
+from perseus_sidecar.api import JobAnnouncement, PipelineTimings, RankTimings, TimingsOut
 from perseus_sim.cluster import SIDECAR_PORT, SimCluster, SimJob, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fake sidecar of the tests
+from tests.sidecar.fake_sidecar import FakeSidecar
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "perseus-bench"
@@ -54,94 +46,26 @@ TOKEN = "bench-operator-token"
 PROFILE = load_example("gpt3-175b-a100").select_stages((0, 1, 2, 7))
 
 
-class FakeSidecar:
-    """One node's sidecar: jobs, schedules and synthetic timings for every announced pod."""
+class BenchNode:
+    """One fake node's sidecar (the tests' fake) with synthetic timings for every announced
+    pod; a job in `hidden` loses its rank 0, as if that rank's pod had stopped reporting."""
 
-    def __init__(self, node: str) -> None:
-        self.node = node
-        self.jobs: dict[tuple[str, str], JobAnnouncement] = {}
-        self.schedules: dict[tuple[str, str], ScheduleIn] = {}
+    def __init__(self, node: str, host: str) -> None:
         self.hidden: set[tuple[str, str]] = set()
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/gpus", self.gpus)
-        app.router.add_route("*", "/v1/jobs/{ns}/{name}", self.job)
-        app.router.add_route("*", "/v1/jobs/{ns}/{name}/schedule", self.schedule)
-        app.router.add_get("/v1/jobs/{ns}/{name}/timings", self.timings)
-        return app
-
-    @staticmethod
-    def _json(model: Any, status: int = 200) -> web.Response:
-        return web.Response(
-            text=model.model_dump_json(), status=status, content_type="application/json"
+        self.sidecar = FakeSidecar(
+            operator_token=TOKEN,
+            host=host,
+            http_port=SIDECAR_PORT,  # the operator reaches every sidecar on its configured port
+            node_name=node,
+            clocks_mhz=tuple(PROFILE.frequencies_mhz),
+            timings_of=self.timings,
         )
 
-    async def gpus(self, request: web.Request) -> web.Response:
-        clocks = list(PROFILE.frequencies_mhz)
-        gpus = [
-            GpuOut(
-                index=i,
-                uuid=f"GPU-fake-{self.node}-{i}",
-                name="Fake GPU",
-                supported_sm_clocks_mhz=clocks,
-                max_sm_clock_mhz=clocks[0],
-                usable=True,
-            )
-            for i in range(8)
-        ]
-        return self._json(GpusOut(node_name=self.node, gpus=gpus))
-
-    def _out(self, key: tuple[str, str]) -> JobOut:
-        job = self.jobs[key]
-        entries = self.schedules.get(key)
-        return JobOut(
-            namespace=key[0],
-            name=key[1],
-            pods=job.pods,
-            ranks=[p.name for p in job.pods],
-            schedule_entries=len(entries.entries) if entries else 0,
-            profiling=False,
-        )
-
-    async def job(self, request: web.Request) -> web.Response:
-        key = (request.match_info["ns"], request.match_info["name"])
-        if request.method == "PUT":
-            self.jobs[key] = JobAnnouncement.model_validate_json(await request.read())
-            return self._json(self._out(key))
-        if key not in self.jobs:
-            return web.json_response({"detail": "no such job"}, status=404)
-        if request.method == "DELETE":
-            self.jobs.pop(key)
-            self.schedules.pop(key, None)
-            return web.Response(status=204)
-        return self._json(self._out(key))
-
-    async def schedule(self, request: web.Request) -> web.Response:
-        key = (request.match_info["ns"], request.match_info["name"])
-        if key not in self.jobs:
-            return web.json_response({"detail": "no such job"}, status=404)
-        if request.method == "PUT":
-            self.schedules[key] = ScheduleIn.model_validate_json(await request.read())
-        elif request.method == "DELETE":
-            self.schedules.pop(key, None)
-            return web.Response(status=204)
-        sched = self.schedules.get(key)
-        if sched is None:
-            return web.json_response({"detail": "no schedule"}, status=404)
-        return self._json(
-            ScheduleOut(namespace=key[0], name=key[1], entries=sched.entries, active_ranks=[])
-        )
-
-    async def timings(self, request: web.Request) -> web.Response:
-        key = (request.match_info["ns"], request.match_info["name"])
-        if key not in self.jobs:
-            return web.json_response({"detail": "no such job"}, status=404)
-        active = key in self.schedules
+    def timings(self, namespace: str, name: str, job: JobAnnouncement, active: bool) -> TimingsOut:
         ranks = []
-        for pod in self.jobs[key].pods:
+        for pod in job.pods:
             r = int(pod.name.rsplit("-", 1)[1])
-            if key in self.hidden and r == 0:
+            if (namespace, name) in self.hidden and r == 0:
                 continue
             ranks.append(
                 RankTimings(
@@ -151,7 +75,7 @@ class FakeSidecar:
                     pipeline_rank=r % STAGES,
                     data_rank=r // STAGES,
                     tensor_rank=0,
-                    gpu_uuid=f"GPU-fake-{self.node}-0",
+                    gpu_uuid=f"GPU-fake-{self.sidecar.node_name}-0",
                     iterations=20,
                     instructions=[],
                     iteration_time_mean_s=1.65,
@@ -173,15 +97,14 @@ class FakeSidecar:
             )
             for d in range(PIPELINES)
         ]
-        out = TimingsOut(
-            namespace=key[0],
-            name=key[1],
+        return TimingsOut(
+            namespace=namespace,
+            name=name,
             window_s=60,
             ranks=ranks,
             stages=[],
             pipelines=pipelines,
         )
-        return self._json(out)
 
 
 async def bounded(coros: list[Awaitable[Any]], limit: int = 32) -> None:
@@ -201,7 +124,7 @@ class Bench:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.ports = ports
-        self.fakes: list[FakeSidecar] = []
+        self.fakes: list[BenchNode] = []
 
     async def create_policy(self, j: int) -> None:
         name = f"p{j:03d}"
@@ -357,7 +280,6 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
     )
     sim = SimCluster(api, job, workdir, PROFILE.to_csv(), token=TOKEN)
     bench = Bench(api, sim, [])
-    runners: list[web.AppRunner] = []
     try:
         sim.workdir.mkdir(parents=True, exist_ok=True)
         sim.token_file.write_text(TOKEN)
@@ -365,13 +287,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
         await sim.create_namespace()
         core = bench.core
         for i in range(NODES):
-            fake = FakeSidecar(f"bench-node-{i}")
-            runner = web.AppRunner(fake.app(), access_log=None)
-            await runner.setup()
-            # The operator reaches every sidecar on its configured port: one address per node.
-            site = web.TCPSite(runner, job.node_ip(i), SIDECAR_PORT)
-            await site.start()
-            runners.append(runner)
+            fake = BenchNode(f"bench-node-{i}", job.node_ip(i))
+            fake.sidecar.start()
             bench.fakes.append(fake)
             await core.create_node(
                 client.V1Node(metadata=client.V1ObjectMeta(name=f"bench-node-{i}"))
@@ -447,8 +364,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
         with contextlib.suppress(ApiException, TimeoutError):
             await sim.delete_policies(timeout_s=120)
         sim.stop_operator()
-        for runner in runners:
-            await runner.cleanup()
+        for fake in bench.fakes:
+            fake.sidecar.stop()
         try:
             await client.CoreV1Api(api).delete_collection_namespaced_pod(NS, grace_period_seconds=0)
             await client.CoreV1Api(api).delete_namespace(NS)
@@ -461,8 +378,6 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
 
 
 def main() -> int:
-    # The operator drops its connections to the fake sidecars when it stops: not worth a trace.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", type=int, default=50)
     parser.add_argument("--noise-pods", type=int, default=5000)

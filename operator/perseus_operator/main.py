@@ -1,7 +1,8 @@
 """`perseus-operator`: run the kopf operator (standalone: one replica, no peering objects).
 
 Settings come from `PERSEUS_OPERATOR_*` environment variables (see `settings.py`); the flags here
-override the few a local run changes.
+override the few a local run changes. They are read once, into one `Settings`, which the
+handlers reach through kopf's memo.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -37,37 +38,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line sets; environment variables supply the rest."""
+    flags = {
+        "token_file": args.token_file,
+        "liveness_url": args.liveness,
+        "tick_s": args.tick_s,
+        "pod_namespace": args.profile_namespace,
+        "namespaces": ",".join(args.namespace) if args.namespace else None,
+    }
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {
-        "PERSEUS_OPERATOR_TOKEN_FILE": args.token_file,
-        "PERSEUS_OPERATOR_LIVENESS_URL": args.liveness,
-        "PERSEUS_OPERATOR_TICK_S": None if args.tick_s is None else str(args.tick_s),
-        "PERSEUS_OPERATOR_POD_NAMESPACE": args.profile_namespace,
-        "PERSEUS_OPERATOR_NAMESPACES": ",".join(args.namespace) if args.namespace else None,
-    }
-    for key, value in overrides.items():
-        if value is not None:
-            os.environ[key] = value
     import kopf
+    from pydantic import ValidationError
 
-    from perseus_operator import handlers
+    from perseus_operator.handlers import OperatorMemo, build_registry
     from perseus_operator.settings import Settings
+    from perseus_sidecar.validation import one_line
 
     try:
-        settings = Settings()
+        settings = Settings(**flag_overrides(args))
         settings.operator_token()
-        settings.sidecar_labels()
+        registry = build_registry(settings)
+    except ValidationError as exc:
+        print(f"perseus-operator: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(f"perseus-operator: error: {exc}", file=sys.stderr)
         return 2
-    handlers.STATE.settings = settings
     level = logging.DEBUG if args.verbose else getattr(logging, settings.log_level.upper(), 20)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     namespaces = settings.namespace_list()
     try:
         asyncio.run(
             kopf.operator(
+                registry=registry,
+                memo=OperatorMemo(settings),
                 standalone=True,
                 clusterwide=not namespaces,
                 namespaces=namespaces,

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from perseus_hooks.pipeline import MAX_CHUNKS, Schedule
+from perseus_sidecar.validation import one_line
 
 __all__ = [
     "CLUSTER_SCOPE",
@@ -197,10 +198,7 @@ def parse_spec(raw: Any) -> EnergyPolicySpec:
     try:
         spec = EnergyPolicySpec.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "spec"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise SpecError(f"spec.{where}: {first['msg']}{more}") from None
+        raise SpecError(one_line(exc, root="spec")) from None
     errors = cross_field_errors(spec)
     if errors:
         raise SpecError("; ".join(errors))

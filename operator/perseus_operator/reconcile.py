@@ -1,15 +1,16 @@
 """Pure reconcile logic: what the operator observed -> what it must do, and the status to write.
 
 No I/O here. The controller (`controller.py`) gathers an :class:`Observed` snapshot (pods, the
-sidecars of their nodes, the profile, the chosen plans, energy figures), calls :func:`decide`,
-executes the returned actions and writes the status. Conditions, phases and events are computed
-here, so every transition is unit-tested without a cluster.
+sidecars of their nodes, the profile, the chosen plans, energy figures), calls :func:`decide`
+once, executes the returned actions, restates the outcome with :func:`settle` and writes the
+status. Phases and conditions are computed here (their history and the Events of a transition in
+`status_views.py`), so every transition is unit-tested without a cluster.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar
 
 from perseus_operator.model import EnergyPolicySpec, Phase, Pipeline
@@ -29,12 +30,12 @@ __all__ = [
     "ProfileView",
     "RankView",
     "RemoveSchedule",
+    "Rollout",
     "decide",
-    "events_between",
     "job_ranks",
-    "merge_conditions",
     "pod_identity",
     "saving_percent",
+    "settle",
 ]
 
 CONDITION_TYPES = ("Ready", "Profiled", "Planned", "ScheduleApplied")
@@ -241,6 +242,21 @@ class EventSpec:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """What an optimizing decision's conditions rest on besides the observation, so that
+    :func:`settle` can restate them once the schedules were pushed."""
+
+    pending_nodes: tuple[str, ...]
+    """Nodes whose sidecars do not hold the schedule they should (an ApplySchedule each)."""
+    profiled: C
+    planned: C
+    problem: C | None
+    """A missing or unreachable sidecar, or missing ranks: the policy is Degraded."""
+    registered: int
+    nodes: int
+
+
+@dataclass(frozen=True)
 class Decision:
     phase: Phase
     conditions: tuple[CondSpec, ...]
@@ -248,6 +264,8 @@ class Decision:
     status: Mapping[str, Any]
     """Status fields besides phase/conditions (camelCase, None = remove)."""
     optimizing: bool
+    rollout: Rollout | None = None
+    """Set while optimizing: the input of :func:`settle`."""
 
 
 def _conds(ready: C, profiled: C, planned: C, applied: C) -> tuple[CondSpec, ...]:
@@ -463,89 +481,57 @@ def decide(obs: Observed) -> Decision:
             actions.append(ApplySchedule(node, tuple(sorted(want, key=_entry_key))))
             pending_nodes.append(node)
     problem: C | None = None
-    if obs.rejected is not None:
-        problem = ("False", "SidecarRejected", obs.rejected)
-    elif degraded_msg:
+    if degraded_msg:
         problem = ("False", "SidecarUnavailable", degraded_msg)
     elif registered < expected:
         problem = ("False", "RanksMissing", f"{registered} of {expected} ranks registered")
+    rollout = Rollout(tuple(pending_nodes), profiled, planned, problem, registered, len(by_node))
+    return _rolling_out(tuple(actions), status, rollout, obs.rejected)
+
+
+def _rolling_out(
+    actions: tuple[Action, ...], status: Mapping[str, Any], rollout: Rollout, rejected: str | None
+) -> Decision:
+    """An optimizing policy's phase and conditions: Degraded on a refusal or a problem, else
+    Applying until every node holds its schedule."""
+    profiled, planned = rollout.profiled, rollout.planned
+    problem: C | None = rollout.problem
+    if rejected is not None:
+        problem = ("False", "SidecarRejected", rejected)
     if problem is not None:
         conds = _conds(problem, profiled, planned, problem)
-        return Decision("Degraded", conds, tuple(actions), status, optimizing=True)
+        return Decision("Degraded", conds, actions, status, optimizing=True, rollout=rollout)
     applied: C
     ready: C
-    if pending_nodes:
-        msg = f"pushing schedules to node(s) {', '.join(pending_nodes)}"
+    if rollout.pending_nodes:
+        msg = f"pushing schedules to node(s) {', '.join(rollout.pending_nodes)}"
         applied = ("False", "Applying", msg)
         ready = ("False", "Applying", msg)
     else:
-        msg = f"schedules applied to {registered} ranks on {len(by_node)} node(s)"
+        msg = f"schedules applied to {rollout.registered} ranks on {rollout.nodes} node(s)"
         applied = ("True", "Applied", msg)
         ready = ("True", "Optimizing", planned[2])
     return Decision(
         "Optimizing",
         _conds(ready, profiled, planned, applied),
-        tuple(actions),
+        actions,
         status,
         optimizing=True,
+        rollout=rollout,
     )
+
+
+def settle(decision: Decision, applied: Iterable[str], rejected: str | None) -> Decision:
+    """The decision as it stands once its actions ran: the nodes in `applied` now hold their
+    schedules and `rejected` is what sidecars refused (None: nothing). Only an optimizing
+    decision's phase and conditions change; its actions stay those that ran."""
+    if decision.rollout is None:
+        return decision
+    done = set(applied)
+    pending = tuple(n for n in decision.rollout.pending_nodes if n not in done)
+    rollout = replace(decision.rollout, pending_nodes=pending)
+    return _rolling_out(decision.actions, decision.status, rollout, rejected)
 
 
 def _entry_key(e: Entry) -> tuple[int, int]:
     return (e.data_rank, e.pipeline_rank)
-
-
-def merge_conditions(
-    old: Sequence[Mapping[str, Any]], new: Sequence[CondSpec], generation: int, now: str
-) -> list[dict[str, Any]]:
-    """Kubernetes conditions: lastTransitionTime moves only when the status flips."""
-    previous = {c.get("type"): c for c in old}
-    out = []
-    for c in new:
-        prev = previous.get(c.type)
-        changed = prev is None or prev.get("status") != c.status
-        since = now if changed or prev is None else prev.get("lastTransitionTime", now)
-        cond: dict[str, Any] = {
-            "type": c.type,
-            "status": c.status,
-            "reason": c.reason,
-            "observedGeneration": generation,
-            "lastTransitionTime": since,
-        }
-        if c.message:  # the Kubernetes client turns an empty string into null
-            cond["message"] = c.message
-        out.append(cond)
-    return out
-
-
-def events_between(
-    old_phase: str | None,
-    old: Sequence[Mapping[str, Any]],
-    new_phase: str,
-    new: Sequence[CondSpec],
-) -> list[EventSpec]:
-    """An event for the phase change and for each condition whose status or reason changed."""
-    events: list[EventSpec] = []
-    warn = new_phase in ("Failed", "Degraded")
-    previous = {c.get("type"): c for c in old}
-    ready = next((c for c in new if c.type == "Ready"), None)
-    if old_phase != new_phase:
-        detail = f": {ready.reason}: {ready.message}" if ready and ready.message else ""
-        events.append(
-            EventSpec(
-                "Warning" if warn else "Normal",
-                new_phase,
-                f"phase {old_phase or 'none'} -> {new_phase}{detail}",
-            )
-        )
-    for c in new:
-        prev = previous.get(c.type)
-        if prev is None and c.status == "Unknown":
-            continue
-        if prev is None or prev.get("status") != c.status or prev.get("reason") != c.reason:
-            kind: Literal["Normal", "Warning"] = (
-                "Warning" if warn and c.status == "False" else "Normal"
-            )
-            text = f"{c.type}={c.status} ({c.reason})" + (f": {c.message}" if c.message else "")
-            events.append(EventSpec(kind, c.reason, text))
-    return events

@@ -62,7 +62,10 @@ class Settings(BaseSettings):
             return self.token_file.read_text(encoding="utf-8").strip()
         if self.token:
             return self.token
-        raise ValueError("set PERSEUS_OPERATOR_TOKEN_FILE (or PERSEUS_OPERATOR_TOKEN)")
+        raise ValueError(
+            "no operator token: pass --token-file FILE or set PERSEUS_OPERATOR_TOKEN_FILE"
+            " (or PERSEUS_OPERATOR_TOKEN)"
+        )
 
     def namespace_list(self) -> list[str]:
         return [n.strip() for n in self.namespaces.split(",") if n.strip()]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from perseus_operator import reconcile as rc
+from perseus_operator.accounting import Baseline
 from perseus_operator.planner import Frontier, PacePlanner
 from perseus_operator.profiling import ProfileSession
 from perseus_operator.straggler import StragglerState
@@ -168,9 +169,7 @@ class PolicyRuntime:
     straggler_plan: rc.PlanView | None = None
     last_spans: dict[int, float] = field(default_factory=dict)
     regime: Regime = field(default_factory=lambda: Regime("none", 0.0))
-    baseline_j: float | None = None
-    baseline_iteration_s: float | None = None
-    baseline_gpus: int = 0
+    baseline: Baseline | None = None
     measured_saving: float | None = None
     had_pods: bool = False
     was_optimizing: bool = False
@@ -178,3 +177,24 @@ class PolicyRuntime:
     gpu_models: dict[str, tuple[str, frozenset[int]]] = field(default_factory=dict)
     conflict_key: tuple[Any, ...] | None = None
     conflict: str | None = None
+
+    def resume(self, status: Mapping[str, Any], generation: int) -> None:
+        """After an operator restart: the measured baseline, the phase and a planning failure of
+        this very spec come from the status."""
+        failed = status.get("planFailure") or {}
+        if failed.get("generation") == generation and failed.get("message"):
+            self.plan_failure = PlanFailureRecord(
+                generation, str(failed.get("reason") or "PlanningFailed"), str(failed["message"])
+            )
+        base = status.get("measuredBaseline") or {}
+        if base.get("energyJoules") and base.get("iterationTimeSeconds"):
+            self.baseline = Baseline(
+                float(base["energyJoules"]),
+                float(base["iterationTimeSeconds"]),
+                int(base.get("gpus") or 0),
+            )
+        saving = status.get("measuredSavingPercent")
+        self.measured_saving = float(saving) if saving is not None else None
+        self.was_optimizing = status.get("phase") in ("Optimizing", "Degraded")
+        self.had_pods = status.get("phase") in ("Optimizing", "Degraded", "Completed")
+        self.last_status = dict(status)

@@ -1,12 +1,13 @@
 """Pure helpers of the controller: runtime state and planner results as status fields and as
-the views `reconcile.decide` reads, and the JSON merge patch of a status update."""
+the views `reconcile.decide` reads; for writing the status, the conditions merged with their
+history, the Events of a transition and the JSON merge patch."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from perseus_operator import reconcile as rc
 from perseus_operator.model import EnergyPolicySpec
@@ -20,9 +21,9 @@ __all__ = [
     "check_plausible",
     "check_profile",
     "effective_blocking_w",
-    "enough_samples",
+    "events_between",
     "frontier_view",
-    "mean_present",
+    "merge_conditions",
     "merge_patch",
     "plan_view",
     "regime_name",
@@ -73,15 +74,6 @@ def straggler_status(rt: PolicyRuntime, old: Mapping[str, Any]) -> dict[str, Any
         "slowdownPercent": round(100 * (state.pace_s / rt.plan.stage0_span_s - 1), 2),
         "since": since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-
-
-def enough_samples(ranks: list[Any], iterations: int) -> bool:
-    return all(r.iterations >= iterations and r.energy_per_iteration_mean_j for r in ranks)
-
-
-def mean_present(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
 
 
 TIME_NOISE = 0.15
@@ -167,3 +159,59 @@ def frontier_view(frontier: Frontier) -> rc.FrontierView:
         baseline_time_s=frontier.t0_s,
         baseline_energy_j=frontier.baseline_energy_j,
     )
+
+
+def merge_conditions(
+    old: Sequence[Mapping[str, Any]], new: Sequence[rc.CondSpec], generation: int, now: str
+) -> list[dict[str, Any]]:
+    """Kubernetes conditions: lastTransitionTime moves only when the status flips."""
+    previous = {c.get("type"): c for c in old}
+    out = []
+    for c in new:
+        prev = previous.get(c.type)
+        changed = prev is None or prev.get("status") != c.status
+        since = now if changed or prev is None else prev.get("lastTransitionTime", now)
+        cond: dict[str, Any] = {
+            "type": c.type,
+            "status": c.status,
+            "reason": c.reason,
+            "observedGeneration": generation,
+            "lastTransitionTime": since,
+        }
+        if c.message:  # the Kubernetes client turns an empty string into null
+            cond["message"] = c.message
+        out.append(cond)
+    return out
+
+
+def events_between(
+    old_phase: str | None,
+    old: Sequence[Mapping[str, Any]],
+    new_phase: str,
+    new: Sequence[rc.CondSpec],
+) -> list[rc.EventSpec]:
+    """An event for the phase change and for each condition whose status or reason changed."""
+    events: list[rc.EventSpec] = []
+    warn = new_phase in ("Failed", "Degraded")
+    previous = {c.get("type"): c for c in old}
+    ready = next((c for c in new if c.type == "Ready"), None)
+    if old_phase != new_phase:
+        detail = f": {ready.reason}: {ready.message}" if ready and ready.message else ""
+        events.append(
+            rc.EventSpec(
+                "Warning" if warn else "Normal",
+                new_phase,
+                f"phase {old_phase or 'none'} -> {new_phase}{detail}",
+            )
+        )
+    for c in new:
+        prev = previous.get(c.type)
+        if prev is None and c.status == "Unknown":
+            continue
+        if prev is None or prev.get("status") != c.status or prev.get("reason") != c.reason:
+            kind: Literal["Normal", "Warning"] = (
+                "Warning" if warn and c.status == "False" else "Normal"
+            )
+            text = f"{c.type}={c.status} ({c.reason})" + (f": {c.message}" if c.message else "")
+            events.append(rc.EventSpec(kind, c.reason, text))
+    return events

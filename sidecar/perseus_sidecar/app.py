@@ -41,6 +41,7 @@ from perseus_sidecar.node import (
 from perseus_sidecar.routers import clocks, gpus, health, jobs, profiling, ranks, schedules, timings
 from perseus_sidecar.settings import Settings
 from perseus_sidecar.transport import EventLimits, start_event_server
+from perseus_sidecar.validation import clean_message, error_line
 
 __all__ = ["SetupError", "build_backend", "create_app", "read_operator_token"]
 
@@ -231,12 +232,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         errors = [
             {
                 "loc": list(e.get("loc", ())),
-                "msg": str(e.get("msg", "invalid")),
+                "msg": clean_message(str(e.get("msg", "invalid"))),
                 "type": str(e.get("type", "")),
             }
             for e in exc.errors()
         ]
-        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        message = "; ".join(error_line(e) for e in errors)
         return JSONResponse({"detail": errors, "message": message}, status_code=422)
 
     for exc_type in (NodeError, GpuError, LockStateError):

@@ -118,13 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from perseus_sidecar.app import SetupError, create_app
     from perseus_sidecar.gpu.base import GpuError
     from perseus_sidecar.httpguard import raise_fd_limit, uvicorn_options
+    from perseus_sidecar.validation import one_line
 
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        print(f"perseus-sidecar: error: {where}: {first['msg']}", file=sys.stderr)
+        print(f"perseus-sidecar: error: {one_line(exc)}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
     raise_fd_limit()

@@ -250,6 +250,22 @@ async def test_cleanup_retries_are_bounded() -> None:
     assert await cleanup_policy(gateway, ["a:1"], "ns", "p", attempts=3, sleep=sleep) == []  # type: ignore[arg-type]
 
 
+async def test_the_finalizer_asks_the_nodes_the_job_used_or_every_sidecar_after_a_restart() -> None:
+    forgotten: list[str] = []
+
+    class Recording(Gateway):
+        async def forget(self, address: str, namespace: str, name: str) -> None:
+            forgotten.append(address)
+
+    sidecars = {"n0": "10.1.0.1:8080", "n1": "10.1.0.2:8080"}
+    controller, _, _ = await passes(Store(PROFILE.to_csv()), Recording(), 2)
+    assert await controller.forget_policy("ns", "p", sidecars, attempts=1) == []
+    assert forgotten == ["10.1.0.1:8080"] and ("ns", "p") not in controller.runtimes
+    forgotten.clear()  # the runtime went with the first call, as after an operator restart
+    assert await controller.forget_policy("ns", "p", sidecars, attempts=1) == []
+    assert forgotten == ["10.1.0.1:8080", "10.1.0.2:8080"]
+
+
 def test_older_policy_selecting_the_pods_wins() -> None:
     rt = PolicyRuntime("ns", "p")
     meta = {"name": "p", "creationTimestamp": "2026-01-02T00:00:00Z"}

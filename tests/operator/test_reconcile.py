@@ -23,9 +23,9 @@ from perseus_operator.reconcile import (
     RankView,
     RemoveSchedule,
     decide,
-    events_between,
-    merge_conditions,
+    settle,
 )
+from perseus_operator.status_views import events_between, merge_conditions
 
 
 def make_spec(**over: Any) -> EnergyPolicySpec:
@@ -227,3 +227,39 @@ def test_planner_refusal_and_sidecar_rejection_are_reported() -> None:
     d = decide(ready_obs(rejected="node n0: HTTP 422: clock 5 MHz unsupported"))
     assert d.phase == "Degraded" and cond(d, "ScheduleApplied").reason == "SidecarRejected"
     assert "clock 5 MHz unsupported" in cond(d, "Ready").message
+
+
+def after_acting(obs: Observed, applied: set[str], rejected: str | None) -> Observed:
+    """What a second look at the sidecars would show once the schedules went out."""
+    d = decide(obs)
+    pushed = {a.node: frozenset(a.entries) for a in d.actions if isinstance(a, ApplySchedule)}
+    nodes = {n: replace(v, entries=pushed[n]) if n in applied else v for n, v in obs.nodes.items()}
+    return replace(obs, nodes=nodes, rejected=rejected)
+
+
+@pytest.mark.parametrize(
+    ("applied", "rejected", "phase", "ready"),
+    [
+        ({"n0", "n1"}, None, "Optimizing", "Optimizing"),
+        ({"n0"}, None, "Optimizing", "Applying"),  # n1 was unreachable for the push
+        (set(), None, "Optimizing", "Applying"),
+        ({"n0"}, "node n1: HTTP 422: clock 5 MHz unsupported", "Degraded", "SidecarRejected"),
+    ],
+)
+def test_settle_states_the_outcome_of_acting_as_deciding_again_would(
+    applied: set[str], rejected: str | None, phase: str, ready: str
+) -> None:
+    """One `decide` per pass: `settle` restates its conditions once the schedules were pushed
+    (or refused), exactly as a second `decide` over what the sidecars then hold."""
+    obs = ready_obs()
+    first = decide(obs)
+    assert [type(a) for a in first.actions] == [ApplySchedule, ApplySchedule]
+    assert cond(first, "Ready").reason == "Applying"
+    settled = settle(first, applied, rejected)
+    assert settled == replace(decide(after_acting(obs, applied, rejected)), actions=first.actions)
+    assert (settled.phase, cond(settled, "Ready").reason) == (phase, ready)
+
+
+def test_settle_leaves_a_decision_that_pushes_nothing_alone() -> None:
+    for d in (decide(ready_obs(spec=None, spec_error="bad")), decide(ready_obs(frontier=None))):
+        assert d.rollout is None and settle(d, {"n0"}, "refused") is d

@@ -15,6 +15,7 @@ from perseus_operator.sidecars import (
     SidecarRejectedError,
     SidecarUnreachableError,
 )
+from tests.sidecar.fake_sidecar import FakeSidecar
 
 GPUS = {
     "node_name": "n0",
@@ -178,34 +179,33 @@ async def test_no_usable_gpu_is_unreachable() -> None:
 
 
 async def test_real_http_with_the_token() -> None:
-    """A real local server: the bearer token and the timing window arrive as sent."""
-    from aiohttp import web
-
-    seen: list[str] = []
-
-    async def timings(request: web.Request) -> web.Response:
-        seen.append(request.headers["Authorization"] + " " + request.query["window_s"])
-        return web.json_response(TIMINGS)
-
-    async def gpus(request: web.Request) -> web.Response:
-        return web.json_response(GPUS)
-
-    async def job(request: web.Request) -> web.Response:
-        return web.json_response(JOB)
-
-    app = web.Application()
-    app.router.add_get("/v1/gpus", gpus)
-    app.router.add_get("/v1/jobs/ns/p", job)
-    app.router.add_get("/v1/jobs/ns/p/timings", timings)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    """Over real HTTP, against the tests' fake sidecar (the one the operator benchmark runs):
+    the bearer token and the timing window arrive as sent, a schedule pushed is read back, a
+    wrong token is refused."""
+    fake = FakeSidecar(operator_token="tok", gpu_name="A100", clocks_mhz=(1410, 1395)).start()
+    address = f"127.0.0.1:{fake.http_port}"
+    pod = rc.PodView("p0", "u0", "Running", "10.0.0.1", "10.1.0.1", "n0")
     gw = SidecarGateway("tok")
     try:
-        snap = await gw.snapshot(f"127.0.0.1:{port}", "ns", "p", 2.5)
-        assert snap.timings is not None and seen == ["Bearer tok 2.5"]
+        snap = await gw.snapshot(address, "ns", "p", 2.5)
+        assert snap.gpu_model == ("A100", frozenset({1410, 1395})) and snap.timings is None
+        await gw.announce(address, "ns", "p", "0" * 64, [pod])
+        await gw.apply(address, "ns", "p", [ENTRY])
+        gw._applied.clear()  # read the schedule back from the sidecar, not from the cache
+        snap = await gw.snapshot(address, "ns", "p", 2.5)
+        assert snap.announced_pods == {pod.identity} and snap.entries == {ENTRY}
+        assert snap.timings is not None
+        timings = [r for r in fake.control_requests if r.path == "/v1/jobs/ns/p/timings"]
+        assert [(r.authorization, r.query["window_s"]) for r in timings] == [
+            ("Bearer tok", ["2.5"])
+        ]
+        await gw.forget(address, "ns", "p")
+        assert fake.jobs == {} and fake.schedules == {}
+        intruder = SidecarGateway("not-the-operator")
+        with pytest.raises(SidecarRejectedError, match="HTTP 401"):
+            await intruder.announce(address, "ns", "p", "0" * 64, [pod])
+        await intruder.close()
+        assert fake.jobs == {}
     finally:
         await gw.close()
-        await runner.cleanup()
+        fake.stop()

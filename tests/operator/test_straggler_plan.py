@@ -45,21 +45,21 @@ async def test_solved_at_the_pace_or_else_looked_up(monkeypatch: pytest.MonkeyPa
     rt.profile = PROFILE
     rt.frontier = compute_frontier(PROFILE, SHAPE, BLOCKING_W)
     pace_s = PACE_RATIO * rt.frontier.t0_s
-    chosen = await ctl._straggler_plan(rt, pace_s)
+    chosen = await ctl.plans.straggler_plan(rt, pace_s)
     looked_up = plan_for_straggler(rt.frontier, pace_s)
     assert chosen == PacePlanner(PROFILE, rt.frontier).plan(pace_s).plan
     assert chosen.iteration_time_s <= pace_s
     assert cost_j(chosen, pace_s) < cost_j(looked_up, pace_s) * (1 - 0.002)
     planner = rt.pace_planner
     assert planner is not None
-    await ctl._straggler_plan(rt, 1.1 * rt.frontier.t0_s)
+    await ctl.plans.straggler_plan(rt, 1.1 * rt.frontier.t0_s)
     assert rt.pace_planner is planner  # built once per frontier, its LP re-solved warm
 
     def broken(self: PacePlanner, pace_s: float) -> None:
         raise RuntimeError("HiGHS failed")
 
     monkeypatch.setattr(PacePlanner, "plan", broken)
-    assert await ctl._straggler_plan(rt, pace_s) == looked_up
+    assert await ctl.plans.straggler_plan(rt, pace_s) == looked_up
 
 
 class SlowPipelineGateway(Gateway):

@@ -108,6 +108,17 @@ def test_bad_announcements_are_422(client: TestClient, body: object, message: st
     assert message in r.text
 
 
+def test_a_validators_refusal_reads_without_pydantics_prefix(client: TestClient) -> None:
+    """The message the operator puts into the policy's condition, in plain words."""
+    pod = {"namespace": NS, "name": "p", "uid": "u", "ip": "1.2.3.4"}
+    r = client.put(
+        f"/v1/jobs/{NS}/{NAME}", json={"token_sha256": JOB_SHA, "pods": [pod] * 2}, headers=OP
+    )
+    assert r.status_code == 422
+    assert r.json()["message"] == "body: pods must be distinct (namespace, name) pairs"
+    assert "Value error" not in r.text
+
+
 def test_bad_path_names_are_422(client: TestClient) -> None:
     body = {"token_sha256": JOB_SHA, "pods": []}
     assert client.put("/v1/jobs/Team_A/x", json=body, headers=OP).status_code == 422
