@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,8 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "perseus"
-K8S_BIN = ROOT / ".cache" / "k8s" / "bin"
+# Where scripts/cluster.sh build puts the binaries (PERSEUS_K8S_CACHE moves it, as there).
+K8S_BIN = Path(os.environ.get("PERSEUS_K8S_CACHE") or ROOT / ".cache" / "k8s") / "bin"
 
 
 def load_script(name: str) -> ModuleType:
