@@ -39,7 +39,7 @@ from typing import TypeVar
 
 import grpc
 
-from perseus_sidecar.gpu.simulated import simulated_uuid
+from perseus_sidecar.gpu.simnode import simulated_uuid
 from perseus_sidecar.protowire import ProtoError, fields
 from perseus_sidecar.protowire import bytes_field as _bytes_field
 from perseus_sidecar.protowire import int_field as _int_field

@@ -38,7 +38,7 @@ from perseus_operator.crd import build_crd
 from perseus_operator.kube import job_secret_name
 from perseus_operator.model import GROUP, PLURAL, VERSION
 from perseus_operator.state import SIMULATED_GPUS_CONDITION
-from perseus_sidecar.gpu.simulated import simulated_uuid
+from perseus_sidecar.gpu.simnode import simulated_uuid
 
 __all__ = ["SimCluster", "SimJob", "wait_for"]
 
@@ -482,7 +482,7 @@ class SimCluster:
     def locked_clocks(self) -> dict[str, int | None]:
         """Every simulated GPU's locked SM clock, read from the simulated driver's own state
         (None: unlocked, at the driver's default)."""
-        from perseus_sidecar.gpu.simulated import open_node
+        from perseus_sidecar.gpu.simnode import open_node
 
         out: dict[str, int | None] = {}
         for i in range(self.job.nodes):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import perseus_hooks as hooks_mod
-from perseus_sidecar.gpu.simulated import open_node
+from perseus_sidecar.gpu.simnode import open_node
 from perseus_sim import wire
 from perseus_sim.links import StoppedError
 from perseus_sim.tcp_links import PeerListener, TcpLinks

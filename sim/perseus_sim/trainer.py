@@ -35,7 +35,7 @@ from pathlib import Path
 
 import perseus_hooks as hooks_mod
 from perseus_profiles import INSTRUCTIONS, StageProfile
-from perseus_sidecar.gpu.simulated import NodeSettings, SimulatedGpu, open_node
+from perseus_sidecar.gpu.simnode import NodeSettings, SimulatedGpu, open_node
 from perseus_sim.links import Barrier, Links, QueueLinks, StoppedError
 from perseus_sim.schedule import Instruction, iteration_time_s, pipeline_order
 

@@ -161,7 +161,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
     _seconds(args, "allreduce_s", "join_timeout_s", "rejoin_timeout_s", "rank_timeout_s")
     time_scale = args.time_scale
     if args.time_scale_from_node is not None:
-        from perseus_sidecar.gpu.simulated import open_node
+        from perseus_sidecar.gpu.simnode import open_node
 
         try:
             settings, _, gpus = open_node(args.time_scale_from_node)
