@@ -27,8 +27,9 @@ import perseus_hooks as hooks_mod
 from perseus_sidecar.gpu.simnode import open_node
 from perseus_sim import wire
 from perseus_sim.links import StoppedError
+from perseus_sim.spec import NodeSpec, RankPlacement, SimConfig
 from perseus_sim.tcp_links import PeerListener, TcpLinks
-from perseus_sim.trainer import NodeSpec, RankPlacement, SimConfig, SimTrainer
+from perseus_sim.trainer import SimTrainer
 
 __all__ = ["RankError", "RankOptions", "run_rank"]
 

@@ -26,15 +26,15 @@ from perseus_sim.schedule import (
     iteration_time_s,
     one_f_one_b_order,
 )
-from perseus_sim.trainer import (
+from perseus_sim.spec import (
     Crash,
     IterationResult,
     NodeSpec,
     SimConfig,
-    SimTrainer,
     SimulationError,
     Straggler,
 )
+from perseus_sim.trainer import SimTrainer
 from tests.sim.sidecar_process import JOB_TOKEN, SidecarProcess, sidecar_process
 
 pytestmark = pytest.mark.slow
