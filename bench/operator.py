@@ -44,7 +44,9 @@ from perseus_sidecar.api import (
     ScheduleOut,
     TimingsOut,
 )
-from perseus_sim.cluster import SIDECAR_PORT, SimCluster, SimJob, wait_for
+from perseus_sim.cluster import SimCluster
+from perseus_sim.kubeobjects import SIDECAR_PORT, wait_for
+from perseus_sim.simjob import SimJob
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "perseus-bench"
