@@ -33,7 +33,9 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from perseus_operator.model import GROUP, PLURAL, VERSION
 from perseus_profiles import load_example
 from perseus_sidecar.api import JobAnnouncement, PipelineTimings, RankTimings, TimingsOut
-from perseus_sim.cluster import SIDECAR_PORT, SimCluster, SimJob, wait_for
+from perseus_sim.cluster import SimCluster
+from perseus_sim.kubeobjects import SIDECAR_PORT, wait_for
+from perseus_sim.simjob import SimJob
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fake sidecar of the tests
 from tests.sidecar.fake_sidecar import FakeSidecar

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from perseus_sim.trainer import NodeSpec, SimConfig, SimTrainer
+from perseus_sim.spec import NodeSpec, SimConfig
+from perseus_sim.trainer import SimTrainer
 
 OPERATOR_TOKEN = secrets.token_urlsafe(24)
 

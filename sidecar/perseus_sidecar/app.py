@@ -17,6 +17,15 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from perseus_sidecar.api import ErrorOut
+from perseus_sidecar.errors import (
+    AuthError,
+    ConflictError,
+    ForbiddenError,
+    InvalidError,
+    NodeError,
+    NotFoundError,
+    UnavailableError,
+)
 from perseus_sidecar.gpu.base import (
     GpuBackend,
     GpuError,
@@ -28,16 +37,7 @@ from perseus_sidecar.gpu.base import (
 from perseus_sidecar.guard import GuardMiddleware
 from perseus_sidecar.httpguard import accept_backlog
 from perseus_sidecar.lockstate import LockState, LockStateError
-from perseus_sidecar.node import (
-    AuthError,
-    ConflictError,
-    ForbiddenError,
-    InvalidError,
-    Node,
-    NodeError,
-    NotFoundError,
-    UnavailableError,
-)
+from perseus_sidecar.node import Node
 from perseus_sidecar.routers import clocks, gpus, health, jobs, profiling, ranks, schedules, timings
 from perseus_sidecar.settings import Settings
 from perseus_sidecar.transport import EventLimits, start_event_server
@@ -83,7 +83,7 @@ async def _watch_token_file(node: Node, settings: Settings) -> None:
             key = (st.st_ino, st.st_mtime_ns)
             if last is not None and key != last:
                 try:
-                    node.set_operator_token(read_operator_token(settings))
+                    node.tokens.set_operator(read_operator_token(settings))
                     log.info("operator token reloaded", extra={"file": str(path)})
                 except SetupError as exc:
                     log.error("keeping the previous operator token", extra={"error": str(exc)})

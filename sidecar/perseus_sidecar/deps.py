@@ -40,7 +40,7 @@ BearerToken = Annotated[str | None, Depends(bearer_token)]
 
 
 def require_operator(node: NodeDep, token: BearerToken) -> None:
-    if not node.is_operator(token):
+    if not node.tokens.is_operator(token):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "this endpoint needs the operator's bearer token",

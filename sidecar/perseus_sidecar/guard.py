@@ -26,7 +26,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if not self.node.is_known_token(_bearer(headers.get(b"authorization"))):
+        if not self.node.tokens.is_known(_bearer(headers.get(b"authorization"))):
             await _reply(
                 send, 401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"}
             )

@@ -1,105 +1,56 @@
 """The sidecar's state: announced jobs, registered ranks, schedules and profiling sessions, and
 the background tasks that keep clocks safe (rank timeouts) and sample energy counters.
 
-Routers and the TCP transport call into one `Node`; every method runs on the event loop."""
+Routers and the TCP transport call into one `Node`; every method runs on the event loop. What it
+refuses is in `errors`, a job's record in `job`, the credentials it accepts in `tokens`, the
+GPU-assignment rule in `assignment`, how a schedule is checked and read in `schedules`, its
+scrape-time gauges in `statemetrics`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import secrets
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
-from perseus_hooks.pipeline import parse_instruction
 from perseus_sidecar.api import (
     JobAnnouncement,
     PodAnnouncement,
     ProfilingRequest,
     RankRegistration,
-    ScheduleEntry,
     ScheduleIn,
     TimingsOut,
 )
+from perseus_sidecar.assignment import check_assignment
 from perseus_sidecar.clocks import ClockController
+from perseus_sidecar.errors import (
+    AuthError,
+    ConflictError,
+    ForbiddenError,
+    InvalidError,
+    NotFoundError,
+    UnavailableError,
+)
 from perseus_sidecar.gpu.base import GpuBackend, GpuError, GpuInfo
+from perseus_sidecar.job import Job
 from perseus_sidecar.lockstate import LockState
 from perseus_sidecar.metrics import Metrics
 from perseus_sidecar.podresources import PodResourcesError, list_pod_devices
 from perseus_sidecar.profiling import ProfilingSession
 from perseus_sidecar.ranks import Rank
+from perseus_sidecar.schedules import check_clocks, clock_tables, holds
+from perseus_sidecar.statemetrics import state_metrics
 from perseus_sidecar.timings import job_timings, snapshot
+from perseus_sidecar.tokens import Tokens
 
-__all__ = [
-    "AuthError",
-    "ConflictError",
-    "ForbiddenError",
-    "InvalidError",
-    "Job",
-    "Node",
-    "NodeError",
-    "NotFoundError",
-    "UnavailableError",
-    "sha256_hex",
-]
+__all__ = ["Node"]
 
 log = logging.getLogger(__name__)
-
-
-class NodeError(Exception):
-    """A request the node refuses; the message is one line for the client."""
-
-
-class AuthError(NodeError):
-    """Wrong or missing credentials for this resource (HTTP 401/403)."""
-
-
-class ForbiddenError(AuthError):
-    """Right token, wrong place (a request not from the announced pod's IP): HTTP 403."""
-
-
-class NotFoundError(NodeError):
-    pass
-
-
-class ConflictError(NodeError):
-    pass
-
-
-class InvalidError(NodeError):
-    """Semantically invalid input that only the node can judge (HTTP 422)."""
-
-
-class UnavailableError(NodeError):
-    """A source the node depends on (the kubelet's pod-resources API) failed (HTTP 503)."""
-
-
-def sha256_hex(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-@dataclass
-class Job:
-    namespace: str
-    name: str
-    token_sha256: str
-    pods: dict[tuple[str, str], PodAnnouncement]
-    microbatches: int
-    """Per-rank buffers are bounded by this pipeline shape (announced, else the node's limit)."""
-    ranks: dict[str, Rank] = field(default_factory=dict)
-    schedule: dict[tuple[int, int], ScheduleEntry] = field(default_factory=dict)
-    profiling: ProfilingSession | None = None
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
 
 
 class Node:
@@ -131,13 +82,12 @@ class Node:
         self.pod_resources_socket = pod_resources_socket
         self.max_microbatches = max_microbatches
         self.metrics_tenant_labels = metrics_tenant_labels
-        self._operator_token = operator_token.encode()
+        self.tokens = Tokens(operator_token)
         self.gpus: dict[str, GpuInfo] = {}
         self.gpu_error: str | None = None
         self.jobs: dict[tuple[str, str], Job] = {}
         self.ranks: dict[str, Rank] = {}
         self._rank_ids: dict[tuple[str, str, int], str] = {}
-        self._job_hashes: dict[str, set[tuple[str, str]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.add_state_collector(self._collect)
 
@@ -185,29 +135,6 @@ class Node:
             rank.listeners.clear()
         return self.clocks.reset_all(reason)
 
-    # ---- authentication ---------------------------------------------------------------------
-
-    def set_operator_token(self, token: str) -> None:
-        """A rotated operator token (the mounted Secret changed)."""
-        self._operator_token = token.encode()
-
-    def is_operator(self, token: str | None) -> bool:
-        if token is None:
-            return False
-        return hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self._operator_token)
-
-    def is_known_token(self, token: str | None) -> bool:
-        """The operator's token or any announced job's: enough to get past the front door."""
-        if token is None:
-            return False
-        if self.is_operator(token):
-            return True
-        digest = sha256_hex(token)
-        return any(hmac.compare_digest(digest, h) for h in self._job_hashes)
-
-    def _job_token_ok(self, job: Job, token: str) -> bool:
-        return hmac.compare_digest(sha256_hex(token), job.token_sha256)
-
     # ---- jobs -------------------------------------------------------------------------------
 
     def announce(self, namespace: str, name: str, body: JobAnnouncement) -> tuple[Job, bool]:
@@ -228,9 +155,7 @@ class Node:
             job.microbatches = microbatches
             for rank in job.ranks.values():
                 rank.microbatches = microbatches
-            self._job_hashes[job.token_sha256].discard(key)
-            if not self._job_hashes[job.token_sha256]:
-                del self._job_hashes[job.token_sha256]
+            self.tokens.remove_job(job.token_sha256, key)
             job.token_sha256 = body.token_sha256
             job.pods = pods
             for rank in list(job.ranks.values()):
@@ -239,7 +164,7 @@ class Node:
                     self._drop_rank(rank, "pod-gone")
                 elif now.gpu_uuids is not None and rank.gpu_uuid not in now.gpu_uuids:
                     self._drop_rank(rank, "gpu-unassigned")
-        self._job_hashes.setdefault(job.token_sha256, set()).add(key)
+        self.tokens.add_job(job.token_sha256, key)
         return job, created
 
     def job(self, namespace: str, name: str) -> Job:
@@ -252,11 +177,7 @@ class Node:
         job = self.job(namespace, name)
         for rank in list(job.ranks.values()):
             self._drop_rank(rank, "job-deleted")
-        hashes = self._job_hashes.get(job.token_sha256)
-        if hashes is not None:
-            hashes.discard(job.key)
-            if not hashes:
-                del self._job_hashes[job.token_sha256]
+        self.tokens.remove_job(job.token_sha256, job.key)
         del self.jobs[job.key]
 
     # ---- ranks ------------------------------------------------------------------------------
@@ -265,7 +186,7 @@ class Node:
         self, body: RankRegistration, token: str | None, source_ip: str | None
     ) -> tuple[Job, PodAnnouncement]:
         job = self._job_of_pod(body.namespace, body.pod)
-        if job is None or token is None or not self._job_token_ok(job, token):
+        if job is None or token is None or not job.token_ok(token):
             raise AuthError(
                 f"pod {body.namespace}/{body.pod} is not an announced pod of a job with this token"
             )
@@ -298,50 +219,6 @@ class Node:
                 raise UnavailableError(str(exc)) from None
         return self.register(body, token, source_ip, kubelet)
 
-    def _kubelet_uuids(self, device_ids: frozenset[str]) -> frozenset[str]:
-        """Device plugin IDs as GPU UUIDs: a time-slicing replica `<uuid>::<n>` is its GPU, and
-        with the plugin's index ID strategy an ID is the GPU's index."""
-        by_index = {str(g.index): g.uuid for g in self.gpus.values()}
-        out = set()
-        for raw in device_ids:
-            device = raw.split("::", 1)[0]
-            out.add(by_index.get(device, device))
-        return frozenset(out)
-
-    def _check_assignment(
-        self,
-        body: RankRegistration,
-        pod: PodAnnouncement,
-        kubelet: Mapping[tuple[str, str], frozenset[str]] | None,
-    ) -> None:
-        """The registered GPU must be one the pod was given: by the kubelet where it answers,
-        else by the operator's announcement; a GPU announced for another pod is refused."""
-        where = f"pod {body.namespace}/{body.pod}"
-        if kubelet is not None:
-            assigned = self._kubelet_uuids(kubelet.get((body.namespace, body.pod), frozenset()))
-            source = "the kubelet"
-        elif pod.gpu_uuids is not None:
-            assigned = frozenset(pod.gpu_uuids)
-            source = "the operator's announcement"
-        else:
-            raise ForbiddenError(
-                f"no record of the GPUs {where} was given: this node has no kubelet "
-                "pod-resources socket and the operator announced none"
-            )
-        if body.gpu_uuid not in assigned:
-            given = ", ".join(sorted(assigned)) or "none"
-            raise ForbiddenError(
-                f"GPU {body.gpu_uuid} is not assigned to {where} (per {source}: {given})"
-            )
-        for job in self.jobs.values():
-            for other in job.pods.values():
-                if (other.namespace, other.name) == (body.namespace, body.pod):
-                    continue
-                if other.gpu_uuids is not None and body.gpu_uuid in other.gpu_uuids:
-                    raise ConflictError(
-                        f"GPU {body.gpu_uuid} is announced for pod {other.namespace}/{other.name}"
-                    )
-
     def register(
         self,
         body: RankRegistration,
@@ -357,7 +234,8 @@ class Node:
             raise InvalidError(f"GPU {body.gpu_uuid} is not on node {self.node_name}")
         if not gpu.usable:
             raise InvalidError(f"GPU {body.gpu_uuid} cannot be managed: {gpu.reason}")
-        self._check_assignment(body, pod, kubelet)
+        announced = (p for j in self.jobs.values() for p in j.pods.values())
+        check_assignment(body, pod, kubelet, self.gpus.values(), announced)
         identity = (body.namespace, body.pod, body.rank)
         rank_id = self._rank_ids.get(identity)
         holder = next((r for r in self.ranks.values() if r.gpu_uuid == body.gpu_uuid), None)
@@ -403,7 +281,7 @@ class Node:
     def authenticate_rank(self, rank_id: str, token: str, source_ip: str | None) -> Rank:
         rank = self.ranks.get(rank_id)
         job = self.jobs.get(rank.job_key) if rank is not None else None
-        if rank is None or job is None or not self._job_token_ok(job, token):
+        if rank is None or job is None or not job.token_ok(token):
             raise AuthError("unknown rank or wrong job token")
         pod = job.pods.get((rank.namespace, rank.pod))
         if pod is None:
@@ -449,19 +327,8 @@ class Node:
         if not usable:
             raise InvalidError(f"node {self.node_name} has no usable GPU")
         for entry in body.entries:
-            holders = [
-                self.gpus[r.gpu_uuid]
-                for r in job.ranks.values()
-                if (r.data_rank, r.pipeline_rank) == (entry.data_rank, entry.pipeline_rank)
-            ]
-            for gpu in holders or usable:
-                unsupported = sorted(set(entry.frequencies_mhz) - set(gpu.supported_sm_clocks_mhz))
-                if unsupported:
-                    raise InvalidError(
-                        f"entry (data_rank {entry.data_rank}, pipeline_rank "
-                        f"{entry.pipeline_rank}): {unsupported} MHz not supported by GPU "
-                        f"{gpu.uuid} (supported: {list(gpu.supported_sm_clocks_mhz)})"
-                    )
+            held = [self.gpus[r.gpu_uuid] for r in job.ranks.values() if holds(r, entry)]
+            check_clocks(entry, held or usable)
         job.schedule = {(e.data_rank, e.pipeline_rank): e for e in body.entries}
         for rank in job.ranks.values():
             self._apply_schedule_to_rank(job, rank)
@@ -483,13 +350,8 @@ class Node:
             if was_controlled and rank.profiling is None:
                 self._reset_gpu(rank.gpu_uuid, "schedule-deleted")
             return
-        chunks = entry.chunks
-        forward = [0] * (entry.microbatches * chunks)
-        backward = [0] * (entry.microbatches * chunks)
-        for text, mhz in zip(entry.order, entry.frequencies_mhz, strict=True):
-            is_forward, m, chunk = parse_instruction(text)
-            (forward if is_forward else backward)[m * chunks + (chunk or 0)] = mhz
-        rank.set_schedule(tuple(forward), tuple(backward), chunks)
+        forward, backward = clock_tables(entry)
+        rank.set_schedule(forward, backward, entry.chunks)
 
     # ---- profiling --------------------------------------------------------------------------
 
@@ -604,43 +466,10 @@ class Node:
     # ---- metrics ----------------------------------------------------------------------------
 
     def _collect(self) -> Iterator[Metric]:
-        clock = GaugeMetricFamily(
-            "perseus_sidecar_gpu_sm_clock_mhz", "Current SM clock of each GPU.", labels=["gpu"]
+        return state_metrics(
+            self.backend,
+            list(self.gpus),
+            self.clocks,
+            list(self.ranks.values()),
+            tenant_labels=self.metrics_tenant_labels,  # GET /metrics has no auth: opt-in
         )
-        locked = GaugeMetricFamily(
-            "perseus_sidecar_gpu_locked_sm_clock_mhz",
-            "SM clock this sidecar locked (0 when it holds no lock).",
-            labels=["gpu"],
-        )
-        energy = GaugeMetricFamily(
-            "perseus_sidecar_gpu_energy_joules", "Total energy counter of each GPU.", labels=["gpu"]
-        )
-        power = GaugeMetricFamily(
-            "perseus_sidecar_gpu_power_watts", "Power draw of each GPU.", labels=["gpu"]
-        )
-        for uuid in self.gpus:
-            with contextlib.suppress(GpuError):
-                clock.add_metric([uuid], self.backend.current_sm_clock_mhz(uuid))
-                energy.add_metric([uuid], self.backend.total_energy_mj(uuid) / 1000.0)
-                power.add_metric([uuid], self.backend.power_w(uuid))
-            locked.add_metric([uuid], self.clocks.applied_mhz(uuid) or 0)
-        controlled = GaugeMetricFamily(
-            "perseus_sidecar_gpu_schedule_active",
-            "1 while the rank on the GPU follows a schedule or a profiling session.",
-            labels=["gpu"],
-        )
-        for rank in self.ranks.values():
-            controlled.add_metric([rank.gpu_uuid], 1.0 if rank.controlled else 0.0)
-        yield from (clock, locked, energy, power, controlled)
-        if self.metrics_tenant_labels:  # GET /metrics has no auth: tenants' names are opt-in
-            active = GaugeMetricFamily(
-                "perseus_sidecar_schedule_active",
-                "1 while a rank's clock follows a schedule or a profiling session.",
-                labels=["namespace", "job", "rank"],
-            )
-            for rank in self.ranks.values():
-                active.add_metric(
-                    [rank.job_key[0], rank.job_key[1], str(rank.rank)],
-                    1.0 if rank.controlled else 0.0,
-                )
-            yield active

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from perseus_hooks import wire
 from perseus_hooks.wire import MAX_LINE_BYTES, WireError, parse_event
-from perseus_sidecar.node import AuthError, Node
+from perseus_sidecar.errors import AuthError
+from perseus_sidecar.node import Node
 from perseus_sidecar.ranks import Rank
 
 __all__ = ["MAX_LINE_BYTES", "EventLimits", "EventProtocol", "start_event_server"]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from perseus_sim.trainer import NodeSpec, SimulationError
+from perseus_sim.spec import NodeSpec, SimulationError
 
 __all__ = ["announce_job", "withdraw_job"]
 

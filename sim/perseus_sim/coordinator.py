@@ -26,13 +26,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from perseus_sim import wire
 from perseus_sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
-from perseus_sim.trainer import IterationResult, SimulationError, Straggler
+from perseus_sim.spec import CoordinatorConfig, IterationResult
 
-__all__ = ["Coordinator", "CoordinatorConfig", "CoordinatorError"]
+__all__ = ["Coordinator", "CoordinatorError"]
 
 log = logging.getLogger(__name__)
 
@@ -49,69 +48,6 @@ class CoordinatorError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    stages: int
-    pipelines: int
-    microbatches: int
-    iterations: int
-    host: str = "0.0.0.0"
-    port: int = 29400
-    allreduce_s: float = 0.0
-    stragglers: tuple[Straggler, ...] = ()
-    time_scale: float | None = None
-    """When set, every rank's node must run at this time scale."""
-    join_timeout_s: float = 600.0
-    rejoin_timeout_s: float = 120.0
-    rank_timeout_s: float = 30.0
-    """Silence after which a rank counts as gone (ranks ping every 2 s)."""
-    start_margin_s: float = 0.05
-    """Wall seconds between sending a start and the instant it names."""
-    stop_file: Path | None = None
-    """Once this file exists, the job ends after the iteration in progress, as if its last."""
-
-    def __post_init__(self) -> None:
-        for label, value in (
-            ("stages", self.stages),
-            ("pipelines", self.pipelines),
-            ("microbatches", self.microbatches),
-            ("iterations", self.iterations),
-        ):
-            if value < 1:
-                raise SimulationError(f"{label} must be >= 1, got {value}")
-        if self.stages * self.pipelines > wire.MAX_RANKS:
-            raise SimulationError(f"at most {wire.MAX_RANKS} ranks")
-        for label, number in (
-            ("allreduce_s", self.allreduce_s),
-            ("join_timeout_s", self.join_timeout_s),
-            ("rejoin_timeout_s", self.rejoin_timeout_s),
-            ("rank_timeout_s", self.rank_timeout_s),
-            ("start_margin_s", self.start_margin_s),
-        ):
-            if not math.isfinite(number) or number < 0:
-                raise SimulationError(f"{label} must be a finite number >= 0, got {number}")
-        if self.time_scale is not None and not (
-            math.isfinite(self.time_scale) and self.time_scale > 0
-        ):
-            raise SimulationError(f"time scale must be > 0, got {self.time_scale}")
-        for s in self.stragglers:
-            if not 0 <= s.pipeline < self.pipelines:
-                raise SimulationError(
-                    f"straggler pipeline {s.pipeline} is not one of 0..{self.pipelines - 1}"
-                )
-
-    @property
-    def ranks(self) -> int:
-        return self.stages * self.pipelines
-
-    def factor(self, pipeline: int, iteration: int) -> float:
-        factor = 1.0
-        for s in self.stragglers:
-            if s.pipeline == pipeline and iteration >= s.from_iteration:
-                factor *= s.factor
-        return factor
 
 
 @dataclass

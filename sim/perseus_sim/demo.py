@@ -35,7 +35,9 @@ async def run_demo(args: argparse.Namespace) -> int:
 
     from perseus_operator.model import GROUP, PLURAL, VERSION
     from perseus_profiles import load_example
-    from perseus_sim.cluster import SimCluster, SimJob, wait_for
+    from perseus_sim.cluster import SimCluster
+    from perseus_sim.kubeobjects import wait_for
+    from perseus_sim.simjob import SimJob
 
     kubeconfig = os.environ["KUBECONFIG"]
     await config.load_kube_config(config_file=kubeconfig)

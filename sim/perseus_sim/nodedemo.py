@@ -146,7 +146,7 @@ class Cluster:
 
     def locked_clocks(self) -> list[int | None]:
         """Each simulated GPU's locked clock (None: unlocked), from the simulated driver."""
-        from perseus_sidecar.gpu.simulated import open_node
+        from perseus_sidecar.gpu.simnode import open_node
 
         return [g.locked_sm_clock_mhz() for g in open_node(self.gpu_state_dir)[2]]
 

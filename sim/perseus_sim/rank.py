@@ -24,11 +24,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import perseus_hooks as hooks_mod
-from perseus_sidecar.gpu.simulated import open_node
+from perseus_sidecar.gpu.simnode import open_node
 from perseus_sim import wire
 from perseus_sim.links import StoppedError
+from perseus_sim.spec import NodeSpec, RankPlacement, SimConfig
 from perseus_sim.tcp_links import PeerListener, TcpLinks
-from perseus_sim.trainer import NodeSpec, RankPlacement, SimConfig, SimTrainer
+from perseus_sim.trainer import SimTrainer
 
 __all__ = ["RankError", "RankOptions", "run_rank"]
 

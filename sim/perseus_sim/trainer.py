@@ -23,32 +23,28 @@ the threads' wake-up jitter.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
-import math
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import perseus_hooks as hooks_mod
 from perseus_profiles import INSTRUCTIONS, StageProfile
-from perseus_sidecar.gpu.simulated import NodeSettings, SimulatedGpu, open_node
+from perseus_sidecar.gpu.simnode import NodeSettings, SimulatedGpu, open_node
 from perseus_sim.links import Barrier, Links, QueueLinks, StoppedError
 from perseus_sim.schedule import Instruction, iteration_time_s, pipeline_order
+from perseus_sim.spec import (
+    Crash,
+    IterationResult,
+    NodeSpec,
+    RankPlacement,
+    SimConfig,
+    SimulationError,
+)
 
-__all__ = [
-    "Crash",
-    "IterationResult",
-    "NodeSpec",
-    "RankPlacement",
-    "SimConfig",
-    "SimTrainer",
-    "SimulationError",
-    "Straggler",
-]
+__all__ = ["SimTrainer"]
 
 log = logging.getLogger(__name__)
 
@@ -56,138 +52,6 @@ _CHUNK_S = 0.1
 """Longest uninterrupted sleep, so a stop request is noticed promptly."""
 _CLOCK_CHECKS_S = (0.001, 0.003, 0.01)
 """When, after an instruction's begin event (wall seconds), to look for the sidecar's clock."""
-
-
-class SimulationError(RuntimeError):
-    """The simulation cannot run as configured; one readable line."""
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """A simulated node: its sidecar's address and the state dir of its simulated GPUs."""
-
-    host: str
-    port: int
-    state_dir: Path
-
-
-@dataclass(frozen=True)
-class Straggler:
-    """Pipeline `pipeline` runs `factor` times slower from iteration `from_iteration` on."""
-
-    pipeline: int
-    factor: float
-    from_iteration: int = 0
-
-
-@dataclass(frozen=True)
-class Crash:
-    """Rank `rank` dies halfway through iteration `at_iteration` (its event stream drops, its GPU
-    idles, the job stalls behind it) and restarts after `down_s` wall seconds, registering again
-    and redoing that iteration's remaining instructions, as a job restarted from its last
-    checkpoint would, only faster to simulate."""
-
-    rank: int
-    at_iteration: int
-    down_s: float
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    nodes: tuple[NodeSpec, ...]
-    pipelines: int
-    microbatches: int
-    iterations: int
-    job_token: str
-    namespace: str = "default"
-    job: str = "sim"
-    pod_prefix: str | None = None
-    """Rank r runs in pod ``<pod_prefix>-<r>`` (default: the job name)."""
-    pod_ip_base: str | None = None
-    """Rank r's pod has IP base + r and its hooks bind to it; None: pods on the host network."""
-    stragglers: tuple[Straggler, ...] = ()
-    crashes: tuple[Crash, ...] = ()
-    allreduce_s: float = 0.0
-    """Simulated seconds between the pipelines' end and the next iteration (GPUs idle)."""
-    max_lag_s: float = 0.05
-    """Host lag (wall seconds) absorbed by the GPU timeline, as a launch queue absorbs it."""
-    connect_timeout_s: float = 10.0
-    """How long to wait for every rank's event stream before starting (wall seconds)."""
-
-    def __post_init__(self) -> None:
-        if not self.nodes:
-            raise SimulationError("at least one simulated node (sidecar) is needed")
-        for label, value in (
-            ("pipelines", self.pipelines),
-            ("microbatches", self.microbatches),
-            ("iterations", self.iterations),
-        ):
-            if value < 1:
-                raise SimulationError(f"{label} must be >= 1, got {value}")
-        for label, number in (
-            ("allreduce_s", self.allreduce_s),
-            ("max_lag_s", self.max_lag_s),
-            ("connect_timeout_s", self.connect_timeout_s),
-        ):
-            if not math.isfinite(number) or number < 0:
-                raise SimulationError(f"{label} must be a finite number >= 0, got {number}")
-        for s in self.stragglers:
-            if not 0 <= s.pipeline < self.pipelines:
-                raise SimulationError(
-                    f"straggler pipeline {s.pipeline} is not one of 0..{self.pipelines - 1}"
-                )
-            if not math.isfinite(s.factor) or s.factor <= 0:
-                raise SimulationError(f"straggler factor must be > 0, got {s.factor}")
-            if s.from_iteration < 0:
-                raise SimulationError("straggler iteration must be >= 0")
-        for c in self.crashes:
-            if c.at_iteration < 0 or not math.isfinite(c.down_s) or c.down_s < 0:
-                raise SimulationError("a crash needs an iteration >= 0 and a down time >= 0 s")
-        if self.pod_ip_base is not None:
-            try:
-                ipaddress.ip_address(self.pod_ip_base)
-            except ValueError:
-                raise SimulationError(f"pod IP base {self.pod_ip_base!r} is not an IP") from None
-
-    def pod_name(self, rank: int) -> str:
-        return f"{self.pod_prefix or self.job}-{rank}"
-
-    def pod_ip(self, rank: int) -> str | None:
-        if self.pod_ip_base is None:
-            return None
-        return str(ipaddress.ip_address(self.pod_ip_base) + rank)
-
-    def straggle_factor(self, pipeline: int, iteration: int) -> float:
-        factor = 1.0
-        for s in self.stragglers:
-            if s.pipeline == pipeline and iteration >= s.from_iteration:
-                factor *= s.factor
-        return factor
-
-
-@dataclass(frozen=True)
-class RankPlacement:
-    rank: int
-    data_rank: int
-    stage: int
-    node: int
-    gpu_index: int
-    gpu_uuid: str
-
-
-@dataclass(frozen=True)
-class IterationResult:
-    iteration: int
-    time_s: float
-    """Measured on the wall clock (barrier to barrier), in simulated seconds."""
-    timeline_s: float
-    """On the simulated GPUs' timeline."""
-    expected_s: float
-    """All GPUs at maximum clock: the longest path of the pipeline's DAG (slowest pipeline)."""
-    energy_j: float
-    """All the job's GPUs, from their exact energy curves."""
-    late_starts: int
-    """Instructions that started late because the host fell behind by more than max_lag_s."""
 
 
 @dataclass

@@ -13,7 +13,8 @@ import pytest
 from kubernetes_asyncio import client, config
 
 from perseus_profiles import load_example
-from perseus_sim.cluster import SimCluster, SimJob
+from perseus_sim.cluster import SimCluster
+from perseus_sim.simjob import SimJob
 from tests.chart._scripts import K8S_BIN
 from tests.chart.release import (
     OperatorRelease,

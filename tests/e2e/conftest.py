@@ -22,7 +22,9 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from perseus_operator.model import GROUP, PLURAL, VERSION
 from perseus_profiles import StageProfile, load_example
-from perseus_sim.cluster import SimCluster, SimJob, policy_manifest, wait_for
+from perseus_sim.cluster import SimCluster
+from perseus_sim.kubeobjects import wait_for
+from perseus_sim.simjob import SimJob, policy_manifest
 
 KUBECONFIG = os.environ.get("KUBECONFIG", "")
 ROOT = Path(__file__).resolve().parents[2]

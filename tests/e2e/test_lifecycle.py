@@ -11,7 +11,8 @@ from kubernetes_asyncio import client
 
 from perseus_operator.model import GROUP, PLURAL, VERSION
 from perseus_operator.sidecars import SidecarGateway, SidecarUnreachableError
-from perseus_sim.cluster import SimCluster, wait_for
+from perseus_sim.cluster import SimCluster
+from perseus_sim.kubeobjects import wait_for
 from tests.e2e.conftest import (
     KUBECONFIG,
     condition,

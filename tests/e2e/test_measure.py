@@ -10,7 +10,8 @@ from kubernetes_asyncio import client
 from perseus_operator.kube import profile_configmap_name
 from perseus_operator.model import GROUP, PLURAL, VERSION
 from perseus_profiles import parse_profile_csv
-from perseus_sim.cluster import SimCluster, policy_manifest
+from perseus_sim.cluster import SimCluster
+from perseus_sim.simjob import policy_manifest
 from tests.e2e.conftest import PROFILE_CM, condition, needs_cluster, start_job, wait_condition
 
 pytestmark = [pytest.mark.e2e, needs_cluster, pytest.mark.timeout(300)]

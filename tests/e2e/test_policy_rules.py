@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from perseus_sim.cluster import SimCluster, policy_manifest
+from perseus_sim.cluster import SimCluster
+from perseus_sim.simjob import policy_manifest
 from tests.e2e.conftest import (
     PROFILE_CM,
     condition,

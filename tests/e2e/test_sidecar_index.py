@@ -9,7 +9,8 @@ import asyncio
 import pytest
 from kubernetes_asyncio import client
 
-from perseus_sim.cluster import SIDECAR_LABELS, SIDECAR_PORT, SimCluster
+from perseus_sim.cluster import SimCluster
+from perseus_sim.kubeobjects import SIDECAR_LABELS, SIDECAR_PORT
 from tests.e2e.conftest import condition, create_policy, needs_cluster, start_job, wait_condition
 
 pytestmark = [pytest.mark.e2e, needs_cluster, pytest.mark.timeout(300)]

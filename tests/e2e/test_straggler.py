@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from perseus_sim.cluster import SimCluster, wait_for
+from perseus_sim.cluster import SimCluster
+from perseus_sim.kubeobjects import wait_for
 from tests.e2e.conftest import (
     condition,
     create_policy,

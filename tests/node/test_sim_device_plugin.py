@@ -25,16 +25,18 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "node" / "sim_device_plugin.py"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sim_device_plugin", SCRIPT)
+def _load(name: str) -> ModuleType:
+    """A module of scripts/node (run as files there, not installed)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["sim_device_plugin"] = module  # dataclasses look their module up
+    sys.modules[name] = module  # dataclasses look their module up; the script imports it
     spec.loader.exec_module(module)
     return module
 
 
-dp = _load()
+dpm = _load("deviceplugin_messages")
+dp = _load("sim_device_plugin")
 UUIDS = [f"GPU-sim-n1-{i}" for i in range(4)]
 
 
@@ -54,11 +56,11 @@ def test_varints_match_the_protobuf_spec() -> None:
 
 
 def test_register_request_bytes() -> None:
-    request = dp.RegisterRequest(
+    request = dpm.RegisterRequest(
         "v1beta1",
         "perseus-sim-gpu.sock",
         "nvidia.com/gpu",
-        dp.DevicePluginOptions(get_preferred_allocation_available=True),
+        dpm.DevicePluginOptions(get_preferred_allocation_available=True),
     )
     expected = (
         b"\x0a\x07v1beta1"
@@ -66,18 +68,18 @@ def test_register_request_bytes() -> None:
         + b"\x1a\x0envidia.com/gpu"
         + b"\x22\x02\x10\x01"  # options: field 2 (varint) = true; false fields are not sent
     )
-    assert dp.encode_register_request(request) == expected
-    assert dp.decode_register_request(expected) == request
-    assert dp.encode_options(dp.DevicePluginOptions()) == b""
+    assert dpm.encode_register_request(request) == expected
+    assert dpm.decode_register_request(expected) == request
+    assert dpm.encode_options(dpm.DevicePluginOptions()) == b""
 
 
 def test_list_and_watch_response_bytes() -> None:
-    devices = [dp.Device("GPU-sim-n1-0"), dp.Device("GPU-sim-n1-1", "Unhealthy")]
+    devices = [dpm.Device("GPU-sim-n1-0"), dpm.Device("GPU-sim-n1-1", "Unhealthy")]
     first = _str(1, "GPU-sim-n1-0") + _str(2, "Healthy")
     second = _str(1, "GPU-sim-n1-1") + _str(2, "Unhealthy")
     expected = bytes((0x0A, len(first))) + first + bytes((0x0A, len(second))) + second
-    assert dp.encode_list_and_watch_response(devices) == expected
-    assert dp.decode_list_and_watch_response(expected) == devices
+    assert dpm.encode_list_and_watch_response(devices) == expected
+    assert dpm.decode_list_and_watch_response(expected) == devices
 
 
 def test_allocate_request_bytes() -> None:
@@ -85,8 +87,8 @@ def test_allocate_request_bytes() -> None:
     two = _str(1, "GPU-sim-n1-1") + _str(1, "GPU-sim-n1-2")
     expected = b"\x0a" + bytes((len(one),)) + one + b"\x0a" + bytes((len(two),)) + two
     containers = [["GPU-sim-n1-0"], ["GPU-sim-n1-1", "GPU-sim-n1-2"]]
-    assert dp.encode_allocate_request(containers) == expected
-    assert dp.decode_allocate_request(expected) == containers
+    assert dpm.encode_allocate_request(containers) == expected
+    assert dpm.decode_allocate_request(expected) == containers
 
 
 def test_allocate_response_matches_the_kubelets_own_encoding() -> None:
@@ -101,20 +103,20 @@ def test_allocate_response_matches_the_kubelets_own_encoding() -> None:
         "NVIDIA_VISIBLE_DEVICES": "GPU-sim-perseus-node-0",
         "PERSEUS_GPU_UUID": "GPU-sim-perseus-node-0",
     }
-    response = dp.encode_allocate_response([envs])
+    response = dpm.encode_allocate_response([envs])
     assert response == b"\x0a" + bytes((len(kubelet),)) + kubelet
-    assert dp.decode_allocate_response(response) == [envs]
+    assert dpm.decode_allocate_response(response) == [envs]
 
 
 def test_preferred_allocation_round_trip() -> None:
-    requests = [dp.PreferenceRequest(["a", "b", "c"], ["c"], 2)]
-    data = dp.encode_preferred_allocation_request(requests)
+    requests = [dpm.PreferenceRequest(["a", "b", "c"], ["c"], 2)]
+    data = dpm.encode_preferred_allocation_request(requests)
     assert data == b"\x0a\x0e" + _str(1, "a") + _str(1, "b") + _str(1, "c") + _str(2, "c") + (
         b"\x18\x02"
     )
-    assert dp.decode_preferred_allocation_request(data) == requests
-    assert dp.decode_preferred_allocation_response(
-        dp.encode_preferred_allocation_response([["c", "a"]])
+    assert dpm.decode_preferred_allocation_request(data) == requests
+    assert dpm.decode_preferred_allocation_response(
+        dpm.encode_preferred_allocation_response([["c", "a"]])
     ) == [["c", "a"]]
 
 
@@ -124,14 +126,14 @@ def test_preferred_allocation_round_trip() -> None:
     ids=["short-field", "no-length", "short-varint", "wire-3", "varint-for-message"],
 )
 def test_malformed_messages_are_refused(data: bytes) -> None:
-    with pytest.raises(dp.ProtoError):
-        dp.decode_allocate_request(data)
+    with pytest.raises(dpm.ProtoError):
+        dpm.decode_allocate_request(data)
 
 
 def test_unknown_fields_are_skipped() -> None:
     device = _str(1, "GPU-sim-n1-0") + _str(2, "Healthy") + b"\x1a\x02\x0a\x00"  # topology
     data = b"\x0a" + bytes((len(device),)) + device + b"\x10\x07" + b"\x1d\x00\x00\x00\x00"
-    assert dp.decode_list_and_watch_response(data) == [dp.Device("GPU-sim-n1-0")]
+    assert dpm.decode_list_and_watch_response(data) == [dpm.Device("GPU-sim-n1-0")]
 
 
 # --- the plugin's choices ----------------------------------------------------------------------
@@ -155,9 +157,9 @@ def test_simulated_gpus_use_the_sidecars_uuids() -> None:
 
 def test_preferred_allocation_takes_required_then_lowest() -> None:
     gpus = dp.SimulatedGpus("n1", 4)
-    request = dp.PreferenceRequest([UUIDS[3], UUIDS[1], UUIDS[2], "GPU-other"], [UUIDS[3]], 2)
+    request = dpm.PreferenceRequest([UUIDS[3], UUIDS[1], UUIDS[2], "GPU-other"], [UUIDS[3]], 2)
     assert gpus.preferred(request) == [UUIDS[3], UUIDS[1]]
-    assert gpus.preferred(dp.PreferenceRequest(UUIDS[::-1], [], 3)) == UUIDS[:3]
+    assert gpus.preferred(dpm.PreferenceRequest(UUIDS[::-1], [], 3)) == UUIDS[:3]
 
 
 # --- through gRPC ------------------------------------------------------------------------------
@@ -176,7 +178,7 @@ class FakeKubelet:
             if self.refuse:
                 self.refuse -= 1
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not now")
-            self.requests.put(dp.decode_register_request(request))
+            self.requests.put(dpm.decode_register_request(request))
             return b""
 
         self.server.add_generic_rpc_handlers(
@@ -226,30 +228,30 @@ def test_plugin_registers_and_serves_the_kubelets_calls(
     kubelet, stop, thread = plugin
     registered = kubelet.requests.get(timeout=30)  # after one refused attempt
     assert kubelet.refuse == 0
-    assert registered == dp.RegisterRequest(
+    assert registered == dpm.RegisterRequest(
         "v1beta1",
         "sim.sock",
         "nvidia.com/gpu",
-        dp.DevicePluginOptions(get_preferred_allocation_available=True),
+        dpm.DevicePluginOptions(get_preferred_allocation_available=True),
     )
     with grpc.insecure_channel(f"unix://{plugin_dir / 'sim.sock'}") as channel:
-        options = dp.decode_options(_call(channel, "GetDevicePluginOptions", b""))
+        options = dpm.decode_options(_call(channel, "GetDevicePluginOptions", b""))
         assert options == registered.options
         stream = channel.unary_stream(
             "/v1beta1.DevicePlugin/ListAndWatch",
             request_serializer=bytes,
             response_deserializer=bytes,
         )(b"")
-        assert dp.decode_list_and_watch_response(next(stream)) == [dp.Device(u) for u in UUIDS]
+        assert dpm.decode_list_and_watch_response(next(stream)) == [dpm.Device(u) for u in UUIDS]
         allocated = _call(
-            channel, "Allocate", dp.encode_allocate_request([[UUIDS[1]], [UUIDS[3], UUIDS[2]]])
+            channel, "Allocate", dpm.encode_allocate_request([[UUIDS[1]], [UUIDS[3], UUIDS[2]]])
         )
-        assert dp.decode_allocate_response(allocated) == [
+        assert dpm.decode_allocate_response(allocated) == [
             {"PERSEUS_GPU_UUID": UUIDS[1], "NVIDIA_VISIBLE_DEVICES": UUIDS[1]},
             {"PERSEUS_GPU_UUID": UUIDS[2], "NVIDIA_VISIBLE_DEVICES": f"{UUIDS[2]},{UUIDS[3]}"},
         ]
         with pytest.raises(grpc.RpcError) as refused:
-            _call(channel, "Allocate", dp.encode_allocate_request([["GPU-sim-n2-0"]]))
+            _call(channel, "Allocate", dpm.encode_allocate_request([["GPU-sim-n2-0"]]))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert refused.value.details() == "unknown devices: GPU-sim-n2-0"
         with pytest.raises(grpc.RpcError) as malformed:
@@ -258,12 +260,12 @@ def test_plugin_registers_and_serves_the_kubelets_calls(
         preferred = _call(
             channel,
             "GetPreferredAllocation",
-            dp.encode_preferred_allocation_request([dp.PreferenceRequest(UUIDS[::-1], [], 2)]),
+            dpm.encode_preferred_allocation_request([dpm.PreferenceRequest(UUIDS[::-1], [], 2)]),
         )
-        assert dp.decode_preferred_allocation_response(preferred) == [UUIDS[:2]]
-        prestart = dp.encode_device_ids([UUIDS[0], UUIDS[1]])
+        assert dpm.decode_preferred_allocation_response(preferred) == [UUIDS[:2]]
+        prestart = dpm.encode_device_ids([UUIDS[0], UUIDS[1]])
         assert prestart == _str(1, UUIDS[0]) + _str(1, UUIDS[1])
-        assert dp.decode_device_ids(prestart) == UUIDS[:2]
+        assert dpm.decode_device_ids(prestart) == UUIDS[:2]
         assert _call(channel, "PreStartContainer", prestart) == b""
 
         stop.set()
@@ -286,8 +288,8 @@ def test_plugin_registers_again_when_the_kubelet_restarts(
     try:
         assert restarted.requests.get(timeout=30) == first
         with grpc.insecure_channel(f"unix://{plugin_dir / 'sim.sock'}") as channel:
-            allocated = _call(channel, "Allocate", dp.encode_allocate_request([[UUIDS[0]]]))
-        assert dp.decode_allocate_response(allocated)[0]["PERSEUS_GPU_UUID"] == UUIDS[0]
+            allocated = _call(channel, "Allocate", dpm.encode_allocate_request([[UUIDS[0]]]))
+        assert dpm.decode_allocate_response(allocated)[0]["PERSEUS_GPU_UUID"] == UUIDS[0]
     finally:
         restarted.close()
 

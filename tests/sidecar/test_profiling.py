@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from perseus_profiles import StageProfile
 from perseus_sidecar.api import JobAnnouncement, ProfilingRequest, RankRegistration
 from perseus_sidecar.estimator import estimate_energy
-from perseus_sidecar.gpu.simulated import SimulatedBackend, perturbed_profile
+from perseus_sidecar.gpu.simnode import perturbed_profile
+from perseus_sidecar.gpu.simulated import SimulatedBackend
 from perseus_sidecar.lockstate import LockState
 from perseus_sidecar.node import Node
 from perseus_sidecar.ranks import (

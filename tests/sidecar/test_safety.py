@@ -20,7 +20,8 @@ from fastapi.testclient import TestClient
 from perseus_profiles import StageProfile
 from perseus_sidecar.app import create_app
 from perseus_sidecar.gpu.base import GpuPermissionError
-from perseus_sidecar.gpu.simulated import SimulatedBackend, open_node
+from perseus_sidecar.gpu.simnode import open_node
+from perseus_sidecar.gpu.simulated import SimulatedBackend
 from perseus_sidecar.lockstate import FILENAME, LockState
 
 from .conftest import (

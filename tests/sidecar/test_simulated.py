@@ -14,13 +14,8 @@ import pytest
 
 from perseus_profiles import StageProfile, load_example, parse_profile_csv
 from perseus_sidecar.gpu.base import GpuError, GpuNotFoundError, GpuNotSupportedError
-from perseus_sidecar.gpu.simulated import (
-    NODE_FILE,
-    SimulatedBackend,
-    open_node,
-    perturbed_profile,
-    simulated_uuid,
-)
+from perseus_sidecar.gpu.simnode import NODE_FILE, open_node, perturbed_profile, simulated_uuid
+from perseus_sidecar.gpu.simulated import SimulatedBackend
 
 PROFILE_CSV = """stage,instruction,frequency,time,energy
 0,forward,1000,0.1,20

@@ -354,7 +354,8 @@ def coordinator(job_env: tuple[Path, SidecarProcess]) -> Iterator[int]:
     """An in-process coordinator for a 1 x 4 job (port)."""
     import asyncio
 
-    from perseus_sim.coordinator import Coordinator, CoordinatorConfig
+    from perseus_sim.coordinator import Coordinator
+    from perseus_sim.spec import CoordinatorConfig
 
     config = CoordinatorConfig(
         stages=4, pipelines=1, microbatches=2, iterations=1, host="127.0.0.1", port=0

@@ -26,15 +26,15 @@ from perseus_sim.schedule import (
     iteration_time_s,
     one_f_one_b_order,
 )
-from perseus_sim.trainer import (
+from perseus_sim.spec import (
     Crash,
     IterationResult,
     NodeSpec,
     SimConfig,
-    SimTrainer,
     SimulationError,
     Straggler,
 )
+from perseus_sim.trainer import SimTrainer
 from tests.sim.sidecar_process import JOB_TOKEN, SidecarProcess, sidecar_process
 
 pytestmark = pytest.mark.slow
@@ -166,7 +166,7 @@ def test_locked_clocks_slow_the_pipeline_as_profiled(tmp_path: Path) -> None:
                 {
                     "data_rank": 0,
                     "pipeline_rank": s,
-                    "order": [("F" if f else "B") + str(m) for f, m, _ in orders[s]],
+                    "order": [format_instruction(i) for i in orders[s]],
                     "frequencies_mhz": [low] * len(orders[s]),
                 }
                 for s in range(4)
@@ -313,7 +313,7 @@ def test_crash_shows_in_the_sidecar_and_the_rank_comes_back(
             {
                 "data_rank": 0,
                 "pipeline_rank": s,
-                "order": [("F" if f else "B") + str(m) for f, m, _ in orders[s]],
+                "order": [format_instruction(i) for i in orders[s]],
                 "frequencies_mhz": [low] * len(orders[s]),
             }
             for s in range(4)

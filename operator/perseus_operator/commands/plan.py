@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from perseus_hooks.pipeline import SCHEDULES
 from perseus_operator.cli import CliError
 
 __all__ = ["add_parser", "run"]
@@ -41,7 +42,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--microbatches", type=int, required=True, help="microbatches/iteration")
     parser.add_argument(
         "--schedule",
-        choices=("1f1b", "interleaved-1f1b"),
+        choices=SCHEDULES,
         default="1f1b",
         help="pipeline schedule; interleaved-1f1b is Megatron-LM's, with --virtual-stages model "
         "chunks per stage and microbatches a multiple of the stages (default: 1f1b)",

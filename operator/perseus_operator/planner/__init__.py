@@ -18,10 +18,11 @@ CLI rely on:
 
 from perseus_operator.planner.config import DEFAULT_SEARCH, SearchConfig
 from perseus_operator.planner.evaluate import evaluate_plan, stage_spans
-from perseus_operator.planner.frontier import Frontier, Plan, ProgressCallback, compute_frontier
+from perseus_operator.planner.frontier import ProgressCallback, compute_frontier
 from perseus_operator.planner.lookup import plan_for_no_straggler, plan_for_straggler
 from perseus_operator.planner.pace import PacePlan, PacePlanner
 from perseus_operator.planner.pipeline import SCHEDULES, PipelineShape, instruction_order
+from perseus_operator.planner.plans import Frontier, Plan
 
 __all__ = [
     "DEFAULT_SEARCH",

@@ -20,7 +20,7 @@ __all__ = ["DEFAULT_SEARCH", "SearchConfig"]
 class SearchConfig:
     """How the planner searches; every field is validated, a bad one raises ValueError."""
 
-    # ---- Deadlines the LP's relaxed plans are rounded for (`frontier._Search.lp_rounded`) ----
+    # ---- Deadlines the LP's relaxed plans are rounded for (`search.Search.lp_rounded`) ----
     grid_fraction: float = 0.001
     """Deadline spacing between T0 and a little past the relaxation's least energy."""
     fast_grid_fraction: float = 0.0002
@@ -67,7 +67,7 @@ class SearchConfig:
     size only near T0 and stretch a copy this long everywhere else."""
     short_min_stage_multiple: int = 3
 
-    # ---- Jittered roundings at and near T0 (`frontier._Search.lp_bases`, `refine_t0`) ----
+    # ---- Jittered roundings at and near T0 (`search.Search.lp_bases`, `refine_t0`) ----
     seed: int = 20241104
     """Seed of every jitter draw: plans are reproducible."""
     random_lanes: int = 64

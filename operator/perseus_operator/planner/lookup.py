@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from perseus_operator.planner.frontier import Frontier, Plan
+from perseus_operator.planner.plans import Frontier, Plan
 
 __all__ = ["plan_for_no_straggler", "plan_for_straggler"]
 

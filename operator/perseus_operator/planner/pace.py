@@ -26,11 +26,12 @@ import numpy.typing as npt
 from perseus_operator.planner.config import DEFAULT_SEARCH, SearchConfig
 from perseus_operator.planner.draws import NormalStream
 from perseus_operator.planner.fill import BatchFill
-from perseus_operator.planner.frontier import Frontier, Plan, _fill_prices, _Search
 from perseus_operator.planner.lookup import plan_for_straggler
 from perseus_operator.planner.lp import LpRelaxation, hull_prices
 from perseus_operator.planner.model import build_options
 from perseus_operator.planner.pipeline import build_dag
+from perseus_operator.planner.plans import Frontier, Plan
+from perseus_operator.planner.search import Search, fill_prices
 from perseus_profiles import StageProfile
 
 __all__ = ["PacePlan", "PacePlanner"]
@@ -76,10 +77,10 @@ class PacePlanner:
         self.config = config
         self.dag = build_dag(pipeline)
         self.table = build_options(profile, self.dag, frontier.blocking_power_w)
-        self.search = _Search(self.dag, self.table, config=config)
+        self.search = Search(self.dag, self.table, config=config)
         self.batch: BatchFill = self.search.batch
         self.idle_power_w = pipeline.stages * frontier.blocking_power_w
-        self.prices = _fill_prices(self.table.hull_slopes(), config.fill_steps_lp)
+        self.prices = fill_prices(self.table.hull_slopes(), config.fill_steps_lp)
         cheapest = self.table.count[self.search.cls] - 1
         self._cheapest = cheapest.astype(np.int64)
         self.slowest_s = float(self.batch.makespans(self._cheapest[:, None])[0])

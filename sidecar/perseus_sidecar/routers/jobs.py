@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Response, status
 
 from perseus_sidecar.api import JobAnnouncement, JobOut
 from perseus_sidecar.deps import JobName, Namespace, NodeDep, require_operator
-from perseus_sidecar.node import Job
+from perseus_sidecar.job import Job
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_operator)])
 

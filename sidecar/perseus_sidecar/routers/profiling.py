@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, status
 
 from perseus_sidecar.api import ProfilingRequest, ProfilingStatus
 from perseus_sidecar.deps import JobName, Namespace, NodeDep, require_operator
-from perseus_sidecar.node import NotFoundError
+from perseus_sidecar.errors import NotFoundError
 
 router = APIRouter(tags=["profiling"], dependencies=[Depends(require_operator)])
 

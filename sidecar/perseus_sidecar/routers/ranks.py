@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, status
 
 from perseus_sidecar.api import EventsAccepted, EventsIn, RankRegistered, RankRegistration
 from perseus_sidecar.deps import BearerToken, ClientIp, NodeDep
-from perseus_sidecar.node import AuthError
+from perseus_sidecar.errors import AuthError
 from perseus_sidecar.ranks import EVENT_CODES
 
 router = APIRouter(tags=["ranks"])

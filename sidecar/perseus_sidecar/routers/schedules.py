@@ -6,7 +6,8 @@ from fastapi import APIRouter, Depends, status
 
 from perseus_sidecar.api import ScheduleIn, ScheduleOut
 from perseus_sidecar.deps import JobName, Namespace, NodeDep, require_operator
-from perseus_sidecar.node import Job, NotFoundError
+from perseus_sidecar.errors import NotFoundError
+from perseus_sidecar.job import Job
 
 router = APIRouter(tags=["schedules"], dependencies=[Depends(require_operator)])
 

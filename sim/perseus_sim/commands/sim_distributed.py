@@ -155,13 +155,13 @@ def run_coordinator(args: argparse.Namespace) -> int:
     import asyncio
 
     from perseus_sim.commands.sim_train import format_iteration, parse_straggler
-    from perseus_sim.coordinator import Coordinator, CoordinatorConfig, CoordinatorError
-    from perseus_sim.trainer import IterationResult, SimulationError, Straggler
+    from perseus_sim.coordinator import Coordinator, CoordinatorError
+    from perseus_sim.spec import CoordinatorConfig, IterationResult, SimulationError, Straggler
 
     _seconds(args, "allreduce_s", "join_timeout_s", "rejoin_timeout_s", "rank_timeout_s")
     time_scale = args.time_scale
     if args.time_scale_from_node is not None:
-        from perseus_sidecar.gpu.simulated import open_node
+        from perseus_sidecar.gpu.simnode import open_node
 
         try:
             settings, _, gpus = open_node(args.time_scale_from_node)

@@ -31,7 +31,7 @@ from perseus_operator.cli import CliError
 from perseus_sim.commands import sim_distributed
 
 if TYPE_CHECKING:
-    from perseus_sim.trainer import IterationResult
+    from perseus_sim.spec import IterationResult
 
 __all__ = [
     "add_parser",
@@ -171,14 +171,8 @@ def _read_token(path: Path, what: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from perseus_sim.announce import announce_job, withdraw_job
-    from perseus_sim.trainer import (
-        Crash,
-        NodeSpec,
-        SimConfig,
-        SimTrainer,
-        SimulationError,
-        Straggler,
-    )
+    from perseus_sim.spec import Crash, NodeSpec, SimConfig, SimulationError, Straggler
+    from perseus_sim.trainer import SimTrainer
 
     if not args.node or args.microbatches is None:
         raise CliError(
