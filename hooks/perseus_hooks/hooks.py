@@ -132,13 +132,7 @@ class Hooks:
         interleaved pipeline) begins (after `sync` while a schedule is on). `t_ns`
         (``time.time_ns()`` scale, default now) is for simulators and replays, whose timeline
         is not the calling thread's wake-up time."""
-        code = BEGIN_CODES.get(kind)
-        if code is None:
-            raise ValueError(f"instruction kind must be 'forward' or 'backward', got {kind!r}")
-        if microbatch < 0:
-            raise ValueError(f"microbatch must be >= 0, got {microbatch}")
-        if not 0 <= chunk < MAX_CHUNKS:
-            raise ValueError(f"chunk must be 0-{MAX_CHUNKS - 1}, got {chunk}")
+        code = _event_code(BEGIN_CODES, kind, microbatch, chunk)
         sync = self._sync_now
         if sync is not None:
             sync()
@@ -150,13 +144,7 @@ class Hooks:
         self, kind: InstructionKind, microbatch: int, t_ns: int | None = None, *, chunk: int = 0
     ) -> None:
         """The forward/backward of `microbatch` (on `chunk`) ended (as enqueued: no sync here)."""
-        code = END_CODES.get(kind)
-        if code is None:
-            raise ValueError(f"instruction kind must be 'forward' or 'backward', got {kind!r}")
-        if microbatch < 0:
-            raise ValueError(f"microbatch must be >= 0, got {microbatch}")
-        if not 0 <= chunk < MAX_CHUNKS:
-            raise ValueError(f"chunk must be 0-{MAX_CHUNKS - 1}, got {chunk}")
+        code = _event_code(END_CODES, kind, microbatch, chunk)
         if self.config is not None:
             self._enqueued += 1
             self._queue.put((code, microbatch, time.time_ns() if t_ns is None else t_ns, chunk))
@@ -316,3 +304,16 @@ def iteration_end() -> None:
 def instruction(kind: InstructionKind, microbatch: int, chunk: int = 0) -> _Instruction:
     """:meth:`Hooks.instruction` on the default hooks."""
     return _default.instruction(kind, microbatch, chunk)
+
+
+def _event_code(codes: dict[str, str], kind: str, microbatch: int, chunk: int) -> str:
+    """The wire code of an instruction event, once its arguments are checked (a bad call fails
+    in the training thread, where the mistake is, never in the sender)."""
+    code = codes.get(kind)
+    if code is None:
+        raise ValueError(f"instruction kind must be 'forward' or 'backward', got {kind!r}")
+    if microbatch < 0:
+        raise ValueError(f"microbatch must be >= 0, got {microbatch}")
+    if not 0 <= chunk < MAX_CHUNKS:
+        raise ValueError(f"chunk must be 0-{MAX_CHUNKS - 1}, got {chunk}")
+    return code

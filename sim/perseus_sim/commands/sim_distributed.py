@@ -21,10 +21,15 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from perseus_operator.cli import CliError
+
+if TYPE_CHECKING:
+    from perseus_sim.spec import IterationResult
 
 __all__ = ["add_modes", "parse_address"]
 
@@ -156,7 +161,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
 
     from perseus_sim.commands.sim_train import format_iteration, parse_straggler
     from perseus_sim.coordinator import Coordinator, CoordinatorError
-    from perseus_sim.spec import CoordinatorConfig, IterationResult, SimulationError, Straggler
+    from perseus_sim.spec import CoordinatorConfig, SimulationError, Straggler
 
     _seconds(args, "allreduce_s", "join_timeout_s", "rejoin_timeout_s", "rank_timeout_s")
     time_scale = args.time_scale
@@ -208,11 +213,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
     except CoordinatorError as exc:
         raise CliError(str(exc), exc.code) from None
     say(f"done: {len(results)} iterations, {coordinator.restarts} restart(s)")
-    if args.json is not None:
-        try:
-            args.json.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
-        except OSError as exc:
-            raise CliError(f"cannot write {args.json}: {exc}") from None
+    write_results(args.json, results)
     return 0
 
 
@@ -255,3 +256,13 @@ def run_rank(args: argparse.Namespace) -> int:
         raise CliError(str(exc), exc.code) from None
     print(f"sim-train rank {args.rank}: done", file=sys.stderr, flush=True)
     return 0
+
+
+def write_results(path: Path | None, results: Sequence[IterationResult]) -> None:
+    """The iterations' results as JSON at `--json PATH` (nothing without it)."""
+    if path is None:
+        return
+    try:
+        path.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc}") from None

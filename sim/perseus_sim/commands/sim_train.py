@@ -20,10 +20,8 @@ per rank (a pod each) and a coordinator: see `perseus_sim.commands.sim_distribut
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,9 +248,5 @@ def run(args: argparse.Namespace) -> int:
                     print(f"sim-train: withdrawing the job: {problem}", file=sys.stderr)
     except SimulationError as exc:
         raise CliError(str(exc)) from None
-    if args.json is not None:
-        try:
-            args.json.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
-        except OSError as exc:
-            raise CliError(f"cannot write {args.json}: {exc}") from None
+    sim_distributed.write_results(args.json, results)
     return 0
