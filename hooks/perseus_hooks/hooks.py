@@ -21,7 +21,14 @@ from typing import Literal
 
 from perseus_hooks.config import HooksConfig, config_from_environment
 from perseus_hooks.sender import STOP, Sender
-from perseus_hooks.wire import BEGIN_CODES, END_CODES, ITERATION_END_CODE, MAX_CHUNKS, Event
+from perseus_hooks.wire import (
+    BEGIN_CODES,
+    END_CODES,
+    ITERATION_END_CODE,
+    MAX_CHUNKS,
+    MAX_MICROBATCH,
+    Event,
+)
 
 __all__ = [
     "Hooks",
@@ -312,8 +319,9 @@ def _event_code(codes: dict[str, str], kind: str, microbatch: int, chunk: int) -
     code = codes.get(kind)
     if code is None:
         raise ValueError(f"instruction kind must be 'forward' or 'backward', got {kind!r}")
-    if microbatch < 0:
-        raise ValueError(f"microbatch must be >= 0, got {microbatch}")
+    if not 0 <= microbatch <= MAX_MICROBATCH:
+        # the sidecar closes a stream that names a larger one
+        raise ValueError(f"microbatch must be >= 0 and <= {MAX_MICROBATCH}, got {microbatch}")
     if not 0 <= chunk < MAX_CHUNKS:
         raise ValueError(f"chunk must be 0-{MAX_CHUNKS - 1}, got {chunk}")
     return code

@@ -162,6 +162,9 @@ def test_bad_calls_are_value_errors(sidecar: FakeSidecar) -> None:
             h.instruction_begin("forward", -1)
         with pytest.raises(ValueError, match="microbatch must be >= 0"):
             h.instruction_end("forward", -2)
+        with pytest.raises(ValueError, match="<= 1000000, got 1000001"):
+            h.instruction_begin("forward", 1_000_001)
+        h.instruction_end("forward", 1_000_000)  # the largest the wire carries
 
 
 def test_sync_runs_before_begin_only_while_a_schedule_is_active(sidecar: FakeSidecar) -> None:
