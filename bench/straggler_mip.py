@@ -16,6 +16,7 @@ Needs the `bench` extra (scipy). Minutes per case; the figures depend on the tim
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -24,8 +25,6 @@ import numpy as np
 from bench.planner import Exact, lp_bound
 
 from perseus_operator.planner import PacePlanner, PipelineShape, compute_frontier
-from perseus_operator.planner.model import build_options, option_classes
-from perseus_operator.planner.pipeline import PipelineDag, build_dag
 from perseus_profiles import EXAMPLES, load_example
 
 
@@ -40,10 +39,9 @@ def mip_cost(
     shape = PipelineShape(profile.num_stages, microbatches)
     fr = compute_frontier(profile, shape, blocking_w)
     pace_s = pace_ratio * fr.t0_s
-    dag = build_dag(shape)
+    planner = PacePlanner(profile, fr)  # its DAG and option table are the MIP's
+    dag, table, cls = planner.dag, planner.table, planner.search.cls
     exact = Exact(profile, dag, blocking_w)
-    table = build_options(profile, dag, blocking_w)
-    cls = option_classes(dag)
     n = dag.num_nodes
     # Variables: n start times, then one binary per (node, efficient option).
     first: list[int] = []
@@ -98,30 +96,22 @@ def mip_cost(
     idle_j = blocking_w * shape.stages * pace_s
     if res.x is None:
         raise SystemExit(f"the MIP found no plan in {time_limit_s:.0f} s: {res.message}")
-    chosen = [
-        int(np.argmax(res.x[first[i] : first[i] + int(table.count[cls[i]])])) for i in range(n)
-    ]
-    freqs = [int(table.frequency_mhz[cls[i], j]) for i, j in enumerate(chosen)]
-    t_mip, e_mip = exact.cost(_per_stage(freqs, dag))
-    ours = PacePlanner(profile, fr).plan(pace_s)
-    t_ours, e_ours = exact.cost(ours.plan.frequencies_mhz)
-    idle_w = blocking_w * shape.stages
+    chosen = np.asarray(
+        [int(np.argmax(res.x[first[i] : first[i] + int(table.count[cls[i]])])) for i in range(n)]
+    )
+    mip_plan = planner.search.to_plan(chosen, math.nan, math.nan)  # re-scored below
+
+    def over_pace_j(frequencies_mhz: Sequence[Sequence[int]]) -> float:
+        t, e = exact.cost(frequencies_mhz)
+        return e + blocking_w * shape.stages * max(0.0, pace_s - t)
+
     return {
         "bound_j": lp_bound(profile, dag, blocking_w, pace_s),
-        "mip_j": e_mip + idle_w * max(0.0, pace_s - t_mip),
+        "mip_j": over_pace_j(mip_plan.frequencies_mhz),
         "mip_lower_j": float(res.mip_dual_bound) + idle_j,
-        "ours_j": e_ours + idle_w * max(0.0, pace_s - t_ours),
+        "ours_j": over_pace_j(planner.plan(pace_s).plan.frequencies_mhz),
         "seconds": elapsed,
     }
-
-
-def _per_stage(freqs: list[int], dag: PipelineDag) -> list[list[int]]:
-    """Node-indexed clocks to the planner's `[stage][position]` lists (nodes are laid out stage
-    by stage, in each stage's execution order)."""
-    return [
-        freqs[int(dag.offsets[s]) : int(dag.offsets[s]) + len(dag.order[s])]
-        for s in range(dag.shape.stages)
-    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
