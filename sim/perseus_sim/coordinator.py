@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from perseus_hooks.pipeline import Instruction, iteration_time_s, one_f_one_b_order
 from perseus_sim import wire
-from perseus_sim.schedule import Instruction, iteration_time_s, one_f_one_b_order
 from perseus_sim.spec import CoordinatorConfig, IterationResult
 
 __all__ = ["Coordinator", "CoordinatorError"]

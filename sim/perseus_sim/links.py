@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from perseus_sim.schedule import upstream
+from perseus_hooks.pipeline import upstream
 
 __all__ = ["Barrier", "Links", "QueueLinks", "StoppedError"]
 

@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import perseus_hooks as hooks_mod
+from perseus_hooks.pipeline import Instruction, iteration_time_s, pipeline_order
 from perseus_profiles import INSTRUCTIONS, StageProfile
 from perseus_sidecar.gpu.simnode import NodeSettings, SimulatedGpu, open_node
 from perseus_sim.links import Barrier, Links, QueueLinks, StoppedError
-from perseus_sim.schedule import Instruction, iteration_time_s, pipeline_order
 from perseus_sim.spec import (
     Crash,
     IterationResult,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from perseus_hooks.pipeline import format_instruction, one_f_one_b_order
 from perseus_profiles import load_example
-from perseus_sim.schedule import format_instruction, one_f_one_b_order
 from tests.sim.sidecar_process import JOB_TOKEN, sidecar_process
 from tests.sim.tap import EventTap
 

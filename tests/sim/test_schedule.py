@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from perseus_sim.schedule import (
+from perseus_hooks.pipeline import (
     Instruction,
     format_instruction,
     interleaved_order,

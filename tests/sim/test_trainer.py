@@ -16,16 +16,16 @@ from typing import Any
 import httpx
 import pytest
 
-from perseus_operator.cli import main as perseus
-from perseus_profiles import EXAMPLES, INSTRUCTIONS, StageProfile, load_example
-from perseus_profiles import Instruction as Instr
-from perseus_sim.schedule import (
+from perseus_hooks.pipeline import (
     Instruction,
     format_instruction,
     interleaved_order,
     iteration_time_s,
     one_f_one_b_order,
 )
+from perseus_operator.cli import main as perseus
+from perseus_profiles import EXAMPLES, INSTRUCTIONS, StageProfile, load_example
+from perseus_profiles import Instruction as Instr
 from perseus_sim.spec import (
     Crash,
     IterationResult,
