@@ -1,11 +1,14 @@
 """Plans for a policy: the frontier (planned in a child process, shared by the policies of
-identical jobs) and the plan at a straggler's pace (solved in a worker thread)."""
+identical jobs) and the plan at a straggler's pace (solved in a worker thread, by a pace planner
+prepared in the background as soon as the frontier lands, so the first straggler does not wait
+for the LP from scratch)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from perseus_operator.model import EnergyPolicySpec
 from perseus_operator.plan_process import Planner, PlanningError
@@ -20,6 +23,7 @@ from perseus_operator.planner import (
 from perseus_operator.state import PlanFailureRecord, PolicyRuntime
 from perseus_operator.status_views import effective_blocking_w, plan_view
 from perseus_operator.straggler import StragglerState
+from perseus_profiles import StageProfile
 
 __all__ = ["PlanSource"]
 
@@ -33,6 +37,10 @@ class PlanSource:
         self.plan = plan
         self.cache_size = cache_size
         self._frontiers: dict[tuple[str, PipelineShape, float], Frontier] = {}
+        # One pace planner per frontier, prepared one at a time off the event loop.
+        self._pace_planners: dict[tuple[str, PipelineShape, float], Future[PacePlanner | None]]
+        self._pace_planners = {}
+        self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perseus-pace")
 
     async def ensure_frontier(
         self, rt: PolicyRuntime, spec: EnergyPolicySpec, generation: int
@@ -60,11 +68,16 @@ class PlanSource:
                 return
             self._frontiers[key] = frontier
             while len(self._frontiers) > self.cache_size:
-                self._frontiers.pop(next(iter(self._frontiers)))
+                evicted = next(iter(self._frontiers))
+                self._frontiers.pop(evicted)
+                self._pace_planners.pop(evicted, None)
         rt.frontier, rt.frontier_sig, rt.plan_failure = frontier, sig, None
         rt.plan = plan_view(profile, frontier, plan_for_no_straggler(frontier, spec.max_slowdown))
         rt.straggler, rt.straggler_plan, rt.last_spans = StragglerState(), None, {}
         rt.pace_planner = None
+        if key not in self._pace_planners:
+            self._pace_planners[key] = self._preparer.submit(_prepared, profile, frontier)
+        rt.pace_planner_ready = self._pace_planners[key]
 
     async def straggler_plan(self, rt: PolicyRuntime, pace_s: float) -> Plan:
         """The plan for a straggler's pace, solved at the pace (in a worker thread: up to a few
@@ -72,7 +85,9 @@ class PlanSource:
         fallback if the solve fails."""
         assert rt.frontier is not None and rt.profile is not None
         try:
-            if rt.pace_planner is None:
+            if rt.pace_planner is None and rt.pace_planner_ready is not None:
+                rt.pace_planner = await asyncio.wrap_future(rt.pace_planner_ready)
+            if rt.pace_planner is None:  # not prepared (or preparing it failed): build one
                 rt.pace_planner = await asyncio.to_thread(PacePlanner, rt.profile, rt.frontier)
             return (await asyncio.to_thread(rt.pace_planner.plan, pace_s)).plan
         except Exception as exc:  # a failed solve must not leave the others without a plan
@@ -83,3 +98,19 @@ class PlanSource:
                 exc,
             )
             return plan_for_straggler(rt.frontier, pace_s)
+
+
+def _prepared(profile: StageProfile, frontier: Frontier) -> PacePlanner | None:
+    """A pace planner for `frontier`, prepared (see `PacePlanner.prepare`); None if it cannot be
+    built (the straggler path then builds one itself, and falls back to the lookup). A failed
+    preparation leaves a working planner that starts its LP from scratch."""
+    try:
+        planner = PacePlanner(profile, frontier)
+    except Exception:
+        log.exception("building the straggler planner failed")
+        return None
+    try:
+        planner.prepare()
+    except Exception:
+        log.exception("preparing the straggler planner failed; its solves start from scratch")
+    return planner

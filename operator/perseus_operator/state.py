@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -163,7 +164,10 @@ class PolicyRuntime:
     frontier: Frontier | None = None
     frontier_sig: tuple[Any, ...] | None = None
     pace_planner: PacePlanner | None = None
-    """Solves straggler plans at their pace for `frontier` (built on the first straggler)."""
+    """Solves straggler plans at their pace for `frontier` (taken from `pace_planner_ready` on
+    the first straggler)."""
+    pace_planner_ready: Future[PacePlanner | None] | None = None
+    """The pace planner for `frontier`, being prepared in the background since it landed."""
     plan: rc.PlanView | None = None
     straggler: StragglerState = field(default_factory=StragglerState)
     straggler_plan: rc.PlanView | None = None

@@ -10,6 +10,7 @@ import pytest
 
 from perseus_operator.controller import Controller
 from perseus_operator.planner import (
+    Frontier,
     PacePlanner,
     PipelineShape,
     Plan,
@@ -27,6 +28,13 @@ PACE_RATIO = 1.3  # gpt3-a100 stages 0 and 7, 2 x 8: the solve beats the lookup 
 
 def cost_j(plan: Plan, pace_s: float) -> float:
     return plan.energy_j + BLOCKING_W * SHAPE.stages * (pace_s - plan.iteration_time_s)
+
+
+def prepared(frontier: Frontier) -> PacePlanner:
+    """What the operator solves with: a pace planner prepared when the frontier landed."""
+    planner = PacePlanner(PROFILE, frontier)
+    planner.prepare()
+    return planner
 
 
 def controller() -> Controller:
@@ -47,7 +55,7 @@ async def test_solved_at_the_pace_or_else_looked_up(monkeypatch: pytest.MonkeyPa
     pace_s = PACE_RATIO * rt.frontier.t0_s
     chosen = await ctl.plans.straggler_plan(rt, pace_s)
     looked_up = plan_for_straggler(rt.frontier, pace_s)
-    assert chosen == PacePlanner(PROFILE, rt.frontier).plan(pace_s).plan
+    assert chosen == PacePlanner(PROFILE, rt.frontier).plan(pace_s).plan  # no frontier landed
     assert chosen.iteration_time_s <= pace_s
     assert cost_j(chosen, pace_s) < cost_j(looked_up, pace_s) * (1 - 0.002)
     planner = rt.pace_planner
@@ -60,6 +68,44 @@ async def test_solved_at_the_pace_or_else_looked_up(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(PacePlanner, "plan", broken)
     assert await ctl.plans.straggler_plan(rt, pace_s) == looked_up
+
+
+async def test_the_pace_planner_is_prepared_when_the_frontier_lands() -> None:
+    ctl = controller()
+    rt = ctl.runtime("ns", "p")
+    spec = {"pipeline": {"stages": 2, "microbatches": 8, "dataParallel": 2}}
+    await ctl.reconcile_once(body(**spec), rt, PODS, {"n0": "10.1.0.1:8080"}, [])
+    assert rt.frontier is not None and rt.pace_planner_ready is not None
+    planner = rt.pace_planner_ready.result(timeout=60)  # prepared off the event loop
+    assert planner is not None and planner.prepared_paces
+    pace_s = PACE_RATIO * rt.frontier.t0_s
+    chosen = await ctl.plans.straggler_plan(rt, pace_s)
+    assert rt.pace_planner is planner
+    assert chosen == prepared(rt.frontier).plan(pace_s).plan
+    # A second policy of the same job shape shares the frontier and its prepared planner.
+    other = ctl.runtime("ns", "q")
+    second = body(**spec)
+    second["metadata"] = {**second["metadata"], "name": "q", "uid": "u2"}
+    await ctl.reconcile_once(second, other, PODS, {"n0": "10.1.0.1:8080"}, [])
+    assert other.frontier is rt.frontier
+    assert other.pace_planner_ready is rt.pace_planner_ready
+
+
+async def test_a_planner_that_cannot_be_prepared_still_solves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: PacePlanner) -> int:
+        raise RuntimeError("HiGHS failed")
+
+    monkeypatch.setattr(PacePlanner, "prepare", broken)
+    ctl = controller()
+    rt = ctl.runtime("ns", "p")
+    spec = {"pipeline": {"stages": 2, "microbatches": 8, "dataParallel": 2}}
+    await ctl.reconcile_once(body(**spec), rt, PODS, {"n0": "10.1.0.1:8080"}, [])
+    assert rt.frontier is not None and rt.pace_planner_ready is not None
+    pace_s = PACE_RATIO * rt.frontier.t0_s
+    chosen = await ctl.plans.straggler_plan(rt, pace_s)
+    assert chosen == PacePlanner(PROFILE, rt.frontier).plan(pace_s).plan
 
 
 class SlowPipelineGateway(Gateway):
@@ -115,7 +161,7 @@ async def test_a_straggler_in_the_timings_gets_the_plan_solved_at_its_pace() -> 
     assert rt.straggler.straggler == 1 and rt.straggler.pace_s is not None
     assert rt.straggler_plan is not None and rt.frontier is not None
     pace_s = rt.straggler.pace_s
-    solved = PacePlanner(PROFILE, rt.frontier).plan(pace_s).plan
+    solved = prepared(rt.frontier).plan(pace_s).plan
     assert rt.straggler_plan.frequencies_mhz == solved.frequencies_mhz
     # ... which is not the frontier's choice (the operator's choice until now) at this pace.
     assert solved.frequencies_mhz != plan_for_straggler(rt.frontier, pace_s).frequencies_mhz

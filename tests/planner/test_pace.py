@@ -3,6 +3,7 @@ real profiles where the frontier lookup leaves most on the table."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -124,3 +125,30 @@ def test_repeated_paces_reuse_the_model_and_agree() -> None:
         fresh = PacePlanner(profile, fr).plan(pace_s)
         assert first.bound_j == pytest.approx(fresh.bound_j)
         assert first.cost_j == pytest.approx(fresh.cost_j, rel=1e-3)
+
+
+def test_prepared_paces_start_from_the_nearest_basis() -> None:
+    """`prepare` keeps the LP's basis along a grid of paces; a pace on the grid then needs no
+    pivot, one between two grid paces far fewer than from scratch, and the bound is the same
+    LP optimum."""
+    profile = load_example("gpt3-175b-a40").select_stages((0, 1, 2, 7))
+    shape = PipelineShape(4, 8)
+    fr = compute_frontier(profile, shape, 70.38)
+    planner = PacePlanner(profile, fr)
+    assert planner.prepared_paces == []
+    kept = planner.prepare()
+    paces = planner.prepared_paces
+    assert kept == len(paces) >= 2
+    step = planner.config.pace_prepare_step * fr.t0_s
+    assert paces[0] == pytest.approx(fr.t0_s)
+    assert all(b - a == pytest.approx(step) for a, b in itertools.pairwise(paces))
+    assert paces[-1] <= min(planner.config.pace_prepare_up_to * fr.t0_s, planner.slowest_s)
+    on_grid = planner.plan(paces[1])
+    assert on_grid.lp_pivots == 0
+    between = (paces[0] + paces[1]) / 2
+    got = planner.plan(between)
+    fresh = PacePlanner(profile, fr).plan(between)
+    assert got.bound_j == pytest.approx(fresh.bound_j)
+    assert got.lp_pivots < fresh.lp_pivots / 2
+    assert got.plan.iteration_time_s <= between * (1 + 1e-12)
+    assert got.cost_j == pytest.approx(fresh.cost_j, rel=1e-3)

@@ -116,6 +116,11 @@ class SearchConfig:
     """... on pipelines up to this size (longer ones: time) ..."""
     pace_refine_spreads: tuple[float, float] = (0.05, 0.03)
     """... drawn this far (log; per class, per instruction) from it."""
+    pace_prepare_step: float = 0.025
+    """`PacePlanner.prepare` solves the LP at paces this far apart (fraction of T0) ..."""
+    pace_prepare_up_to: float = 2.0
+    """... from T0 up to this multiple of it (or the pace where every instruction's cheapest
+    option fits, if sooner), and keeps each basis: a later pace starts from the nearest."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

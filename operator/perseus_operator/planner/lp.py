@@ -46,6 +46,8 @@ class LpSolution(NamedTuple):
     cost_j: float
     """The relaxed plan's summed effective cost: its energy is this plus idle power times the
     deadline, a lower bound on every discrete plan that meets the deadline."""
+    pivots: int = 0
+    """Simplex iterations this solve took (from the basis it started from)."""
 
 
 class LpRelaxation:
@@ -115,6 +117,16 @@ class LpRelaxation:
         self.sink_rows = np.arange(len(parent), len(owner), dtype=np.int32)
         self.model = model
 
+    def basis(self) -> Any:
+        """The basis HiGHS holds now (after a solve: that optimum's), to start a later solve
+        from with `start_from`."""
+        return self.model.getBasis()
+
+    def start_from(self, basis: Any) -> None:
+        """The next `solve` starts from `basis` (one of this relaxation's) instead of the last
+        one: from a nearby deadline's optimum, a re-solve is a few pivots."""
+        self.model.setBasis(basis)
+
     def solve(self, deadline_s: float) -> LpSolution | None:
         """An optimal relaxed plan at `deadline_s`, or None when no relaxed plan meets it
         (faster than the fastest plan) or HiGHS fails."""
@@ -129,9 +141,11 @@ class LpRelaxation:
         used = np.asarray(model.getSolution().col_value)[self.num_nodes :]
         sums = np.add.reduceat(np.concatenate((used, [0.0])), self.first[:-1])
         sums[self.first[:-1] == self.first[1:]] = 0.0  # nodes with a single option
+        info = model.getInfo()
         return LpSolution(
             self.fastest_s + sums,
-            self.fastest_cost_j + float(model.getInfo().objective_function_value),
+            self.fastest_cost_j + float(info.objective_function_value),
+            int(info.simplex_iteration_count),
         )
 
 
