@@ -59,24 +59,20 @@ MISSED = (
 
 
 def fractional_classes(planner: PacePlanner, pace_s: float) -> list[tuple[int, float]]:
-    """(class, what rounding its instructions the LP at the pace leaves strictly between two
-    hull points down to their segment's fast end would cost, in joules), most first: where
-    rounding has to decide, and where holding instructions to one option tightens the bound."""
-    from perseus_operator.planner.lp import LpRelaxation
+    """(class, what rounding its instructions the LP at the pace leaves strictly inside a hull
+    segment down to their segment's fast end would cost, in joules), most first: where holding
+    instructions to one option tightens the bound most."""
+    from perseus_operator.planner.lp import LpRelaxation, fractional_segments
 
     solution = LpRelaxation(planner.dag, planner.table).solve(pace_s)
     if solution is None:
         return []
-    table, cls = planner.table, planner.search.cls
-    cost: dict[int, float] = {}
-    for i, d in enumerate(solution.duration_s):
-        c = int(cls[i])
-        hull = table.hull_indices(c)
-        t, e = table.time_s[c, hull], table.cost_j[c, hull]
-        j = int(np.searchsorted(t, d))
-        if 0 < j < len(t) and min(t[j] - d, d - t[j - 1]) > 1e-9 * t[-1]:
-            cost[c] = cost.get(c, 0.0) + float(e[j - 1] - np.interp(d, t, e))
-    return sorted(cost.items(), key=lambda kv: (-kv[1], kv[0]))
+    frac = fractional_segments(planner.table, planner.search.cls, solution.duration_s)
+    per_class = np.bincount(
+        planner.search.cls[frac.nodes], weights=frac.penalty_j, minlength=planner.table.num_classes
+    )
+    ranked = sorted(range(len(per_class)), key=lambda c: (-per_class[c], c))
+    return [(c, float(per_class[c])) for c in ranked if per_class[c] > 0]
 
 
 def mip_cost(

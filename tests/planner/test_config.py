@@ -93,6 +93,12 @@ def test_the_pace_planner_follows_its_knobs() -> None:
         ("gap_nudges", (2, 1), "gap_nudges must be increasing positive integers"),
         ("gap_nudges", (0, 1), "gap_nudges must be increasing positive integers"),
         ("gap_nudges", (), "gap_nudges must be increasing positive integers"),
+        ("pace_held_patterns", ((1, 0),), r"pace_held_patterns must be \(k, phase\) pairs"),
+        ("pace_held_patterns", ((2, 2),), r"pace_held_patterns must be \(k, phase\) pairs"),
+        ("pace_held_patterns", ((2.0, 0),), r"pace_held_patterns must be \(k, phase\) pairs"),
+        ("pace_held_patterns", ((3,),), r"pace_held_patterns must be \(k, phase\) pairs"),
+        ("pace_prepare_step", 0.0, "pace_prepare_step must be a finite number > 0"),
+        ("pace_held_min_instructions", 0, "pace_held_min_instructions must be an integer >= 1"),
     ],
 )
 def test_bad_knobs_are_refused(knob: str, value: object, message: str) -> None:

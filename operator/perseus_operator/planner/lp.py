@@ -34,7 +34,7 @@ import numpy.typing as npt
 from perseus_operator.planner.model import OptionTable, option_classes
 from perseus_operator.planner.pipeline import PipelineDag
 
-__all__ = ["LpRelaxation", "LpSolution", "hull_prices"]
+__all__ = ["Fractional", "LpRelaxation", "LpSolution", "fractional_segments", "hull_prices"]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -76,6 +76,7 @@ class LpRelaxation:
                 cost[col], upper[col] = slope[k], length_s[k]
         # highspy's stubs lag its bindings (no changeRowsBounds): the model is used untyped.
         model: Any = _new_model(highspy)
+        self.upper: FloatArray = upper  # each column's length (nodes' start times: no bound)
         model.addVars(num_cols, np.zeros(num_cols), upper)
         model.changeColsCost(num_cols, np.arange(num_cols, dtype=np.int32), cost)
         parents, children = [], []
@@ -127,6 +128,32 @@ class LpRelaxation:
         one: from a nearby deadline's optimum, a re-solve is a few pivots."""
         self.model.setBasis(basis)
 
+    def solve_with_ends(
+        self, deadline_s: float, nodes: IntArray, segment: IntArray, slow: npt.NDArray[np.bool_]
+    ) -> LpSolution | None:
+        """`solve` with each of `nodes` held at an end of its hull segment `segment` (index
+        from the fastest): at its slow end or slower where `slow`, at its fast end or faster
+        elsewhere; the other nodes free. The bounds are restored afterwards (the basis left
+        is the held problem's: a later solve re-solves from it)."""
+        n = self.num_nodes
+        cols = np.concatenate(
+            [np.arange(n + self.first[i], n + self.first[i + 1]) for i in nodes]
+        ).astype(np.int32)
+        lower, upper = np.zeros(len(cols)), self.upper[cols].copy()
+        at = 0
+        for i, k, s in zip(nodes, segment, slow, strict=True):
+            width = int(self.first[i + 1] - self.first[i])
+            if s:  # segments 0 .. k used in full
+                lower[at : at + k + 1] = upper[at : at + k + 1]
+            else:  # segments k .. unused
+                upper[at + k : at + width] = 0.0
+            at += width
+        self.model.changeColsBounds(len(cols), cols, lower, upper)
+        try:
+            return self.solve(deadline_s)
+        finally:
+            self.model.changeColsBounds(len(cols), cols, np.zeros(len(cols)), self.upper[cols])
+
     def solve(self, deadline_s: float) -> LpSolution | None:
         """An optimal relaxed plan at `deadline_s`, or None when no relaxed plan meets it
         (faster than the fastest plan) or HiGHS fails."""
@@ -168,6 +195,45 @@ def hull_prices(table: OptionTable, cls: IntArray, duration_s: FloatArray) -> Fl
         on_point = np.abs(t[j] - d) <= 1e-9 * t[-1]
         out[nodes] = np.where(on_point, (rate_at[j] + rate_at[j + 1]) / 2, rate_at[j])
     return out
+
+
+class Fractional(NamedTuple):
+    """The instructions a relaxed plan leaves strictly inside a hull segment: what rounding has
+    to decide."""
+
+    nodes: IntArray
+    segment: IntArray
+    """Each one's segment (index from the fastest)."""
+    penalty_j: FloatArray
+    """What taking the segment's fast end costs over the relaxed point (effective joules)."""
+
+
+def fractional_segments(table: OptionTable, cls: IntArray, duration_s: FloatArray) -> Fractional:
+    """The nodes of a relaxed plan (one duration per node) that sit strictly inside a segment of
+    their class's lower convex hull, by node."""
+    nodes: list[IntArray] = []
+    segment: list[IntArray] = []
+    penalty: list[FloatArray] = []
+    for c in range(table.num_classes):
+        members = np.nonzero(cls == c)[0]
+        hull = table.hull_indices(c)
+        if len(members) == 0 or len(hull) < 2:
+            continue
+        t, cost = table.time_s[c, hull], table.cost_j[c, hull]
+        d = duration_s[members]
+        j = np.clip(np.searchsorted(t, d), 1, len(t) - 1)
+        inside = np.minimum(t[j] - d, d - t[j - 1]) > 1e-9 * t[-1]
+        nodes.append(members[inside])
+        segment.append(j[inside] - 1)
+        penalty.append(cost[j[inside] - 1] - np.interp(d[inside], t, cost))
+    if not nodes:
+        return Fractional(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    order = np.argsort(np.concatenate(nodes))
+    return Fractional(
+        np.concatenate(nodes)[order].astype(np.int64),
+        np.concatenate(segment)[order].astype(np.int64),
+        np.concatenate(penalty)[order],
+    )
 
 
 def _hull_segments(table: OptionTable, c: int) -> tuple[float, FloatArray, FloatArray]:
