@@ -161,12 +161,8 @@ def mip_cost(
 
     best_j: float | None = None
     if res.x is not None and integral_classes is None:
-        chosen = np.asarray(
-            [
-                int(np.argmax(res.x[first[i] : first[i] + int(table.count[cls[i]])]))
-                for i in range(n)
-            ]  # fmt: skip
-        )
+        weights = [res.x[first[i] : first[i] + int(table.count[cls[i]])] for i in range(n)]
+        chosen = np.asarray([int(np.argmax(w)) for w in weights])
         best_j = over_pace_j(planner.search.to_plan(chosen, math.nan, math.nan).frequencies_mhz)
     elif res.x is not None:
         best_j = float(res.fun) + idle_j  # the relaxation's optimum: not a plan
