@@ -172,10 +172,10 @@ class PacePlanner:
         """Relaxed plans at the pace with the fractional instructions of the class that costs
         most to round held at their segment's ends in the `pace_held_patterns` (none if that
         class has fewer than `pace_held_min_instructions`). Rounding decides each instruction
-        alone, from what its predecessors saved; on a long segment in the critical stage
-        (GPT-3 and BLOOM on the A40 at 1.05 x T0: 1335 -> 960 MHz, 8% of the time) every one
-        then takes the fast end, where holding a fixed share at the slow end lets the LP move
-        the others' time to suit (call with the lock held)."""
+        alone, from what its predecessors saved; on a long segment in the critical stage (the
+        A40 profiles at 1.05 x T0, e.g. GPT-3's last-stage backward, 1335 -> 960 MHz: 8% more
+        time) every one then takes the fast end, where holding a fixed share at the slow end
+        lets the LP move the others' time to suit (call with the lock held)."""
         cfg = self.config
         if self.dag.num_nodes > cfg.pace_refine_max_instructions:
             return []  # each held solve is a re-solve of the whole LP: too slow there
