@@ -181,12 +181,7 @@ def hull_prices(table: OptionTable, cls: IntArray, duration_s: FloatArray) -> Fl
     of the hull segment it lies inside, or between the two rates around a breakpoint it sits
     on. An option minimising ``c + price*t`` is then what the LP would pick, ties included."""
     out = np.zeros(duration_s.shape)
-    for c in range(table.num_classes):
-        nodes = np.nonzero(cls == c)[0]
-        hull = table.hull_indices(c)
-        if len(nodes) == 0 or len(hull) < 2:
-            continue
-        t, cost = table.time_s[c, hull], table.cost_j[c, hull]
+    for nodes, t, cost in _class_hulls(table, cls):
         rate = -np.diff(cost) / np.diff(t)
         # rate_at[j]: the rate of the segment ending at breakpoint j (j = 0: above any rate).
         rate_at = np.concatenate(([2.0 * rate[0] + 1.0], rate, [0.0]))
@@ -214,12 +209,7 @@ def fractional_segments(table: OptionTable, cls: IntArray, duration_s: FloatArra
     nodes: list[IntArray] = []
     segment: list[IntArray] = []
     penalty: list[FloatArray] = []
-    for c in range(table.num_classes):
-        members = np.nonzero(cls == c)[0]
-        hull = table.hull_indices(c)
-        if len(members) == 0 or len(hull) < 2:
-            continue
-        t, cost = table.time_s[c, hull], table.cost_j[c, hull]
+    for members, t, cost in _class_hulls(table, cls):
         d = duration_s[members]
         j = np.clip(np.searchsorted(t, d), 1, len(t) - 1)
         inside = np.minimum(t[j] - d, d - t[j - 1]) > 1e-9 * t[-1]
@@ -234,6 +224,18 @@ def fractional_segments(table: OptionTable, cls: IntArray, duration_s: FloatArra
         np.concatenate(segment)[order].astype(np.int64),
         np.concatenate(penalty)[order],
     )
+
+
+def _class_hulls(
+    table: OptionTable, cls: IntArray
+) -> Iterator[tuple[IntArray, FloatArray, FloatArray]]:
+    """For each class with nodes and a hull of two points or more: its nodes, and its hull's
+    times and effective costs, fastest first."""
+    for c in range(table.num_classes):
+        nodes = np.nonzero(cls == c)[0]
+        hull = table.hull_indices(c)
+        if len(nodes) and len(hull) >= 2:
+            yield nodes, table.time_s[c, hull], table.cost_j[c, hull]
 
 
 def _hull_segments(table: OptionTable, c: int) -> tuple[float, FloatArray, FloatArray]:
