@@ -117,13 +117,13 @@ class SearchConfig:
     pace_refine_spreads: tuple[float, float] = (0.05, 0.03)
     """... drawn this far (log; per class, per instruction) from it."""
     pace_held_patterns: tuple[tuple[int, int], ...] = ((2, 0), (2, 1), (3, 0), (3, 1))
-    """Where one class's fractional instructions cost most to round (a long hull segment in the
-    critical stage), every k-th of them (from the phase-th, in node order) held at its segment's
-    slow end and the rest at the fast end, the LP re-solved so the others adapt, and rounded:
-    (k, phase) pairs. A joint choice per-instruction rounding cannot make ..."""
+    """In the class whose fractional instructions cost most to round (a long hull segment in
+    the critical stage), every k-th of them (from the phase-th, in node order) held at its
+    segment's slow end and the rest at the fast end, the LP re-solved so the others adapt, and
+    rounded: (k, phase) pairs. A joint choice per-instruction rounding cannot make ..."""
     pace_held_min_instructions: int = 8
-    """... tried when that class has at least this many fractional instructions (and the
-    pipeline is no longer than `pace_refine_max_instructions`: each is a whole LP re-solve)."""
+    """... among the classes with at least this many fractional instructions (on pipelines no
+    longer than `pace_refine_max_instructions`: each pattern is a whole LP re-solve)."""
     pace_prepare_step: float = 0.025
     """`PacePlanner.prepare` solves the LP at paces this far apart (fraction of T0) ..."""
     pace_prepare_up_to: float = 2.0

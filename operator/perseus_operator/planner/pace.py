@@ -169,9 +169,10 @@ class PacePlanner:
         return replace(solved, bound_j=bound_j, lp_pivots=solution.pivots)
 
     def _held(self, lp: LpRelaxation, relaxed_s: FloatArray, pace_s: float) -> list[FloatArray]:
-        """Relaxed plans at the pace with the fractional instructions of the class that costs
-        most to round held at their segment's ends in the `pace_held_patterns` (none if that
-        class has fewer than `pace_held_min_instructions`). Rounding decides each instruction
+        """Relaxed plans at the pace with the fractional instructions of one class held at
+        their segment's ends in the `pace_held_patterns`: of the classes with at least
+        `pace_held_min_instructions` fractional instructions, the one they cost most to round
+        (none if no class has that many). Rounding decides each instruction
         alone, from what its predecessors saved; on a long segment in the critical stage (the
         A40 profiles at 1.05 x T0, e.g. GPT-3's last-stage backward, 1335 -> 960 MHz: 8% more
         time) every one then takes the fast end, where holding a fixed share at the slow end
@@ -184,9 +185,11 @@ class PacePlanner:
             return []
         cls = self.search.cls[frac.nodes]
         per_class = np.bincount(cls, weights=frac.penalty_j, minlength=self.table.num_classes)
-        mine = cls == int(np.argmax(per_class))
-        if int(mine.sum()) < cfg.pace_held_min_instructions:
+        count = np.bincount(cls, minlength=self.table.num_classes)
+        per_class[count < cfg.pace_held_min_instructions] = 0.0  # too few to hold a share of
+        if not per_class.any():
             return []
+        mine = cls == int(np.argmax(per_class))
         nodes, segment = frac.nodes[mine], frac.segment[mine]
         out: list[FloatArray] = []
         order = np.arange(len(nodes))
