@@ -155,6 +155,10 @@ def test_prepared_paces_start_from_the_nearest_basis() -> None:
     assert got.lp_pivots < fresh.lp_pivots / 2
     assert got.plan.iteration_time_s <= between * (1 + 1e-12)
     assert got.cost_j == pytest.approx(fresh.cost_j, rel=1e-3)
+    # Past `pace_prepare_max_instructions` nothing is prepared, and solves start from scratch.
+    long = PacePlanner(profile, fr, SearchConfig(pace_prepare_max_instructions=shape.stages))
+    assert long.prepare() == 0 and long.prepared_paces == []
+    assert long.plan(between).bound_j == pytest.approx(fresh.bound_j)
 
 
 def test_fractional_segments_are_the_instructions_inside_a_hull_segment() -> None:

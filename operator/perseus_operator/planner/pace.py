@@ -101,8 +101,11 @@ class PacePlanner:
         """Solve the LP at paces `pace_prepare_step` x T0 apart, from T0 to `pace_prepare_up_to`
         x T0 (or to where every cheapest option fits), and keep each optimal basis, so that
         `plan` starts from the nearest one. Once per planner, in the background (about 25
-        warm solves: 1.5 s of CPU at 8 x 96); returns how many bases it keeps."""
+        warm solves: 1.7 s of CPU at 8 x 96); returns how many bases it keeps (none on
+        pipelines over `pace_prepare_max_instructions`)."""
         cfg, t0 = self.config, self.frontier.t0_s
+        if self.dag.num_nodes > cfg.pace_prepare_max_instructions:
+            return 0  # too long: preparing costs several solves' worth for little
         top = min(cfg.pace_prepare_up_to * t0, self.slowest_s)
         paces = [t0 * (1 + k * cfg.pace_prepare_step)
                  for k in range(int((top / t0 - 1) / cfg.pace_prepare_step) + 1)]  # fmt: skip
