@@ -10,10 +10,11 @@ be out of reach. This script answers how far out, two ways:
   gives the best plan found and HiGHS's lower bound on every plan. Small pipelines only: at 8 x 12
   the lower bound is still far from the best plan after 25 minutes.
 - ``--integral fractional`` (the default): only the instructions of the `--classes` classes
-  (stage and kind) with the most instructions the LP leaves between two hull points must take one
-  option; every other instruction may still mix options at their convex hull's cost, as in the
-  LP. Every plan is feasible there, so this optimum is a lower bound on every plan's cost, and
-  with one class (tens of binaries' worth of decisions) HiGHS closes it in seconds to minutes.
+  (stage and kind) whose instructions the LP leaves between two hull points cost most to round
+  must take one option; every other instruction may still mix options at their convex hull's
+  cost, as in the LP. Every plan is feasible there, so this optimum is a lower bound on every
+  plan's cost, and with one class (tens of binaries' worth of decisions) HiGHS closes it in
+  seconds to minutes.
   When that bound is more than 0.1% above the LP bound, no plan is within 0.1% of the LP bound:
   the target is out of reach for that case, not for lack of search.
 
@@ -69,9 +70,7 @@ def fractional_classes(planner: PacePlanner, pace_s: float) -> list[tuple[int, f
     if solution is None:
         return []
     frac = fractional_segments(planner.table, planner.search.cls, solution.duration_s)
-    per_class = np.bincount(
-        planner.search.cls[frac.nodes], weights=frac.penalty_j, minlength=planner.table.num_classes
-    )
+    per_class, _ = frac.by_class(planner.search.cls, planner.table.num_classes)
     ranked = sorted(range(len(per_class)), key=lambda c: (-per_class[c], c))
     return [(c, float(per_class[c])) for c in ranked if per_class[c] > 0]
 

@@ -202,6 +202,14 @@ class Fractional(NamedTuple):
     penalty_j: FloatArray
     """What taking the segment's fast end costs over the relaxed point (effective joules)."""
 
+    def by_class(self, cls: IntArray, num_classes: int) -> tuple[FloatArray, IntArray]:
+        """Per class (`cls`: every node's class): the summed `penalty_j` of its fractional
+        instructions, and how many it has."""
+        mine = cls[self.nodes]
+        penalty = np.bincount(mine, weights=self.penalty_j, minlength=num_classes).astype(float)
+        count: IntArray = np.bincount(mine, minlength=num_classes).astype(np.int64)
+        return penalty, count
+
 
 def fractional_segments(table: OptionTable, cls: IntArray, duration_s: FloatArray) -> Fractional:
     """The nodes of a relaxed plan (one duration per node) that sit strictly inside a segment of

@@ -175,24 +175,22 @@ class PacePlanner:
         """Relaxed plans at the pace with the fractional instructions of one class held at
         their segment's ends in the `pace_held_patterns`: of the classes with at least
         `pace_held_min_instructions` fractional instructions, the one they cost most to round
-        (none if no class has that many). Rounding decides each instruction
-        alone, from what its predecessors saved; on a long segment in the critical stage (the
-        A40 profiles at 1.05 x T0, e.g. GPT-3's last-stage backward, 1335 -> 960 MHz: 8% more
-        time) every one then takes the fast end, where holding a fixed share at the slow end
-        lets the LP move the others' time to suit (call with the lock held)."""
+        (none if no class has that many). Rounding decides each instruction alone, from what
+        its predecessors saved; on a long segment in the critical stage (the A40 profiles at
+        1.05 x T0, e.g. GPT-3's last-stage backward, 1335 -> 960 MHz: 8% more time) every one
+        then takes the fast end, where holding a fixed share at the slow end lets the LP move
+        the others' time to suit (call with the lock held)."""
         cfg = self.config
         if self.dag.num_nodes > cfg.pace_refine_max_instructions:
             return []  # each held solve is a re-solve of the whole LP: too slow there
         frac = fractional_segments(self.table, self.search.cls, relaxed_s)
         if len(frac.nodes) == 0:
             return []
-        cls = self.search.cls[frac.nodes]
-        per_class = np.bincount(cls, weights=frac.penalty_j, minlength=self.table.num_classes)
-        count = np.bincount(cls, minlength=self.table.num_classes)
+        per_class, count = frac.by_class(self.search.cls, self.table.num_classes)
         per_class[count < cfg.pace_held_min_instructions] = 0.0  # too few to hold a share of
         if not per_class.any():
             return []
-        mine = cls == int(np.argmax(per_class))
+        mine = self.search.cls[frac.nodes] == int(np.argmax(per_class))
         nodes, segment = frac.nodes[mine], frac.segment[mine]
         out: list[FloatArray] = []
         order = np.arange(len(nodes))
