@@ -87,22 +87,15 @@ class _RankTrainer(SimTrainer):
         return [RankPlacement(self._options.rank, pipeline, stage, 0, index, gpus[index].uuid)]
 
     def _hooks(self, p: RankPlacement) -> hooks_mod.Hooks:
-        self._rank_hooks[p.rank] = hooks = hooks_mod.register(
-            rank=p.rank,
-            pipeline_rank=p.stage,
-            data_rank=p.data_rank,
-            tensor_rank=0,
-            gpu_uuid=p.gpu_uuid,
+        return self._register(
+            p,
             host=self._options.sidecar[0],
             port=self._options.sidecar[1],
             namespace=self._options.namespace,
             pod=self._options.pod,
             job_token_file=self._options.job_token_file,
             source_ip=self._options.advertise_ip,
-            sync=None,
-            make_default=False,
         )
-        return hooks
 
     def set_epoch(self, epoch_ns: int) -> None:
         """The job's timeline origin (the coordinator's), on this node's simulated clock."""

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import perseus_hooks as hooks_mod
 from perseus_hooks.pipeline import Instruction, iteration_time_s, pipeline_order
@@ -194,20 +195,29 @@ class SimTrainer:
 
     def _hooks(self, p: RankPlacement) -> hooks_mod.Hooks:
         spec = self.nodes[p.node].spec
-        self._rank_hooks[p.rank] = hooks = hooks_mod.register(
-            rank=p.rank,
-            pipeline_rank=p.stage,
-            data_rank=p.data_rank,
-            tensor_rank=0,
-            gpu_uuid=p.gpu_uuid,
+        return self._register(
+            p,
             host=spec.host,
             port=spec.port,
             namespace=self.config.namespace,
             pod=self.config.pod_name(p.rank),
             job_token=self.config.job_token,
             source_ip=self.config.pod_ip(p.rank),
+        )
+
+    def _register(self, p: RankPlacement, **where: Any) -> hooks_mod.Hooks:
+        """Hooks for rank `p`'s identity (rank, stage, data rank, GPU), registered where
+        `where` says (sidecar address, pod, credentials, source address), and kept as the
+        rank's."""
+        self._rank_hooks[p.rank] = hooks = hooks_mod.register(
+            rank=p.rank,
+            pipeline_rank=p.stage,
+            data_rank=p.data_rank,
+            tensor_rank=0,
+            gpu_uuid=p.gpu_uuid,
             sync=None,
             make_default=False,
+            **where,
         )
         return hooks
 
