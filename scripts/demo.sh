@@ -26,7 +26,8 @@ echo "==> the planner on an embedded real profile: GPT-3 175B, 8 A100 stages, 12
 echo "==> local control plane (etcd + kube-apiserver + controller-manager v1.20)"
 scripts/cluster.sh build
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/perseus-demo.XXXXXX")
-export API_PORT=${API_PORT:-26443} ETCD_PORT=${ETCD_PORT:-33790} ETCD_PEER=${ETCD_PEER:-33800}
+# Ports below Linux's ephemeral range (32768-60999): see scripts/test.sh.
+export API_PORT=${API_PORT:-26443} ETCD_PORT=${ETCD_PORT:-25790} ETCD_PEER=${ETCD_PEER:-25800}
 export KCM_PORT=${KCM_PORT:-26257}
 finish() {
   local rc=$?

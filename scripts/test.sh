@@ -22,8 +22,10 @@ if [ "${PERSEUS_SKIP_E2E:-0}" != 1 ]; then
   echo "==> e2e tests on a local control plane (scripts/cluster.sh)"
   scripts/cluster.sh build
   E2E_RUN=$(mktemp -d "${TMPDIR:-/tmp}/perseus-e2e.XXXXXX")
-  export API_PORT=${API_PORT:-36443} ETCD_PORT=${ETCD_PORT:-43790} ETCD_PEER=${ETCD_PEER:-43800}
-  export KCM_PORT=${KCM_PORT:-36257}
+  # Below Linux's ephemeral range (32768-60999), where any outgoing connection may hold a port at
+  # the moment the control plane binds it; apart from cluster.sh's, the demo's and the chart's.
+  export API_PORT=${API_PORT:-18443} ETCD_PORT=${ETCD_PORT:-24790} ETCD_PEER=${ETCD_PEER:-24800}
+  export KCM_PORT=${KCM_PORT:-18257}
   trap 'scripts/cluster.sh down "$E2E_RUN"; rm -rf "$E2E_RUN"' EXIT
   scripts/cluster.sh up "$E2E_RUN"
   rc=0
